@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Regenerate every figure and table of one profile (default: mini) from a fresh clone.
+#   ./run_all.sh [--profile NAME] [--only NN] [--from NN] [--setup-only] [--with-tests] [--help]
+# It creates .venv if missing, installs saev with torch pinned to 2.13.0 (constraints.txt),
+# then runs notebooks/NN_*.ipynb in order with papermill, writing executed notebooks to
+# runs/<profile>/ and figures to figures/<profile>/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() {
+  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+  cat <<'TXT'
+Options:
+  --profile NAME   params/NAME.yaml to run (default: mini)
+  --only NN        run only notebook NN (e.g. 03)
+  --from NN        run notebooks NN and later
+  --setup-only     create/update .venv and stop (used by run_tests.sh)
+  --with-tests     also install the test dependencies (pytest, nbval, sae-lens, ...)
+  --help           this text
+TXT
+}
+
+profile=mini only="" from="" setup_only=0 extras=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile=${2:?--profile needs a name}; shift 2 ;;
+    --only) only=${2:?--only needs a notebook number}; shift 2 ;;
+    --from) from=${2:?--from needs a notebook number}; shift 2 ;;
+    --setup-only) setup_only=1; shift ;;
+    --with-tests) extras="[test]"; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run_all.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+find_python() {
+  for py in "${PYTHON:-}" python3.11 python3 python; do
+    [ -n "$py" ] || continue
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "run_all.sh: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2
+  return 1
+}
+
+# Create/refresh .venv; reinstall only when pyproject.toml, constraints.txt or the extras change.
+bootstrap() {
+  if [ ! -x .venv/bin/python ]; then
+    local py; py=$(find_python)
+    echo "==> creating .venv with $py"
+    "$py" -m venv .venv
+  fi
+  local stamp=.venv/.saev-install-stamp want
+  want=$( (cat pyproject.toml constraints.txt; echo "extras=$extras") | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "==> installing saev$extras into .venv (torch pinned by constraints.txt)"
+    local t0=$SECONDS
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras"
+    echo "$want" > "$stamp"
+    echo "==> installed in $((SECONDS - t0)) s"
+  fi
+}
+
+bootstrap
+[ "$setup_only" = 1 ] && exit 0
+
+[ -f "params/$profile.yaml" ] || { echo "run_all.sh: no profile params/$profile.yaml" >&2; exit 2; }
+export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+mkdir -p "runs/$profile" "figures/$profile"
+
+shopt -s nullglob
+notebooks=(notebooks/[0-9][0-9]_*.ipynb)
+if [ ${#notebooks[@]} -eq 0 ]; then
+  echo "run_all.sh: no notebooks yet in notebooks/; nothing to run"
+  exit 0
+fi
+
+summary=() ran=0
+for nb in "${notebooks[@]}"; do
+  base=$(basename "$nb"); num=${base%%_*}
+  [ -n "$only" ] && [ "$num" != "$only" ] && continue
+  [ -n "$from" ] && [ "$num" \< "$from" ] && continue
+  out="runs/$profile/$base"
+  echo "==> $base (profile $profile)"
+  t0=$SECONDS
+  if ! .venv/bin/python -m papermill --log-level WARNING --cwd notebooks "$nb" "$out" -p profile "$profile"; then
+    echo "run_all.sh: FAILED in $base (profile $profile); the failing cell and traceback are above and in $out" >&2
+    exit 1
+  fi
+  summary+=("$(printf '%-40s %6d s' "$base" $((SECONDS - t0)))")
+  ran=$((ran + 1))
+done
+[ "$ran" -gt 0 ] || { echo "run_all.sh: no notebook matched --only/--from" >&2; exit 2; }
+echo "==> done: profile $profile, figures in figures/$profile/"
+printf '  %s\n' "${summary[@]}"

@@ -1,0 +1,162 @@
+"""saev.config: profiles load into frozen dataclasses; bad keys and types are named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from saev.config import (
+    PARAMS_DIR,
+    ConfigError,
+    ModelSpec,
+    Profile,
+    SAEConfig,
+    TrainConfig,
+    build_dataclass,
+    load_profile,
+)
+
+PROFILES = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
+
+
+def test_params_dir_has_the_default_profiles():
+    assert {"ci", "mini"} <= set(PROFILES)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_loads(name):
+    profile = load_profile(name)
+    assert isinstance(profile, Profile)
+    assert profile.name == name
+    assert profile.artifacts_path.is_absolute()
+    assert profile.artifacts_path == PARAMS_DIR.parent / "artifacts" / name
+    for model in profile.models:
+        assert profile.model_path(model) == profile.artifacts_path / "models" / model
+
+
+def test_load_by_path_equals_load_by_name():
+    assert load_profile(PARAMS_DIR / "ci.yaml") == load_profile("ci")
+
+
+def test_dataclasses_are_frozen():
+    profile = load_profile("ci")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        profile.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_every_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import saev.config as mod
+
+    tree = ast.parse(inspect.getsource(mod))
+    for cls in [c for c in tree.body if isinstance(c, ast.ClassDef) and c.name != "ConfigError"]:
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                has_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
+                assert has_doc, f"{cls.name}.{node.target.id} has no docstring"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: t
+seed: 1
+models:
+  m: {family: causal_lm, hook_layer: 1, context_size: 8}
+train:
+  sae: {d_in: 8}
+  lr_warm_up_steps: 1
+  lr_decay_steps: 1
+  total_training_steps: 10
+"""
+
+
+def test_unknown_key_names_file_key_and_closest(tmp_path):
+    path = _write(tmp_path, BASE.replace("lr_decay_steps: 1", "lr_decay_steps: 1\n  l1_coeficient: 3"))
+    with pytest.raises(ConfigError) as e:
+        load_profile(path)
+    msg = str(e.value)
+    assert str(path) in msg and "'train.l1_coeficient'" in msg
+    assert "did you mean 'train.sae.l1_coefficient'?" in msg
+
+
+def test_misspelt_key_suggests_the_closest_field(tmp_path):
+    path = _write(tmp_path, BASE.replace("seed: 1", "sed: 1"))
+    with pytest.raises(ConfigError, match=r"unknown key 'sed'; did you mean 'seed'\?"):
+        load_profile(path)
+
+
+def test_unknown_nested_key_suggests_the_closest_valid_key(tmp_path):
+    path = _write(tmp_path, BASE.replace("sae: {d_in: 8}", "sae: {d_in: 8, expansion_factr: 4}"))
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.sae\.expansion_factr'.*'train\.sae\.expansion_factor'"):
+        load_profile(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("seed: 1", "seed: one", r"key 'seed' must be an int"),
+        ("seed: 1", "seed: true", r"key 'seed' must be an int"),
+        ("sae: {d_in: 8}", "sae: {d_in: 8, l1_coefficient: lots}", r"key 'train\.sae\.l1_coefficient' must be a float"),
+        ("family: causal_lm", "family: gpt", r"key 'models\.m\.family' must be one of"),
+        ("sae: {d_in: 8}", "sae: 8", r"key 'train\.sae' must be a mapping"),
+    ],
+)
+def test_wrong_type_names_key_and_expected_type(tmp_path, old, new, pattern):
+    path = _write(tmp_path, BASE.replace(old, new))
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = _write(tmp_path, BASE.replace("seed: 1\n", ""))
+    with pytest.raises(ConfigError, match=r"missing required key 'seed'"):
+        load_profile(path)
+
+
+def test_scientific_notation_without_dot_is_a_float(tmp_path):
+    # PyYAML reads 5e-5 as a string; the paper's Table 2 writes LR that way.
+    path = _write(tmp_path, BASE.replace("lr_warm_up_steps: 1", "lr_warm_up_steps: 1\n  lr: 5e-5"))
+    assert load_profile(path).train.lr == pytest.approx(5e-5)
+
+
+def test_only_safe_yaml(tmp_path):
+    path = _write(tmp_path, BASE + "\nevil: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_profile(path)
+
+
+def test_unknown_profile_name_lists_known_profiles():
+    with pytest.raises(ConfigError, match=r"no profile named 'nope'.*'ci'"):
+        load_profile("nope")
+
+
+def test_value_checks_name_the_field():
+    with pytest.raises(ConfigError, match="expansion_factor must be > 0"):
+        SAEConfig(d_in=8, expansion_factor=0)
+    with pytest.raises(ConfigError, match="exceed total_training_steps"):
+        TrainConfig(sae=SAEConfig(d_in=8), lr_warm_up_steps=6, lr_decay_steps=6, total_training_steps=10)
+    with pytest.raises(ConfigError, match="hook_layer must be >= 0"):
+        ModelSpec(family="causal_lm", hook_layer=-1, context_size=8)
+
+
+def test_build_dataclass_roundtrip_of_asdict():
+    cfg = TrainConfig(sae=SAEConfig(d_in=16, architecture="topk", k=4), lr_warm_up_steps=0, lr_decay_steps=0)
+    assert build_dataclass(TrainConfig, dataclasses.asdict(cfg)) == cfg
+
+
+def test_paper_table2_defaults():
+    cfg = TrainConfig(sae=SAEConfig(d_in=4096))
+    assert (cfg.lr, cfg.lr_warm_up_steps, cfg.lr_decay_steps, cfg.total_training_steps) == (5e-5, 1500, 6000, 30000)
+    assert (cfg.train_batch_size_tokens, cfg.dead_feature_threshold, cfg.sae.d_sae) == (4096, 1e-4, 65536)
