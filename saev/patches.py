@@ -1,0 +1,243 @@
+"""Algorithms 4-7 of the paper: score image patches with SAE-V features and mask images.
+
+For ONE input (fixed prompt + image), rows of ``z_NF`` are its real tokens and
+``is_image_N`` marks the image tokens. :func:`patch_scores` gives one score per image token
+(Alg. 4 L0, Alg. 5 L1, Alg. 6 co-occurring L0, Alg. 7 cosine), :func:`patch_keep_mask` and
+:func:`mask_image` keep the floor(gamma * #patches) best patches and black out the rest
+(Section 3.2, Fig. 6). Families that show the model several views of one image (LLaVA-NeXT
+"anyres": a base view of the whole image plus high-resolution tiles) map token scores back
+onto one patch grid of the original image with :func:`views_to_patch_scores`, described by
+an :class:`ImageLayout` that the model adapter builds from its processor.
+No dependency on ``transformers`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from saev.scoring import keep_count
+
+__all__ = [
+    "ImageLayout",
+    "PatchMethod",
+    "ViewLayout",
+    "mask_image",
+    "patch_keep_mask",
+    "patch_scores",
+    "views_to_patch_scores",
+]
+
+PatchMethod = Literal["l0", "l1", "cooccurrence", "cosine"]
+"""Alg. 4 ("l0"), Alg. 5 ("l1"), Alg. 6 ("cooccurrence"), Alg. 7 ("cosine")."""
+
+ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray, Tensor)
+
+
+def patch_scores(
+    z: Tensor, is_image: Tensor, *, method: PatchMethod, weights: Tensor | None = None, delta: float = 1.0
+) -> Tensor:
+    """Score p_i of every image token of one input, in row order (float32, (n_image_tokens,)).
+
+    "l0": #{k: z[i,k] > delta} (Alg. 4); "l1": sum_k z[i,k] (Alg. 5, post-ReLU so = L1);
+    "cooccurrence": the same count restricted to F, the features active on >= 1 text and
+    >= 1 image token of this input (Alg. 6); "cosine": sum of omega_k over those features
+    (Alg. 7; ``weights`` from ``saev.scoring.cross_modal_weights``).
+    """
+    if z.ndim != 2 or is_image.shape != (z.shape[0],) or is_image.dtype != torch.bool:
+        raise ValueError(f"need z (N, n_features) and a bool is_image (N,), got {tuple(z.shape)}, "
+                         f"{tuple(is_image.shape)} {is_image.dtype}")
+    if method not in ("l0", "l1", "cooccurrence", "cosine"):
+        raise ValueError(f"method must be 'l0', 'l1', 'cooccurrence' or 'cosine', got {method!r}")
+    if method == "cosine" and (weights is None or weights.shape != (z.shape[1],)):
+        raise ValueError(f"method='cosine' needs weights of shape ({z.shape[1]},)")
+    active_NF = z > delta
+    active_img = active_NF[is_image]
+    if method == "l0":
+        return active_img.sum(1).float()
+    if method == "l1":
+        return z[is_image].float().sum(1)
+    both_F = active_NF[~is_image].any(0) & active_img.any(0)
+    counted = active_img & both_F
+    if method == "cooccurrence":
+        return counted.sum(1).float()
+    return (counted.double() @ weights.to(z.device).double()).float()
+
+
+def patch_keep_mask(scores: Tensor, keep_fraction: float) -> Tensor:
+    """Bool mask of the floor(keep_fraction * n) best patches (Alg. 4-7's K = floor(gamma |I|)).
+
+    Ties go to the lower patch index; unlike ``select_top`` the count may be 0.
+    """
+    if scores.ndim != 1:
+        raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    count = keep_count(keep_fraction, scores.numel(), at_least_one=False)
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[torch.sort(scores, descending=True, stable=True).indices[:count]] = True
+    return keep
+
+
+def mask_image(
+    image: ImageLike,
+    scores: Tensor,
+    keep_fraction: float,
+    grid: tuple[int, int],
+    *,
+    channels_first: bool | None = None,
+) -> ImageLike:
+    """Keep the best patches of ``image`` and set every other pixel to 0 in every channel.
+
+    ``scores`` (rows * cols,) are patch scores in row-major order over ``grid`` = (rows, cols);
+    patch (r, c) covers pixel rows [r*H/rows, (r+1)*H/rows) (likewise columns), so H and W
+    need not be multiples of the grid. ``image`` is a PIL image (L, RGB or RGBA; other modes
+    come back as RGB), or an ndarray / tensor of shape (H, W), (H, W, C) or (C, H, W); the
+    result has the same kind, dtype and layout.
+    ``channels_first`` settles an ambiguous 3-D shape (default: the one dim of size 1/3/4,
+    else tensors are (C, H, W) and arrays (H, W, C)).
+    """
+    rows, cols = grid
+    if scores.shape != (rows * cols,):
+        raise ValueError(
+            f"scores must have shape ({rows * cols},) for grid {grid}, got {tuple(scores.shape)}"
+        )
+    keep_RC = patch_keep_mask(scores, keep_fraction).cpu().reshape(rows, cols)
+    if isinstance(image, Image.Image):
+        if image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGB")  # e.g. a palette image, whose index 0 need not be black
+        return Image.fromarray(_apply_mask(np.array(image), keep_RC, False))
+    if isinstance(image, np.ndarray):
+        return _apply_mask(image.copy(), keep_RC, _is_channels_first(image.shape, channels_first, False))
+    if isinstance(image, Tensor):
+        layout_chw = _is_channels_first(tuple(image.shape), channels_first, True)
+        return _apply_mask(image.clone(), keep_RC, layout_chw)
+    raise TypeError(f"image must be a PIL image, ndarray or tensor, got {type(image).__name__}")
+
+
+def _is_channels_first(shape: tuple[int, ...], channels_first: bool | None, is_tensor: bool) -> bool:
+    if len(shape) == 2:
+        return False
+    if len(shape) != 3:
+        raise ValueError(f"image must be (H, W), (H, W, C) or (C, H, W), got shape {shape}")
+    if channels_first is not None:
+        return channels_first
+    first, last = shape[0] in (1, 3, 4), shape[2] in (1, 3, 4)
+    return first if first != last else is_tensor
+
+
+def _apply_mask(pixels, keep_RC: Tensor, channels_first: bool):
+    """Zero, in place, the pixels of ``pixels`` (ndarray or tensor) whose patch is not kept."""
+    rows, cols = keep_RC.shape
+    h, w = (pixels.shape[1:3] if channels_first else pixels.shape[:2])
+    if h < rows or w < cols:
+        raise ValueError(f"image of {h}x{w} pixels is smaller than the {rows}x{cols} patch grid")
+    r_H = (torch.arange(h) * rows) // h
+    c_W = (torch.arange(w) * cols) // w
+    drop_HW = ~keep_RC[r_H][:, c_W]
+    if isinstance(pixels, np.ndarray):
+        drop_HW = drop_HW.numpy()
+    else:
+        drop_HW = drop_HW.to(pixels.device)
+    if pixels.ndim == 2:
+        pixels[drop_HW] = 0
+    elif channels_first:
+        pixels[:, drop_HW] = 0
+    else:
+        pixels[drop_HW] = 0
+    return pixels
+
+
+@dataclass(frozen=True)
+class ViewLayout:
+    """One view of the image as the model sees it: a grid of image tokens in row-major order.
+
+    ``box`` says which part of the ORIGINAL image the view shows, as fractions
+    (top, left, bottom, right) of its height and width: the LLaVA-NeXT base view (the whole
+    image resized) is (0, 0, 1, 1); so is its high-resolution grid after "unpadding", whose
+    cells are the tiles' patches laid side by side; a single tile of a 2 x 2 split would be
+    e.g. (0, 0.5, 0.5, 1).
+    """
+
+    grid: tuple[int, int]
+    """(rows, cols) of patch tokens of this view."""
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    """(top, left, bottom, right) of the original image covered, as fractions in [0, 1]."""
+    newline_per_row: bool = False
+    """True when each row of tokens is followed by one separator token (LLaVA-NeXT's
+    ``image_newline``); those tokens carry no patch and are skipped."""
+
+    @property
+    def n_tokens(self) -> int:
+        rows, cols = self.grid
+        return rows * (cols + int(self.newline_per_row))
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How the image tokens of one input map onto the original image.
+
+    ``views`` in the order their tokens appear among the input's image tokens (for
+    LLaVA-NeXT: the base view, then the unpadded high-resolution grid with newlines);
+    ``grid`` the common patch grid of the original image that scores are mapped onto
+    (typically the finest view's grid).
+    """
+
+    views: tuple[ViewLayout, ...]
+    """The views, in token order."""
+    grid: tuple[int, int]
+    """(rows, cols) of the common output grid over the original image."""
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(view.n_tokens for view in self.views)
+
+
+def _overlap_matrix(n_out: int, n_view: int, lo: float, hi: float) -> Tensor:
+    """(n_out, n_view) overlap lengths between output cells of [0, 1] and view cells of [lo, hi)."""
+    out_edges = torch.arange(n_out + 1, dtype=torch.float64) / n_out
+    view_edges = lo + (hi - lo) * torch.arange(n_view + 1, dtype=torch.float64) / n_view
+    left = torch.maximum(out_edges[:-1, None], view_edges[None, :-1])
+    right = torch.minimum(out_edges[1:, None], view_edges[None, 1:])
+    return (right - left).clamp(min=0.0)
+
+
+def views_to_patch_scores(token_scores: Tensor, layout: ImageLayout) -> Tensor:
+    """Map per-image-token scores of every view onto ``layout.grid`` and average the views.
+
+    Each view is resampled onto the common grid by area: an output cell takes the
+    overlap-weighted mean of the view cells it overlaps. Views are then averaged per cell,
+    each weighted by the fraction of the cell it covers (a plain mean where all views cover
+    the whole image). Returns float32 (rows * cols,) in row-major order, ready for
+    :func:`mask_image`; raises if some cell is covered by no view.
+    """
+    if token_scores.shape != (layout.n_tokens,):
+        raise ValueError(
+            f"layout has {layout.n_tokens} image tokens, got scores of shape {tuple(token_scores.shape)}"
+        )
+    out_rows, out_cols = layout.grid
+    total = torch.zeros(out_rows, out_cols, dtype=torch.float64)
+    weight = torch.zeros_like(total)
+    scores = token_scores.detach().cpu().double()
+    start = 0
+    for view in layout.views:
+        rows, cols = view.grid
+        top, left, bottom, right = view.box
+        tokens = scores[start : start + view.n_tokens]
+        block = tokens.reshape(rows, cols + int(view.newline_per_row))[:, :cols]
+        start += view.n_tokens
+        over_y = _overlap_matrix(out_rows, rows, top, bottom)
+        over_x = _overlap_matrix(out_cols, cols, left, right)
+        cov_y, cov_x = over_y.sum(1), over_x.sum(1)
+        resampled = (over_y @ block @ over_x.T) / (cov_y[:, None] * cov_x[None, :]).clamp(min=1e-300)
+        cover = (cov_y * out_rows)[:, None] * (cov_x * out_cols)[None, :]  # fraction of each cell covered
+        total += cover * resampled
+        weight += cover
+    if (weight <= 0).any():
+        raise ValueError("some cells of layout.grid are covered by no view")
+    return (total / weight).reshape(-1).float().to(token_scores.device)

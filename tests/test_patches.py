@@ -1,0 +1,179 @@
+"""saev.patches (Alg. 4-7, masking, multi-view layouts) against references and hand cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference_algorithms as ref
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from saev.patches import (
+    ImageLayout,
+    ViewLayout,
+    mask_image,
+    patch_keep_mask,
+    patch_scores,
+    views_to_patch_scores,
+)
+
+SETTINGS = settings(max_examples=50, deadline=None)
+LEVELS = [0.0, 0.0, 0.5, 1.0, 1.0, 1.5, 2.0, 3.0]
+
+
+@st.composite
+def one_input(draw):
+    """(z_NF, is_image_N, weights_F) of one (prompt, image) input; text or image part may be empty."""
+    n = draw(st.integers(0, 12))
+    f = draw(st.integers(1, 6))
+    z = torch.tensor(draw(st.lists(st.sampled_from(LEVELS), min_size=n * f, max_size=n * f))).reshape(n, f)
+    is_image = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 1000)))
+    return z.float(), is_image, torch.randn(f, generator=gen)
+
+
+@SETTINGS
+@given(one_input(), st.sampled_from(["l0", "l1", "cooccurrence", "cosine"]), st.sampled_from([0.0, 1.0]))
+def test_patch_scores_match_reference(inp, method, delta):
+    z, is_image, weights = inp
+    got = patch_scores(z, is_image, method=method, weights=weights, delta=delta)
+    want = ref.patch_scores(z, is_image, method, weights, delta)
+    assert got.shape == (int(is_image.sum()),) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_patch_scores_hand_case():
+    # Rows: text (2, 0, 0), image (3, 1.0, 0.5), image (1.5, 4, 0). delta = 1.
+    # Co-occurring features: only f0 (f1 is active on image row 2 only; 1.0 sits at delta).
+    z = torch.tensor([[2.0, 0, 0], [3, 1.0, 0.5], [1.5, 4, 0]])
+    is_image = torch.tensor([False, True, True])
+    w = torch.tensor([0.5, 2.0, 7.0])
+    assert patch_scores(z, is_image, method="l0").tolist() == [1, 2]
+    assert patch_scores(z, is_image, method="l1").tolist() == [4.5, 5.5]
+    assert patch_scores(z, is_image, method="cooccurrence").tolist() == [1, 1]
+    assert patch_scores(z, is_image, method="cosine", weights=w).tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="weights"):
+        patch_scores(z, is_image, method="cosine")
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from([0.0, 1.0, 1.0, 2.5, -1.0]), max_size=40),
+       st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]))
+def test_patch_keep_mask_keeps_floor_count_with_ties_to_lower_index(scores, fraction):
+    keep = patch_keep_mask(torch.tensor(scores), fraction)
+    assert keep.nonzero().squeeze(1).tolist() == ref.kept_patches(scores, fraction)
+
+
+def expected_masked(pixels_HWC: np.ndarray, keep_RC: np.ndarray) -> np.ndarray:
+    """Per-pixel loop: pixel (y, x) lies in patch (y * rows // H, x * cols // W)."""
+    out = pixels_HWC.copy()
+    h, w = out.shape[:2]
+    rows, cols = keep_RC.shape
+    for y in range(h):
+        for x in range(w):
+            if not keep_RC[y * rows // h, x * cols // w]:
+                out[y, x] = 0
+    return out
+
+
+# keep 0.5 -> patches 5, 0, 2 (2 beats 3 on the tie)
+SCORES_2x3 = torch.tensor([5.0, 1.0, 3.0, 3.0, 0.0, 9.0])
+KEEP_2x3 = np.array([[True, False, True], [False, False, True]])
+
+
+@pytest.mark.parametrize("h,w", [(4, 6), (5, 7)])
+def test_mask_image_on_arrays_tensors_and_pil(h, w):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(1, 256, size=(h, w, 3), dtype=np.uint8)  # no zero pixels: masking is visible
+    want = expected_masked(pixels, KEEP_2x3)
+    assert (want == 0).all(axis=2).sum() == h * w - (want != 0).all(axis=2).sum()
+
+    got_np = mask_image(pixels, SCORES_2x3, 0.5, (2, 3))
+    assert isinstance(got_np, np.ndarray) and got_np.dtype == np.uint8
+    np.testing.assert_array_equal(got_np, want)
+    assert (pixels != 0).all()  # the input is not modified
+
+    got_pil = mask_image(Image.fromarray(pixels), SCORES_2x3, 0.5, (2, 3))
+    assert isinstance(got_pil, Image.Image) and got_pil.mode == "RGB"
+    np.testing.assert_array_equal(np.array(got_pil), want)
+
+    chw = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    got_t = mask_image(chw, SCORES_2x3, 0.5, (2, 3))
+    assert isinstance(got_t, torch.Tensor) and got_t.shape == chw.shape and got_t.dtype == torch.float32
+    np.testing.assert_array_equal((got_t.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), want)
+
+    gray = pixels[..., 0]
+    np.testing.assert_array_equal(mask_image(gray, SCORES_2x3, 0.5, (2, 3)), want[..., 0])
+
+
+def test_mask_image_keeps_exactly_floor_fraction_of_patches():
+    image = np.full((12, 12, 3), 200, dtype=np.uint8)
+    scores = torch.arange(16.0)
+    for fraction, n_kept in [(0.25, 4), (0.5, 8), (0.3, 4), (0.0, 0), (1.0, 16)]:
+        out = mask_image(image, scores, fraction, (4, 4))
+        kept_cells = (out[::3, ::3, 0] == 200).sum()  # one pixel per 3 x 3 patch
+        assert kept_cells == n_kept
+        assert (out == 200).sum() == n_kept * 9 * 3
+
+
+def test_mask_image_channel_layout_inference_and_errors():
+    hwc = torch.ones(6, 6, 3)  # only the last dim looks like channels
+    out = mask_image(hwc, torch.tensor([1.0, 0.0, 0.0, 0.0]), 0.25, (2, 2))
+    assert (out[:3, :3] == 1).all() and out.sum() == 9 * 3
+    square = torch.ones(3, 3, 3)  # ambiguous: a tensor defaults to (C, H, W) unless told
+    out = mask_image(square, torch.tensor([1.0, 0, 0, 0]), 0.25, (2, 2))
+    assert out[:, 0, 0].tolist() == [1, 1, 1] and out[:, 2, 2].tolist() == [0, 0, 0]
+    out = mask_image(square, torch.tensor([1.0, 0, 0, 0]), 0.25, (2, 2), channels_first=False)
+    assert out[0, 0].tolist() == [1, 1, 1] and out[2, 2].tolist() == [0, 0, 0]
+    with pytest.raises(ValueError):
+        mask_image(hwc, torch.zeros(3), 0.5, (2, 2))
+
+
+def test_views_average_base_and_high_resolution_grid():
+    # LLaVA-NeXT-like: base view 2 x 2 over the whole image, then the high-resolution 4 x 4 grid with a
+    # newline token after each row (scores -999 that must be ignored). Common grid 4 x 4:
+    # cell (r, c) = (base[r // 2][c // 2] + hires[r][c]) / 2.
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    hires = torch.arange(16.0).reshape(4, 4) * 10
+    hires_tokens = torch.cat([hires, torch.full((4, 1), -999.0)], dim=1).reshape(-1)
+    layout = ImageLayout(
+        views=(ViewLayout(grid=(2, 2)), ViewLayout(grid=(4, 4), newline_per_row=True)), grid=(4, 4)
+    )
+    assert layout.n_tokens == 4 + 20
+    got = views_to_patch_scores(torch.cat([base, hires_tokens]), layout)
+    base_2x2 = base.reshape(2, 2)
+    want = torch.tensor([[(base_2x2[r // 2, c // 2] + hires[r, c]) / 2 for c in range(4)] for r in range(4)])
+    torch.testing.assert_close(got, want.reshape(-1))
+
+
+def test_views_tiles_covering_parts_of_the_image():
+    # View A: the left half, 2 x 1 tokens (a0 top, a1 bottom). View B: the whole image, one token b.
+    # Common 2 x 2 grid: left cells average A and B, right cells see B only.
+    a0, a1, b = 4.0, 8.0, 2.0
+    layout = ImageLayout(
+        views=(ViewLayout(grid=(2, 1), box=(0.0, 0.0, 1.0, 0.5)), ViewLayout(grid=(1, 1))), grid=(2, 2)
+    )
+    got = views_to_patch_scores(torch.tensor([a0, a1, b]), layout)
+    assert got.tolist() == [(a0 + b) / 2, b, (a1 + b) / 2, b]
+
+
+def test_views_partial_cover_weights_by_covered_fraction():
+    # View A covers x in [0, 0.75) with 3 cells (a0, a1, a2); view B covers everything with 1 cell b.
+    # Output cell 0 = [0, 0.5): A gives mean(a0, a1) over its whole area, B gives b -> plain mean.
+    # Output cell 1 = [0.5, 1): A covers half of it with a2 -> (0.5 * a2 + 1 * b) / 1.5.
+    a0, a1, a2, b = 1.0, 3.0, 9.0, 6.0
+    layout = ImageLayout(
+        views=(ViewLayout(grid=(1, 3), box=(0, 0, 1, 0.75)), ViewLayout(grid=(1, 1))), grid=(1, 2)
+    )
+    got = views_to_patch_scores(torch.tensor([a0, a1, a2, b]), layout)
+    torch.testing.assert_close(got, torch.tensor([((a0 + a1) / 2 + b) / 2, (0.5 * a2 + b) / 1.5]))
+
+
+def test_views_errors():
+    layout = ImageLayout(views=(ViewLayout(grid=(1, 1), box=(0, 0, 1, 0.5)),), grid=(1, 2))
+    with pytest.raises(ValueError, match="covered"):
+        views_to_patch_scores(torch.tensor([1.0]), layout)
+    with pytest.raises(ValueError, match="tokens"):
+        views_to_patch_scores(torch.tensor([1.0, 2.0]), layout)
