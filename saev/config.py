@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from saev.shapesworld.world import WorldConfig
+
 __all__ = [
     "ActivationConfig",
     "ConfigError",
@@ -29,6 +31,7 @@ __all__ = [
     "Profile",
     "SAEConfig",
     "TrainConfig",
+    "WorldConfig",
     "build_dataclass",
     "load_profile",
 ]
@@ -186,6 +189,9 @@ class Profile:
     """SAE and SAE-V training."""
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     """Activation streaming."""
+    world: WorldConfig | None = None
+    """The embedded ShapesWorld whose data and trained models this profile uses; None (paper
+    profiles) means every model and dataset comes from a local path the user sets."""
     artifacts_dir: str = "artifacts/{name}"
     """Cache of generated data, models, SAEs and scores; relative paths are taken from the project root."""
     figures_dir: str = "figures/{name}"
@@ -216,9 +222,15 @@ class Profile:
         if name not in self.models:
             raise KeyError(f"profile {self.name!r} has no model {name!r}; it has {sorted(self.models)}")
         spec = self.models[name]
-        if spec.model_dir is None:
-            return self.artifacts_path / "models" / name
-        return self._resolve(spec.model_dir)
+        if spec.model_dir is not None:
+            return self._resolve(spec.model_dir)
+        if self.world is None:
+            raise ConfigError(
+                f"profile {self.name!r}: set models.{name}.model_dir to a local folder holding the "
+                f"{spec.family} checkpoint (config.json, *.safetensors weights, tokenizer and processor files); "
+                "this profile has no embedded world to train it from"
+            )
+        return self.artifacts_path / "models" / name
 
 
 # ----------------------------------------------------------------------------- loading

@@ -160,3 +160,24 @@ def test_paper_table2_defaults():
     cfg = TrainConfig(sae=SAEConfig(d_in=4096))
     assert (cfg.lr, cfg.lr_warm_up_steps, cfg.lr_decay_steps, cfg.total_training_steps) == (5e-5, 1500, 6000, 30000)
     assert (cfg.train_batch_size_tokens, cfg.dead_feature_threshold, cfg.sae.d_sae) == (4096, 1e-4, 65536)
+
+
+def test_world_profiles_carry_their_world_and_paper_like_profiles_demand_paths(tmp_path):
+    from saev.shapesworld.world import world_config_for
+
+    for name in ("ci", "mini"):
+        profile = load_profile(name)
+        assert profile.world is not None
+        assert profile.world == world_config_for(name)
+    assert load_profile("ci").world.n_vqa == 200
+    path = _write(tmp_path, BASE)
+    profile = load_profile(path)
+    assert profile.world is None
+    with pytest.raises(ConfigError, match=r"set models\.m\.model_dir to a local folder holding the causal_lm checkpoint"):
+        profile.model_path("m")
+
+
+def test_world_section_keys_are_checked(tmp_path):
+    path = _write(tmp_path, BASE + "world: {n_vqa: 10, defect_fraction_a: 0.3, n_vqaa: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'world\.n_vqaa'; did you mean 'world\.n_vqa'\?"):
+        load_profile(path)
