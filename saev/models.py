@@ -1,0 +1,548 @@
+"""Model adapters: load a multimodal LLM offline and say where to hook it and which token is which.
+
+One adapter per family of DESIGN.md ("Model families (the Adapter)"):
+
+| family       | HF class                            | decoder layers                      |
+|--------------|-------------------------------------|-------------------------------------|
+| `llava_next` | LlavaNextForConditionalGeneration   | `model.model.language_model.layers` |
+| `llava`      | LlavaForConditionalGeneration       | `model.model.language_model.layers` |
+| `chameleon`  | ChameleonForConditionalGeneration   | `model.model.layers`                |
+| `causal_lm`  | AutoModelForCausalLM                | `model.model.layers`                |
+
+The hook point is the output of decoder layer L, i.e. the residual stream after block L
+(``output_hidden_states[L + 1]`` of a full forward, for L below the last layer; the last
+entry of ``output_hidden_states`` is after the final norm, the hook sees it before).
+
+Every token gets a ``Modality``: IMAGE tokens are
+- llava / llava_next: positions where ``input_ids == config.image_token_id`` (the processor
+  expands each ``<image>`` into one id per image feature, LLaVA-NeXT's newline features included);
+- chameleon: positions holding the ``<image>`` placeholder (the model swaps in VQ code
+  embeddings there) or, for inputs that already hold VQ codes, ids in
+  ``model.model.vocabulary_mapping.image_tokens``;
+SPECIAL tokens are padding, BOS/EOS and every other special token of the tokenizer
+(Chameleon's image start/end markers and separator included); everything else is TEXT.
+Only TEXT and IMAGE tokens are "real tokens". DESIGN.md excludes padding and BOS; we also
+exclude EOS and the other special tokens, which carry no content of either modality.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    BatchFeature,
+    ChameleonForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
+
+from saev.config import DTypeName, Family
+
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "PROMPT_TEMPLATES",
+    "Adapter",
+    "CausalLMAdapter",
+    "ChameleonAdapter",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LoadedModel",
+    "Modality",
+    "Sample",
+    "chat_sample",
+    "check_sae_matches",
+    "get_adapter",
+    "load_model",
+]
+
+IMAGE_PLACEHOLDER = "<image>"
+"""Family-agnostic image placeholder in ``Sample.text``: one per image, where the image goes."""
+
+
+class Modality(IntEnum):
+    """Modality of one token position; SPECIAL positions (padding, BOS, markers) are never real tokens."""
+
+    TEXT = 0
+    IMAGE = 1
+    SPECIAL = 2
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One model input: text with one ``<image>`` placeholder per image, and the images in order.
+
+    The text is what is tokenised (after the processor expands the placeholders); build it with
+    ``chat_sample`` to get the family's prompt template.
+    """
+
+    text: str
+    images: tuple[Image.Image, ...] = ()
+
+
+PROMPT_TEMPLATES: dict[Family, str] = {
+    "llava_next": "USER: {images}{question} ASSISTANT: {answer}",
+    "llava": "USER: {images}{question} ASSISTANT: {answer}",
+    "chameleon": "{images}{question} {answer}",
+    "causal_lm": "{question} {answer}",
+}
+"""Prompt template per family; ``{images}`` becomes one ``<image>`` per image, then a newline."""
+
+
+def chat_sample(
+    family: Family, question: str, answer: str = "", images: tuple[Image.Image, ...] = ()
+) -> Sample:
+    """A question/answer ``Sample`` in ``family``'s prompt template (the one place templating lives).
+
+    LLaVA families: ``"USER: <image>\\n{question} ASSISTANT: {answer}"``; Chameleon: the images
+    inline before the text; causal LMs: plain text (images are an error).
+    """
+    if family not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    if images and family == "causal_lm":
+        raise ValueError("a causal_lm sample cannot hold images")
+    image_text = IMAGE_PLACEHOLDER * len(images) + "\n" if images else ""
+    text = PROMPT_TEMPLATES[family].format(images=image_text, question=question, answer=answer)
+    return Sample(text=text.rstrip(" "), images=tuple(images))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model, its processor (the tokenizer for ``causal_lm``) and its family's adapter."""
+
+    model: nn.Module
+    processor: Any
+    adapter: Adapter
+    model_dir: Path
+
+    @property
+    def family(self) -> Family:
+        """The adapter's family."""
+        return self.adapter.family
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the residual stream (the SAE's d_in)."""
+        return self.adapter.hidden_size(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers of the language model."""
+        return self.adapter.num_layers(self.model)
+
+    def hook_module(self, layer: int) -> nn.Module:
+        """The module whose output is the residual stream after decoder block ``layer``."""
+        return self.adapter.hook_module(self.model, layer)
+
+    def build_inputs(
+        self, samples: list[Sample], *, context_size: int, sample_ids: list[int] | None = None
+    ) -> BatchFeature:
+        """``adapter.build_inputs`` moved to the model's device, pixels cast to the model's dtype."""
+        inputs = self.adapter.build_inputs(
+            self.processor, samples, context_size=context_size, sample_ids=sample_ids
+        )
+        device = next(self.model.parameters()).device
+        dtype = next(self.model.parameters()).dtype
+        return BatchFeature(
+            {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
+        )
+
+    def token_modality(self, inputs: BatchFeature) -> torch.Tensor:
+        """``Modality`` of every position of ``inputs``: LongTensor (B, T)."""
+        return self.adapter.token_modality(inputs, model=self.model, processor=self.processor)
+
+
+def load_model(
+    family: Family, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu"
+) -> LoadedModel:
+    """Load a checkpoint of ``family`` from a local folder (see ``Adapter.load``)."""
+    return get_adapter(family).load(model_dir, dtype=dtype, device=device)
+
+
+def check_sae_matches(model: nn.Module, d_in: int) -> None:
+    """Raise if an SAE of input width ``d_in`` cannot read ``model``'s residual stream."""
+    hidden = model.config.get_text_config().hidden_size
+    if hidden != d_in:
+        raise ValueError(
+            f"SAE d_in={d_in} does not match the hidden size {hidden} of the model in "
+            f"{getattr(model, 'name_or_path', '?')!s}; train the SAE on this model's activations"
+        )
+
+
+class _Encoded(NamedTuple):
+    """One sample after its processor, before truncation and padding."""
+
+    input_ids: list[int]
+    image_spans: list[tuple[int, int]]
+    """[start, end) positions of each image's tokens (Chameleon: start/end markers included)."""
+    pixels: dict[str, torch.Tensor]
+    """Per-image tensors (first dim = image), e.g. pixel_values and image_sizes."""
+
+
+class Adapter:
+    """Family-specific knowledge: how to load, where to hook, how to build inputs, which token is which.
+
+    Adapters are stateless; ``get_adapter(family)`` returns one. ``LoadedModel`` binds an
+    adapter to a model and processor for convenience.
+    """
+
+    family: ClassVar[Family]
+    model_types: ClassVar[tuple[str, ...]]
+    """config.model_type values this adapter accepts (empty: any causal LM)."""
+    multimodal: ClassVar[bool] = True
+
+    # -- loading
+
+    def load(
+        self, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu"
+    ) -> LoadedModel:
+        """Load model and processor from the local folder ``model_dir`` (never from the network).
+
+        Requires a ``save_pretrained`` folder with config.json, safetensors weights (pickle-only
+        ``*.bin`` checkpoints are refused: unpickling can run code) and tokenizer files, plus
+        the processor config for multimodal families. Image processors are always the
+        ``*ImageProcessorPil`` classes, so preprocessing is the same with or without torchvision.
+        """
+        # local_files_only below is what keeps this call offline; the variable covers code imported later.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        model_dir = Path(model_dir)
+        self._check_model_dir(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        if self.model_types and config.model_type not in self.model_types:
+            raise ValueError(
+                f"{model_dir} holds a {config.model_type!r} model, but family {self.family!r} expects "
+                f"model_type in {list(self.model_types)}"
+            )
+        if not self.model_types and config.model_type in _MULTIMODAL_MODEL_TYPES:
+            raise ValueError(
+                f"{model_dir} holds a {config.model_type!r} model; use family "
+                f"{_MULTIMODAL_MODEL_TYPES[config.model_type]!r}, not {self.family!r}"
+            )
+        model = self._model_class().from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype)
+        )
+        model = model.to(device).eval()
+        processor = self._load_processor(model_dir)
+        return LoadedModel(model=model, processor=processor, adapter=self, model_dir=model_dir)
+
+    def _model_class(self) -> Any:
+        raise NotImplementedError
+
+    def _load_processor(self, model_dir: Path) -> Any:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, backend="pil")
+        name = type(processor.image_processor).__name__
+        if not name.endswith("Pil"):
+            raise RuntimeError(f"{model_dir}: expected a PIL image processor, got {name}")
+        return processor
+
+    def _check_model_dir(self, model_dir: Path) -> None:
+        needs = "config.json, *.safetensors weights, tokenizer files (tokenizer.json or tokenizer.model, "
+        needs += "tokenizer_config.json)"
+        if self.multimodal:
+            needs += " and processor_config.json or preprocessor_config.json"
+        if not model_dir.is_dir():
+            raise FileNotFoundError(
+                f"model directory {model_dir} does not exist; a {self.family} checkpoint folder "
+                f"(saved with save_pretrained) must contain {needs}"
+            )
+        names = {p.name for p in model_dir.iterdir()}
+        missing = []
+        if "config.json" not in names:
+            missing.append("config.json")
+        if not any(n.endswith(".safetensors") for n in names):
+            if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+                raise ValueError(
+                    f"{model_dir} holds only pickle weights (*.bin/*.pt); refusing to unpickle them. "
+                    f"Convert the checkpoint to safetensors (save_pretrained(..., safe_serialization=True))"
+                )
+            missing.append("*.safetensors weights")
+        if not names & {"tokenizer.json", "tokenizer.model", "tokenizer_config.json"}:
+            missing.append("tokenizer files")
+        if self.multimodal and not names & {"processor_config.json", "preprocessor_config.json"}:
+            missing.append("processor_config.json / preprocessor_config.json")
+        if missing:
+            raise FileNotFoundError(
+                f"model directory {model_dir} lacks {', '.join(missing)}; it must contain {needs}"
+            )
+
+    # -- structure
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder blocks of the language model, in order."""
+        raise NotImplementedError
+
+    def num_layers(self, model: nn.Module) -> int:
+        """Number of decoder blocks."""
+        return len(self.decoder_layers(model))
+
+    def hidden_size(self, model: nn.Module) -> int:
+        """Width of the residual stream of the language model."""
+        return model.config.get_text_config().hidden_size
+
+    def hook_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """Decoder block ``layer``, whose output is the residual stream after that block."""
+        layers = self.decoder_layers(model)
+        if not 0 <= layer < len(layers):
+            raise ValueError(
+                f"hook_layer={layer} is outside the model in {getattr(model, 'name_or_path', '?')!s}: "
+                f"it has {len(layers)} decoder layers (valid hook layers: 0..{len(layers) - 1})"
+            )
+        return layers[layer]
+
+    # -- inputs
+
+    def build_inputs(
+        self, processor: Any, samples: list[Sample], *, context_size: int, sample_ids: list[int] | None = None
+    ) -> BatchFeature:
+        """Process ``samples`` into one right-padded batch of at most ``context_size`` tokens each.
+
+        Truncation never cuts an image in half: if position ``context_size`` falls inside an
+        image's tokens, the sequence ends before that image (the whole image span and its
+        pixels are dropped; so are images after the cut). ``sample_ids`` (default 0..B-1)
+        only name samples in errors. Returns input_ids, attention_mask and, when any image
+        survives, the family's pixel tensors (CPU).
+        """
+        if context_size <= 0:
+            raise ValueError(f"context_size must be > 0, got {context_size}")
+        sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
+        if len(sample_ids) != len(samples):
+            raise ValueError(f"{len(samples)} samples but {len(sample_ids)} sample ids")
+        encoded = []
+        for sample, sid in zip(samples, sample_ids):
+            n_placeholders = sample.text.count(IMAGE_PLACEHOLDER)
+            if n_placeholders != len(sample.images):
+                raise ValueError(
+                    f"sample {sid}: its text holds {n_placeholders} {IMAGE_PLACEHOLDER} placeholders "
+                    f"but it has {len(sample.images)} images"
+                )
+            encoded.append(_truncate(self._encode(processor, sample, sid), context_size))
+        return self._collate(encoded, pad_id=_pad_id(_tokenizer(processor)))
+
+    def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
+        raise NotImplementedError
+
+    def _collate(self, encoded: list[_Encoded], *, pad_id: int) -> BatchFeature:
+        T = max(len(e.input_ids) for e in encoded)
+        input_ids_BT = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+        attention_mask_BT = torch.zeros((len(encoded), T), dtype=torch.long)
+        for b, e in enumerate(encoded):
+            input_ids_BT[b, : len(e.input_ids)] = torch.tensor(e.input_ids, dtype=torch.long)
+            attention_mask_BT[b, : len(e.input_ids)] = 1
+        data: dict[str, torch.Tensor] = {"input_ids": input_ids_BT, "attention_mask": attention_mask_BT}
+        keys = {k for e in encoded for k in e.pixels}
+        for key in sorted(keys):
+            parts = [e.pixels[key] for e in encoded if key in e.pixels and len(e.pixels[key])]
+            if parts:
+                data[key] = _cat_padded(parts)
+        return BatchFeature(data)
+
+    def token_modality(self, inputs: BatchFeature, *, model: nn.Module, processor: Any) -> torch.Tensor:
+        """``Modality`` of every position of ``inputs`` (LongTensor (B, T)); see the module docstring."""
+        input_ids_BT = inputs["input_ids"]
+        modality_BT = torch.full_like(input_ids_BT, int(Modality.TEXT))
+        special = torch.tensor(
+            sorted(self._special_ids(processor)), dtype=torch.long, device=input_ids_BT.device
+        )
+        modality_BT[torch.isin(input_ids_BT, special)] = int(Modality.SPECIAL)
+        modality_BT[self._image_mask(input_ids_BT, model)] = int(Modality.IMAGE)
+        if "attention_mask" in inputs:
+            modality_BT[inputs["attention_mask"] == 0] = int(Modality.SPECIAL)
+        return modality_BT
+
+    def _special_ids(self, processor: Any) -> set[int]:
+        return set(_tokenizer(processor).all_special_ids)
+
+    def _image_mask(self, input_ids_BT: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        return torch.zeros_like(input_ids_BT, dtype=torch.bool)
+
+
+class CausalLMAdapter(Adapter):
+    """Text-only LLMs (Mistral-7B's role): AutoModelForCausalLM, hook ``model.model.layers[L]``."""
+
+    family: ClassVar[Family] = "causal_lm"
+    model_types: ClassVar[tuple[str, ...]] = ()
+    multimodal: ClassVar[bool] = False
+
+    def _model_class(self) -> Any:
+        return AutoModelForCausalLM
+
+    def _load_processor(self, model_dir: Path) -> Any:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """``model.model.layers`` (Llama/Mistral layout)."""
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(
+                "causal_lm adapter expects decoder layers at model.model.layers; "
+                f"{type(model).__name__} has none"
+            )
+        return layers
+
+    def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
+        if sample.images:
+            raise ValueError(
+                f"sample {sample_id} has {len(sample.images)} images, but a causal_lm model takes text only"
+            )
+        return _Encoded(processor(sample.text)["input_ids"], [], {})
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-1.5 style: LlavaForConditionalGeneration, hook ``model.model.language_model.layers[L]``."""
+
+    family: ClassVar[Family] = "llava"
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+
+    def _model_class(self) -> Any:
+        return LlavaForConditionalGeneration
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """``model.model.language_model.layers``."""
+        return model.model.language_model.layers
+
+    def _image_mask(self, input_ids_BT: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        return input_ids_BT == model.config.image_token_id
+
+    def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
+        images = list(sample.images) or None
+        enc = processor(images=images, text=[sample.text], return_tensors="pt")
+        input_ids = enc["input_ids"][0].tolist()
+        if not sample.images:
+            return _Encoded(input_ids, [], {})
+        sizes = [(im.height, im.width) for im in sample.images]
+        counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+        positions = [i for i, t in enumerate(input_ids) if t == processor.image_token_id]
+        if len(positions) != sum(counts):
+            raise RuntimeError(
+                f"sample {sample_id}: the processor wrote {len(positions)} image tokens, "
+                f"expected {sum(counts)} for images of sizes {sizes}"
+            )
+        spans, start = [], 0
+        for n in counts:
+            spans.append((positions[start], positions[start + n - 1] + 1))
+            start += n
+        pixels = {k: enc[k] for k in ("pixel_values", "image_sizes") if k in enc}
+        return _Encoded(input_ids, spans, pixels)
+
+
+class LlavaNextAdapter(LlavaAdapter):
+    """LLaVA-NeXT (LLaVA-1.6): LlavaNextForConditionalGeneration; anyres base view + tiles + row newlines.
+
+    Token layout of one image (all positions hold ``image_token_id``): the base view's
+    (s/p)^2 features row-major (s: vision image size, p: patch size), then the tiles of the
+    best ``image_grid_pinpoints`` resolution stitched into one feature map of
+    (tile rows * s/p) x (tile cols * s/p), cropped symmetrically to the image's aspect ratio
+    (transformers' ``unpad_image``), row-major with one ``image_newline`` feature after each row.
+    """
+
+    family: ClassVar[Family] = "llava_next"
+    model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
+
+    def _model_class(self) -> Any:
+        return LlavaNextForConditionalGeneration
+
+
+class ChameleonAdapter(Adapter):
+    """Chameleon / Anole: early fusion with VQ image tokens; hook ``model.model.layers[L]``."""
+
+    family: ClassVar[Family] = "chameleon"
+    model_types: ClassVar[tuple[str, ...]] = ("chameleon",)
+
+    def _model_class(self) -> Any:
+        return ChameleonForConditionalGeneration
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """``model.model.layers``."""
+        return model.model.layers
+
+    def _special_ids(self, processor: Any) -> set[int]:
+        ids = super()._special_ids(processor) | {processor.image_start_token_id, processor.image_end_token_id}
+        sep = _tokenizer(processor).sep_token_id
+        return ids | ({sep} if sep is not None else set())
+
+    def _image_mask(self, input_ids_BT: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        mapping = model.model.vocabulary_mapping
+        codes = torch.tensor(mapping.image_tokens, dtype=torch.long, device=input_ids_BT.device)
+        return (input_ids_BT == mapping.image_token_id) | torch.isin(input_ids_BT, codes)
+
+    def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
+        images = list(sample.images) or None
+        # Text completion: no chat separator appended after the sample.
+        enc = processor(
+            images=images, text=[sample.text], return_tensors="pt", return_for_text_completion=True
+        )
+        input_ids = enc["input_ids"][0].tolist()
+        if not sample.images:
+            return _Encoded(input_ids, [], {})
+        n = processor.image_seq_length
+        starts = [i for i, t in enumerate(input_ids) if t == processor.image_start_token_id]
+        spans = [(s, s + n + 2) for s in starts]
+        if len(spans) != len(sample.images) or any(
+            e > len(input_ids) or input_ids[e - 1] != processor.image_end_token_id for _, e in spans
+        ):
+            raise RuntimeError(
+                f"sample {sample_id}: unexpected image token layout from {type(processor).__name__}"
+            )
+        return _Encoded(input_ids, spans, {"pixel_values": enc["pixel_values"]})
+
+
+_ADAPTERS: dict[str, Adapter] = {
+    a.family: a for a in (LlavaNextAdapter(), LlavaAdapter(), ChameleonAdapter(), CausalLMAdapter())
+}
+_MULTIMODAL_MODEL_TYPES = {"llava_next": "llava_next", "llava": "llava", "chameleon": "chameleon"}
+
+
+def get_adapter(family: Family) -> Adapter:
+    """The adapter of ``family`` (llava_next, llava, chameleon or causal_lm)."""
+    if family not in _ADAPTERS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_ADAPTERS)}")
+    return _ADAPTERS[family]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def _truncate(e: _Encoded, context_size: int) -> _Encoded:
+    keep = min(len(e.input_ids), context_size)
+    for start, end in e.image_spans:
+        if start < keep < end:
+            keep = start
+    kept = [i for i, (_, end) in enumerate(e.image_spans) if end <= keep]
+    if len(kept) == len(e.image_spans) and keep == len(e.input_ids):
+        return e
+    pixels = {k: v[kept] for k, v in e.pixels.items()}
+    return _Encoded(e.input_ids[:keep], e.image_spans[: len(kept)], pixels)
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding dim 1 (LLaVA-NeXT's per-image tile count) to the max."""
+    if parts[0].dim() >= 2 and len({p.shape[1:] for p in parts}) > 1:
+        n = max(p.shape[1] for p in parts)
+        parts = [
+            torch.cat([p, p.new_zeros((p.shape[0], n - p.shape[1], *p.shape[2:]))], dim=1) for p in parts
+        ]
+    return torch.cat(parts, dim=0)

@@ -1,0 +1,273 @@
+"""saev.models adapters on tiny models of every family: loading, hook points, inputs, modalities, errors."""
+
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import (
+    ChameleonForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    MistralForCausalLM,
+)
+
+from saev.models import (
+    Modality,
+    Sample,
+    chat_sample,
+    check_sae_matches,
+    get_adapter,
+    load_model,
+)
+
+FAMILIES = ["causal_lm", "llava", "llava_next", "chameleon"]
+MULTIMODAL = ["llava", "llava_next", "chameleon"]
+HF_CLASS = {
+    "causal_lm": MistralForCausalLM,
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "chameleon": ChameleonForConditionalGeneration,
+}
+
+
+def _layers(family, model):
+    """The decoder layers by the attribute path DESIGN.md names, written out independently."""
+    return model.model.language_model.layers if family in ("llava", "llava_next") else model.model.layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_real_hf_class_with_pil_processor(family, tiny_loaded, tiny_spec):
+    lm = tiny_loaded(family)
+    assert type(lm.model) is HF_CLASS[family]
+    assert not lm.model.training
+    assert lm.hidden_size == tiny_spec.hidden_size
+    assert lm.num_layers == tiny_spec.num_layers
+    if family != "causal_lm":
+        assert type(lm.processor.image_processor).__name__.endswith("Pil")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_module_is_the_decoder_block(family, tiny_loaded, tiny_spec):
+    lm = tiny_loaded(family)
+    for layer in range(tiny_spec.num_layers):
+        assert lm.hook_module(layer) is _layers(family, lm.model)[layer]
+
+
+@pytest.mark.parametrize("layer", [-1, 3, 16])
+def test_hook_layer_outside_model_names_layer_count(layer, tiny_loaded):
+    with pytest.raises(ValueError, match=rf"hook_layer={layer}.*3 decoder layers"):
+        tiny_loaded("llava_next").hook_module(layer)
+
+
+def test_missing_model_dir_names_path_and_contents(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match="no_such_model.*config.json.*safetensors.*processor_config"):
+        load_model("llava_next", missing)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_model_dir):
+    d = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir("causal_lm"), d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(ValueError, match="pickle.*safetensors"):
+        load_model("causal_lm", d)
+
+
+def test_missing_processor_config_is_named(tmp_path, tiny_model_dir):
+    d = tmp_path / "noproc"
+    shutil.copytree(tiny_model_dir("llava"), d)
+    (d / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="noproc lacks processor_config.json"):
+        load_model("llava", d)
+
+
+def test_wrong_family_is_named(tiny_model_dir):
+    with pytest.raises(ValueError, match="'llava' model.*chameleon"):
+        load_model("chameleon", tiny_model_dir("llava"))
+    with pytest.raises(ValueError, match="use family 'llava_next'"):
+        load_model("causal_lm", tiny_model_dir("llava_next"))
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="unknown model family 'gpt'"):
+        get_adapter("gpt")
+
+
+def test_check_sae_matches_names_both_sizes_and_dir(tiny_loaded, tiny_model_dir):
+    model = tiny_loaded("chameleon").model
+    check_sae_matches(model, 64)
+    with pytest.raises(ValueError, match=rf"d_in=65.*hidden size 64.*{tiny_model_dir('chameleon').name}"):
+        check_sae_matches(model, 65)
+
+
+def test_chat_templates():
+    assert chat_sample("llava", "q?", "a").text == "USER: q? ASSISTANT: a"
+    s = chat_sample("llava_next", "q?", "a", images=(object(),))
+    assert s.text == "USER: <image>\nq? ASSISTANT: a" and len(s.images) == 1
+    assert chat_sample("chameleon", "q?", "a", images=(1, 2)).text == "<image><image>\nq? a"
+    assert chat_sample("causal_lm", "some text", "").text == "some text"
+    with pytest.raises(ValueError, match="cannot hold images"):
+        chat_sample("causal_lm", "q", "a", images=(1,))
+
+
+# LLaVA-NeXT token counts worked out by hand for the tiny config (image 32 px, patch 8,
+# pinpoints [[32,64],[64,32],[64,64]] as (h, w)): 16 base-view tokens, then the tile grid's
+# feature map (4 rows per tile row) unpadded to the aspect ratio, plus one newline per row.
+# Keys are (width, height) of the input image.
+LLAVA_NEXT_COUNTS = [
+    ((32, 32), 16 + 4 * (4 + 1)),  # best (32,64): 1x2 tiles, 4x8 map unpadded to 4x4
+    ((64, 64), 16 + 8 * (8 + 1)),  # best (64,64): 2x2 tiles, 8x8 map
+    ((40, 60), 16 + 8 * (6 + 1)),  # best (64,64): 8x8 map unpadded to 8 rows x 6 columns
+    ((60, 40), 16 + 6 * (8 + 1)),  # best (64,64): unpadded to 6 rows x 8 columns
+    ((100, 30), 16 + 2 * (8 + 1)),  # best (32,64): 4x8 map unpadded to 2 rows x 8 columns
+]
+
+
+def _expected_image_tokens(family, width, height, spec):
+    side = spec.image_size // spec.patch_size
+    if family == "llava":
+        return side * side
+    if family == "chameleon":
+        return (spec.image_size // 4) ** 2
+    return dict(LLAVA_NEXT_COUNTS)[(width, height)]
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+@pytest.mark.parametrize("size", [s for s, _ in LLAVA_NEXT_COUNTS])
+def test_image_token_count_matches_expansion(family, size, tiny_loaded, tiny_spec, make_image):
+    lm = tiny_loaded(family)
+    w, h = size
+    sample = chat_sample(family, "what is it?", "a shape", images=(make_image(w, h),))
+    inputs = lm.build_inputs([sample], context_size=1000)
+    modality = lm.token_modality(inputs)
+    expected = _expected_image_tokens(family, w, h, tiny_spec)
+    assert int((modality == Modality.IMAGE).sum()) == expected
+    image_id = lm.model.config.image_token_id
+    assert int((inputs["input_ids"] == image_id).sum()) == expected
+    lm.model(**inputs)  # the model accepts the expansion (it checks tokens == features)
+
+
+def test_llava_next_multi_image_counts(tiny_loaded, make_image):
+    lm = tiny_loaded("llava_next")
+    sizes = [(64, 64), (100, 30)]
+    images = tuple(make_image(w, h, i) for i, (w, h) in enumerate(sizes))
+    sample = chat_sample("llava_next", "compare", "", images=images)
+    inputs = lm.build_inputs([sample], context_size=1000)
+    expected = sum(dict(LLAVA_NEXT_COUNTS)[s] for s in sizes)
+    assert int((lm.token_modality(inputs) == Modality.IMAGE).sum()) == expected
+    assert inputs["pixel_values"].shape[:2] == (2, 5)  # base + up to 4 tiles, padded to the max
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_modality_labels(family, tiny_loaded, make_image):
+    lm = tiny_loaded(family)
+    images = () if family == "causal_lm" else (make_image(40, 60),)
+    samples = [
+        chat_sample(family, "what colour is the circle?", "red", images),
+        chat_sample(family, "hi", ""),
+    ]
+    inputs = lm.build_inputs(samples, context_size=1000)
+    modality = lm.token_modality(inputs)
+    tok = getattr(lm.processor, "tokenizer", lm.processor)
+    assert modality.shape == inputs["input_ids"].shape
+    assert (modality[:, 0] == Modality.SPECIAL).all(), "BOS must be SPECIAL"
+    assert (inputs["input_ids"][:, 0] == tok.bos_token_id).all()
+    padding = inputs["attention_mask"] == 0
+    assert padding[1].any() and (modality[padding] == Modality.SPECIAL).all()
+    for b, sample in enumerate(samples):
+        text_ids = inputs["input_ids"][b][modality[b] == Modality.TEXT].tolist()
+        # TEXT tokens are exactly the sample's text without its image placeholders.
+        assert tok.decode(text_ids) == sample.text.replace("<image>", "")
+    if family == "chameleon":
+        ids = inputs["input_ids"][0]
+        boi, eoi = lm.processor.image_start_token_id, lm.processor.image_end_token_id
+        assert (modality[0][(ids == boi) | (ids == eoi)] == Modality.SPECIAL).all()
+        assert int(((ids == boi) | (ids == eoi)).sum()) == 2
+
+
+def test_chameleon_markers_are_special_even_if_tokenizer_does_not_say_so(tiny_loaded):
+    """Real Chameleon tokenizers need not list the image start/end markers as special tokens."""
+    lm = tiny_loaded("chameleon")
+    p = lm.processor
+    tokenizer = SimpleNamespace(all_special_ids=[p.tokenizer.bos_token_id], sep_token_id=None)
+    boi, eoi = p.image_start_token_id, p.image_end_token_id
+    processor = SimpleNamespace(tokenizer=tokenizer, image_start_token_id=boi, image_end_token_id=eoi)
+    ids = torch.tensor([[p.tokenizer.bos_token_id, boi, p.image_token_id, eoi, 100, 100]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])  # a padded position holding a text id is still SPECIAL
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    modality = lm.adapter.token_modality(inputs, model=lm.model, processor=processor)
+    S, I, T = Modality.SPECIAL, Modality.IMAGE, Modality.TEXT
+    assert modality[0].tolist() == [S, S, I, S, T, S]
+
+
+def test_chameleon_vq_code_ids_are_image_tokens(tiny_loaded):
+    lm = tiny_loaded("chameleon")
+    codes = lm.model.model.vocabulary_mapping.image_tokens
+    assert len(codes) == 64
+    tok = lm.processor.tokenizer
+    text_ids = tok("a red circle")["input_ids"]
+    ids = torch.tensor([text_ids + codes[:5]])
+    modality = lm.token_modality({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert modality[0, len(text_ids) :].tolist() == [Modality.IMAGE] * 5
+    assert modality[0, 1 : len(text_ids)].tolist() == [Modality.TEXT] * (len(text_ids) - 1)
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_truncation_never_cuts_an_image(family, tiny_loaded, make_image):
+    lm = tiny_loaded(family)
+    sample = chat_sample(family, "what is it?", "a red shape", images=(make_image(32, 32),))
+    full = lm.build_inputs([sample], context_size=1000)
+    full_mod = lm.token_modality(full)[0]
+    image_pos = (full_mod == Modality.IMAGE).nonzero().flatten()
+    first, last = int(image_pos[0]), int(image_pos[-1])
+    span_start = first - 1 if family == "chameleon" else first  # Chameleon's begin-image marker
+    # cut inside the image: the sequence ends where the image span starts and loses its pixels
+    cut = lm.build_inputs([sample], context_size=first + 3)
+    assert cut["input_ids"].shape[1] == span_start
+    assert "pixel_values" not in cut
+    assert torch.equal(cut["input_ids"][0], full["input_ids"][0, :span_start])
+    lm.model(**cut)
+    # cut after the image: exactly context_size tokens, the image intact
+    n = last + 3
+    kept = lm.build_inputs([sample], context_size=n)
+    assert kept["input_ids"].shape[1] == n
+    assert int((lm.token_modality(kept) == Modality.IMAGE).sum()) == len(image_pos)
+    lm.model(**kept)
+
+
+def test_truncation_of_text(tiny_loaded):
+    lm = tiny_loaded("causal_lm")
+    samples = [Sample("a red circle on the left of a blue square"), Sample("hi")]
+    inputs = lm.build_inputs(samples, context_size=4)
+    assert inputs["input_ids"].shape == (2, 4)
+    n_short = len(lm.processor("hi")["input_ids"])
+    assert n_short < 4
+    assert inputs["attention_mask"][1].tolist() == [1] * n_short + [0] * (4 - n_short)
+    assert inputs["input_ids"][0].tolist() == lm.processor(samples[0].text)["input_ids"][:4]
+
+
+def test_truncation_drops_later_images_of_a_batch(tiny_loaded, make_image):
+    lm = tiny_loaded("llava")
+    two = chat_sample("llava", "x", "", images=(make_image(32, 32, 1), make_image(32, 32, 2)))
+    one = chat_sample("llava", "y", "", images=(make_image(32, 32, 3),))
+    inputs = lm.build_inputs([two, one], context_size=30)  # BOS, "USER", ":", " " + 16 + 16: cuts image 2
+    assert inputs["pixel_values"].shape[0] == 2  # image 1 of sample 0, the only image of sample 1
+    assert (lm.token_modality(inputs) == Modality.IMAGE).sum(1).tolist() == [16, 16]
+    lm.model(**inputs)
+
+
+def test_placeholder_mismatch_names_sample(tiny_loaded, make_image):
+    lm = tiny_loaded("llava")
+    bad = Sample("no placeholder here", images=(make_image(32, 32),))
+    with pytest.raises(ValueError, match="sample 7: .*0 <image> placeholders.*1 images"):
+        lm.build_inputs([chat_sample("llava", "ok"), bad], context_size=100, sample_ids=[6, 7])
+
+
+def test_causal_lm_rejects_images(tiny_loaded, make_image):
+    lm = tiny_loaded("causal_lm")
+    with pytest.raises(ValueError, match="sample 3 has 1 images.*text only"):
+        lm.build_inputs([Sample("<image>", images=(make_image(8, 8),))], context_size=10, sample_ids=[3])
