@@ -20,11 +20,16 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from hypothesis import settings
 from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 # The tiny models are far too small for intra-op threads to pay off; on shared cores they thrash.
 torch.set_num_threads(1)
+# CI runs must be reproducible: the same examples every run (CI=true there); locally, explore.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 from saev.config import Family  # noqa: E402
 from saev.models import LoadedModel, load_model  # noqa: E402
