@@ -1,0 +1,317 @@
+"""The sparse autoencoder of SAE-V (paper Section 2.1, Eqs. 1-3) and its on-disk format.
+
+The architecture is SAELens' "standard" SAE, which the released SAE-V code (a SAELens fork)
+trains, plus SAELens' "topk" variant:
+
+    encode:  z = ReLU((x - b_dec) @ W_enc + b_enc)                      (Eq. 1)
+    decode:  x_hat = z @ W_dec + b_dec
+    loss:    ||x - x_hat||^2 + lambda * sum_k z_k ||W_dec[k]||          (Eqs. 2-3)
+
+The L1 term is weighted by the decoder row norms as in SAELens' standard training, so the
+penalty cannot be dodged by shrinking z and growing W_dec (Eq. 3 writes the plain ||Z||_1).
+
+A saved SAE is a folder in the SAELens layout (``cfg.json`` + ``sae_weights.safetensors``),
+loadable by ``sae_lens.SAE.load_from_disk``, plus ``saev_cfg.json`` holding our full
+``SAEConfig`` so that a round trip restores it. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from saev.config import ConfigError, SAEConfig, build_dataclass
+
+__all__ = [
+    "SAELENS_FORMAT_VERSION",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "UnsafeCheckpointError",
+    "atomic_write_bytes",
+]
+
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
+SAEV_CFG_FILENAME = "saev_cfg.json"
+SAELENS_SCALER_FILENAME = "activation_scaler.json"
+SAELENS_FORMAT_VERSION = "6.54.12"
+"""SAELens version whose ``cfg.json`` layout we write (tests check it against the installed sae-lens)."""
+
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that could only be read by unpickling, which we refuse to do."""
+
+
+class SAEOutput(NamedTuple):
+    """Result of ``SparseAutoencoder.forward``; ``loss == mse_loss + l1_loss``."""
+
+    sae_out: Tensor
+    """Reconstruction x_hat, shape (batch, d_in), in the input's (raw, unscaled) space."""
+    feature_acts: Tensor
+    """Feature activations z, shape (batch, d_sae)."""
+    loss: Tensor
+    """Scalar training loss (Eq. 3)."""
+    mse_loss: Tensor
+    """Squared error summed over d_in, averaged over the batch (Eq. 2; SAELens' "mse_loss")."""
+    l1_loss: Tensor
+    """The coefficient-weighted, decoder-norm-weighted L1 penalty actually added (0 for topk)."""
+
+
+class SparseAutoencoder(nn.Module):
+    """SAELens-compatible "standard" (ReLU + L1) or "topk" sparse autoencoder.
+
+    Inputs are always raw activations. With ``normalize_activations="expected_average_only_in"``
+    the model multiplies inputs by ``activation_scale`` (set by the trainer so the mean input
+    norm is sqrt(d_in)) and divides reconstructions by it; the loss is computed in the scaled
+    space, as SAELens does. ``save_pretrained`` folds the scale into the weights.
+    """
+
+    def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None) -> None:
+        """Initialise with SAELens' heuristic init: random decoder rows of norm
+        ``cfg.decoder_init_norm``, ``W_enc = W_dec.T``, zero biases.
+
+        ``generator`` (a CPU generator) makes the init reproducible; weights are drawn on the
+        CPU and then cast to ``cfg.dtype``, so a seed gives the same SAE on every device.
+        """
+        super().__init__()
+        self.cfg = cfg
+        dtype = _DTYPES[cfg.dtype]
+        # kaiming_uniform_ then row normalisation, exactly as SAELens' TrainingSAE.initialize_weights.
+        W_dec_FD = torch.empty(cfg.d_sae, cfg.d_in, dtype=torch.float32)
+        nn.init.kaiming_uniform_(W_dec_FD, generator=generator)
+        W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True) * cfg.decoder_init_norm
+        self.W_dec = nn.Parameter(W_dec_FD.to(dtype))
+        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.activation_scale: float | None = None
+        """Input multiplier of "expected_average_only_in"; None until estimated, 1.0 once folded."""
+
+    @property
+    def d_in(self) -> int:
+        """Input width."""
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        """Number of features."""
+        return self.cfg.d_sae
+
+    # ------------------------------------------------------------------ forward
+
+    def _scale_in(self, x_BD: Tensor) -> Tensor:
+        x_BD = x_BD.to(self.W_enc.dtype)
+        return x_BD if self.activation_scale is None else x_BD * self.activation_scale
+
+    def _encode_scaled(self, x_BD: Tensor) -> Tensor:
+        if self.cfg.apply_b_dec_to_input:
+            x_BD = x_BD - self.b_dec
+        pre_BF = x_BD @ self.W_enc + self.b_enc
+        if self.cfg.architecture == "topk":
+            # As SAELens' TopK; departs from its topk *training* defaults: no AuxK loss and no
+            # rescale_acts_by_decoder_norm (SAEConfig has no fields for them).
+            values_BK, idx_BK = torch.topk(pre_BF, k=self.cfg.k, dim=-1, sorted=False)
+            return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, values_BK.relu())
+        return torch.relu(pre_BF)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        """Feature activations z_BF of raw activations x_BD (Eq. 1)."""
+        return self._encode_scaled(self._scale_in(x_BD))
+
+    def decode(self, z_BF: Tensor) -> Tensor:
+        """Reconstruction x_BD (raw space) of feature activations z_BF."""
+        out_BD = z_BF @ self.W_dec + self.b_dec
+        return out_BD if self.activation_scale is None else out_BD / self.activation_scale
+
+    def forward(self, x_BD: Tensor, *, l1_coefficient: float | None = None) -> SAEOutput:
+        """Encode, decode and compute the training loss (Eq. 3) of a batch of raw activations.
+
+        ``l1_coefficient`` overrides ``cfg.l1_coefficient`` (the trainer passes its warmed-up
+        value); it is ignored by "topk", whose loss is the MSE alone.
+        """
+        xs_BD = self._scale_in(x_BD)
+        z_BF = self._encode_scaled(xs_BD)
+        out_BD = z_BF @ self.W_dec + self.b_dec
+        mse_loss = (out_BD - xs_BD).pow(2).sum(dim=-1).mean()
+        if self.cfg.architecture == "topk":
+            l1_loss = mse_loss.new_zeros(())
+        else:
+            coef = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
+            # z >= 0 after the ReLU, so sum_k |z_k| * ||W_dec[k]|| is a mat-vec product.
+            l1_loss = coef * (z_BF @ self.W_dec.norm(dim=-1)).mean()
+        sae_out_BD = out_BD if self.activation_scale is None else out_BD / self.activation_scale
+        return SAEOutput(sae_out_BD, z_BF, mse_loss + l1_loss, mse_loss, l1_loss)
+
+    # ------------------------------------------------------------------ saving
+
+    @torch.no_grad()
+    def save_pretrained(
+        self, path_dir: str | os.PathLike[str], *, fold_activation_scale: bool = True
+    ) -> Path:
+        """Write the SAE to ``path_dir`` in the SAELens layout (plus ``saev_cfg.json``).
+
+        With ``fold_activation_scale`` (the default, as at the end of SAELens training) the
+        input scale s is folded into the weights (W_enc * s, W_dec / s, b_dec / s), so SAELens
+        sees ``normalize_activations="none"`` and raw activations give identical results.
+        Without it (our resumable checkpoints, like SAELens' mid-training ones) the weights are
+        written as trained and s is kept in ``saev_cfg.json``. Each file is written atomically.
+        """
+        out_dir = Path(path_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self.named_parameters()}
+        scale = self.activation_scale
+        if fold_activation_scale and scale is not None:
+            tensors["W_enc"] = tensors["W_enc"] * scale
+            tensors["W_dec"] = tensors["W_dec"] / scale
+            tensors["b_dec"] = tensors["b_dec"] / scale
+            scale = 1.0
+        # Unfolded weights with a scale need SAELens' marker (the scale itself is in saev_cfg.json).
+        saelens_normalize = "none" if scale in (None, 1.0) else "expected_average_only_in"
+        saelens_cfg: dict[str, Any] = {
+            "d_in": self.cfg.d_in,
+            "d_sae": self.cfg.d_sae,
+            "dtype": self.cfg.dtype,
+            "device": "cpu",
+            "apply_b_dec_to_input": self.cfg.apply_b_dec_to_input,
+            "normalize_activations": saelens_normalize,
+            "reshape_activations": "none",
+            "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION, "trained_with": "saev"},
+            "architecture": self.cfg.architecture,
+        }
+        if self.cfg.architecture == "topk":
+            saelens_cfg["k"] = self.cfg.k
+            saelens_cfg["rescale_acts_by_decoder_norm"] = False
+        saev_cfg = {"sae": dataclasses.asdict(self.cfg), "activation_scale": scale}
+        _atomic_write(out_dir / SAE_WEIGHTS_FILENAME, lambda tmp_path: save_file(tensors, tmp_path))
+        atomic_write_bytes(out_dir / SAE_CFG_FILENAME, json.dumps(saelens_cfg, indent=2).encode())
+        atomic_write_bytes(out_dir / SAEV_CFG_FILENAME, json.dumps(saev_cfg, indent=2).encode())
+        return out_dir
+
+    @classmethod
+    def from_pretrained(
+        cls, path_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+    ) -> SparseAutoencoder:
+        """Load a folder written by ``save_pretrained`` or by SAELens (same layout).
+
+        Our ``saev_cfg.json`` restores the exact ``SAEConfig``; without it the config is
+        derived from SAELens' ``cfg.json`` (architectures "standard" and "topk" only; a topk
+        SAE with ``rescale_acts_by_decoder_norm`` has the decoder norms folded in, as SAELens
+        does on export). Pickle-based checkpoints are refused (``UnsafeCheckpointError``).
+        """
+        sae_dir = Path(path_dir)
+        _refuse_pickles(sae_dir)
+        if not (sae_dir / SAE_WEIGHTS_FILENAME).is_file() or not (sae_dir / SAE_CFG_FILENAME).is_file():
+            raise FileNotFoundError(
+                f"{sae_dir}: not an SAE folder (needs {SAE_CFG_FILENAME} and {SAE_WEIGHTS_FILENAME})"
+            )
+        tensors = load_file(sae_dir / SAE_WEIGHTS_FILENAME)
+        saelens_cfg = json.loads((sae_dir / SAE_CFG_FILENAME).read_text())
+        saev_cfg_path = sae_dir / SAEV_CFG_FILENAME
+        if saev_cfg_path.is_file():
+            saev_cfg = json.loads(saev_cfg_path.read_text())
+            cfg = build_dataclass(SAEConfig, saev_cfg["sae"], source=str(saev_cfg_path))
+            scale = saev_cfg["activation_scale"]
+        else:
+            cfg, scale = _sae_config_from_saelens(saelens_cfg, sae_dir)
+            if saelens_cfg.get("rescale_acts_by_decoder_norm", False):
+                norm_F = tensors["W_dec"].norm(dim=-1)
+                tensors["W_dec"] = tensors["W_dec"] / norm_F[:, None]
+                tensors["W_enc"] = tensors["W_enc"] * norm_F[None, :]
+                tensors["b_enc"] = tensors["b_enc"] * norm_F
+        with torch.device("meta"):  # skip the random init: every parameter is overwritten below
+            sae = cls(cfg)
+        expected = {name: tuple(p.shape) for name, p in sae.named_parameters()}
+        got = {name: tuple(t.shape) for name, t in tensors.items()}
+        if got != expected:
+            raise ValueError(
+                f"{sae_dir / SAE_WEIGHTS_FILENAME}: tensors {got} do not match the config's {expected}"
+            )
+        sae.load_state_dict({k: t.to(_DTYPES[cfg.dtype]) for k, t in tensors.items()}, assign=True)
+        sae.activation_scale = scale
+        return sae.to(device)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    _atomic_write(Path(path), lambda tmp_path: Path(tmp_path).write_bytes(data))
+
+
+def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it into place:
+    readers see the old file or the new one, never a partial one."""
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp_path)
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; saved SAEs are meant to be shared
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise
+
+
+def _refuse_pickles(path: Path) -> None:
+    why = "pickle files can execute arbitrary code when loaded; convert the weights to safetensors"
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: {why} (safetensors.torch.save_file) in the SAELens layout"
+        )
+    if path.is_dir() and not (path / SAE_WEIGHTS_FILENAME).is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UnsafeCheckpointError(
+                f"refusing to load {path}: it holds only pickle weights {pickles} "
+                f"and no {SAE_WEIGHTS_FILENAME}; {why}"
+            )
+
+
+def _sae_config_from_saelens(saelens_cfg: dict[str, Any], sae_dir: Path) -> tuple[SAEConfig, float | None]:
+    source = str(sae_dir / SAE_CFG_FILENAME)
+    architecture = saelens_cfg.get("architecture", "standard")
+    if architecture not in ("standard", "topk"):
+        raise ConfigError(
+            f"{source}: architecture {architecture!r} is not supported (only 'standard' and 'topk')"
+        )
+    d_in, d_sae = int(saelens_cfg["d_in"]), int(saelens_cfg["d_sae"])
+    if d_sae % d_in:
+        raise ConfigError(
+            f"{source}: d_sae={d_sae} is not a multiple of d_in={d_in}, which SAEConfig cannot express"
+        )
+    normalize = saelens_cfg.get("normalize_activations", "none")
+    if normalize not in ("none", "expected_average_only_in"):
+        raise ConfigError(f"{source}: normalize_activations={normalize!r} is not supported")
+    fields = {
+        "d_in": d_in,
+        "expansion_factor": d_sae // d_in,
+        "architecture": architecture,
+        "apply_b_dec_to_input": bool(saelens_cfg.get("apply_b_dec_to_input", True)),
+        "normalize_activations": normalize,
+        "dtype": str(saelens_cfg.get("dtype", "float32")).removeprefix("torch."),
+    }
+    if architecture == "topk":
+        fields["k"] = int(saelens_cfg["k"])
+    scale = None
+    scaler_path = sae_dir / SAELENS_SCALER_FILENAME
+    if normalize == "expected_average_only_in" and scaler_path.is_file():
+        # A SAELens mid-training checkpoint: its scale sits next to the weights, unfolded.
+        factor = json.loads(scaler_path.read_text()).get("scaling_factor")
+        scale = None if factor is None or not math.isfinite(factor) else float(factor)
+    return build_dataclass(SAEConfig, fields, source=source), scale
