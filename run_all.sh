@@ -56,7 +56,10 @@ bootstrap() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "==> installing saev$extras into .venv (torch pinned by constraints.txt)"
     local t0=$SECONDS
-    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras"
+    # pip's "Location ... is ignored" lines come from a machine-wide find-links setting, not from us.
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".$extras" 2>&1 \
+      | { grep -v "^WARNING: Location '.*' is ignored" || true; }
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "run_all.sh: pip install failed" >&2; exit 1; }
     echo "$want" > "$stamp"
     echo "==> installed in $((SECONDS - t0)) s"
   fi

@@ -1,0 +1,659 @@
+"""Model-dependent evaluation: run a model and an SAE over a dataset.
+
+* :func:`score_dataset`: per-sample scores of every ranking method (Alg. 1 stage 3 cosine,
+  Alg. 2 L0, Alg. 3 co-occurrence), with the cross-modal weights of Alg. 1 stages 1-2
+  computed in the same forward pass over a seeded random subset D_s of the data.
+* :func:`feature_stats` / :func:`model_average_cosine_score`: Alg. 1 stages 1-2 alone, and
+  the model's average cosine score of Section 4.3 (Fig. 8).
+* :func:`reconstruction_losses`: the LM's next-token loss unchanged, with the SAE
+  reconstruction spliced in at the hook layer, and zero-ablated (Section 3.1, Figs. 3-4),
+  plus L0 / MSE / explained variance of the SAE on the same activations.
+* :func:`ifd_scores`: the IFD baseline of Fig. 11 (Li et al., 2023).
+
+Only real tokens count everywhere (``saev.models.Modality`` TEXT or IMAGE): padding, BOS and
+other special tokens are never encoded, spliced, ablated or scored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from saev.activations import ActivationStore
+from saev.config import ActivationConfig
+from saev.metrics import average_cosine_score, ifd_score, lm_cross_entropy
+from saev.models import LoadedModel, Modality, Sample, chat_sample, check_sae_matches
+from saev.sae import SparseAutoencoder, atomic_write_bytes
+from saev.scoring import FeatureStats, Method, SampleScorer, Variant
+
+__all__ = [
+    "DatasetScores",
+    "IFDScores",
+    "QASample",
+    "ReconstructionLosses",
+    "feature_stats",
+    "ifd_scores",
+    "model_average_cosine_score",
+    "reconstruction_losses",
+    "score_dataset",
+    "weight_subset",
+]
+
+_SCORES_TENSORS = "scores.safetensors"
+_SCORES_JSON = "scores.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Alg. 1-3 over a dataset
+# --------------------------------------------------------------------------------------------
+
+
+def weight_subset(n_samples: int, weight_samples: int, seed: int) -> Tensor:
+    """Sorted indices (int64) of the seeded random subset D_s used for the weights (Alg. 1 stage 1).
+
+    All samples when ``weight_samples >= n_samples`` (the paper samples 1000).
+    """
+    if weight_samples < 1:
+        raise ValueError(f"weight_samples must be >= 1, got {weight_samples}")
+    if weight_samples >= n_samples:
+        return torch.arange(n_samples)
+    perm = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed))
+    return perm[:weight_samples].sort().values
+
+
+@dataclass(frozen=True)
+class DatasetScores:
+    """Per-sample ranking scores of a dataset (all methods) and the weights they used."""
+
+    cosine: Tensor
+    """Alg. 1 stage 3: sum of omega_k over each sample's active features, float32 (n_samples,)."""
+    l0: Tensor
+    """Alg. 2 (paper: |F_i|; released: mean #(z > 0) per token), float32 (n_samples,)."""
+    cooccurrence: Tensor
+    """Alg. 3: features active on >= 1 text and >= 1 image token, float32 (n_samples,)."""
+    weights: Tensor
+    """Cross-modal weight omega_k of every feature (Eq. 7), float32 (n_features,)."""
+    weight_sample_ids: Tensor | None
+    """Sample indices of D_s the weights came from (int64), or None when weights were given."""
+    meta: dict[str, Any]
+    """Settings of the run (variant, delta, top_k, seed, hook_layer, context_size, model_dir...)."""
+
+    def scores(self, method: Method) -> Tensor:
+        """The scores of one method ("cosine", "l0" or "cooccurrence")."""
+        if method not in ("cosine", "l0", "cooccurrence"):
+            raise ValueError(f"method must be 'cosine', 'l0' or 'cooccurrence', got {method!r}")
+        return getattr(self, method)
+
+    def average_cosine_score(self) -> float:
+        """Fig. 8: mean omega_k over features with omega_k != 0 (``saev.metrics.average_cosine_score``)."""
+        return average_cosine_score(self.weights)
+
+    def save(self, path_dir: str | Path) -> Path:
+        """Write ``scores.safetensors`` (tensors) then ``scores.json`` (meta), each atomically.
+
+        The JSON is written last, so a folder with both files holds a complete result.
+        """
+        out_dir = Path(path_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "cosine": self.cosine, "l0": self.l0, "cooccurrence": self.cooccurrence, "weights": self.weights,
+        }
+        if self.weight_sample_ids is not None:
+            tensors["weight_sample_ids"] = self.weight_sample_ids
+        data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        (out_dir / _SCORES_JSON).unlink(missing_ok=True)  # no stale JSON next to new tensors
+        atomic_write_bytes(out_dir / _SCORES_TENSORS, data)
+        atomic_write_bytes(out_dir / _SCORES_JSON, json.dumps(self.meta, indent=2, sort_keys=True).encode())
+        return out_dir
+
+    @classmethod
+    def load(cls, path_dir: str | Path) -> DatasetScores:
+        """Read a folder written by :meth:`save`."""
+        in_dir = Path(path_dir)
+        for name in (_SCORES_TENSORS, _SCORES_JSON):
+            if not (in_dir / name).is_file():
+                raise FileNotFoundError(f"{in_dir}: no {name}; not a complete DatasetScores folder")
+        t = load_file(in_dir / _SCORES_TENSORS)
+        meta = json.loads((in_dir / _SCORES_JSON).read_text())
+        return cls(t["cosine"], t["l0"], t["cooccurrence"], t["weights"], t.get("weight_sample_ids"), meta)
+
+
+def _pool_rows(z_NF: Tensor, is_image_N: Tensor, sample_id_N: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One row per (sample, modality) present: the max of z over that sample's tokens of that modality.
+
+    Feature k is active (z > delta) on some token of a sample and modality iff it is in the
+    pooled row, so every set Alg. 1 stage 3, Alg. 2 (paper) and Alg. 3 take a union over is
+    unchanged; only per-token quantities (the released L0) need the real rows. Post-ReLU z
+    is >= 0, so 0 is a safe initial value of the max. Rows of a sample must be contiguous.
+    Returns (z_RF, is_image_R, sample_id_R), R <= 2 * number of samples in the batch.
+    """
+    samples_G, group_N = torch.unique_consecutive(sample_id_N, return_inverse=True)
+    key_N = 2 * group_N + is_image_N.long()
+    n_keys = 2 * len(samples_G)
+    pooled_KF = z_NF.new_zeros(n_keys, z_NF.shape[1]).scatter_reduce_(
+        0, key_N[:, None].expand_as(z_NF), z_NF, "amax", include_self=True)
+    present_K = torch.bincount(key_N, minlength=n_keys) > 0
+    is_image_K = torch.arange(n_keys, device=z_NF.device) % 2 == 1
+    return pooled_KF[present_K], is_image_K[present_K], samples_G.repeat_interleave(2)[present_K]
+
+
+class _SampleSets:
+    """Per-sample active-feature sets as packed bits, so the cosine score can be summed once
+    the weights are known (one forward pass for both stages of Alg. 1).
+
+    Holds the set Alg. 1 stage 3 sums over: paper: features with z > delta on >= 1 token;
+    released: on >= 1 text and >= 1 image token. n_samples * n_features / 8 bytes.
+    """
+
+    def __init__(self, n_samples: int, n_features: int, delta: float, variant: Variant) -> None:
+        self.n_features, self.delta, self.variant = n_features, delta, variant
+        self.bits = np.zeros((n_samples, (n_features + 7) // 8), dtype=np.uint8)
+
+    def update(self, pooled_RF: Tensor, is_image_R: Tensor, sample_id_R: Tensor) -> None:
+        """Pooled rows (:func:`_pool_rows`) of whole samples."""
+        samples_G, group_R = torch.unique_consecutive(sample_id_R, return_inverse=True)
+        active_RF = pooled_RF > self.delta
+        n_groups = len(samples_G)
+        if self.variant == "paper":
+            set_GF = _any_by_group(active_RF, group_R, n_groups)
+        else:
+            text_GF = _any_by_group(active_RF[~is_image_R], group_R[~is_image_R], n_groups)
+            set_GF = text_GF & _any_by_group(active_RF[is_image_R], group_R[is_image_R], n_groups)
+        self.bits[samples_G.cpu().numpy()] = np.packbits(set_GF.cpu().numpy(), axis=1)
+
+    def weighted_sums(self, weights_F: Tensor, chunk: int = 4096) -> Tensor:
+        """s_i = sum of omega_k over the set of sample i (float32), summed in float64."""
+        w_F = weights_F.detach().cpu().double()
+        out = torch.empty(len(self.bits), dtype=torch.float64)
+        for s0 in range(0, len(self.bits), chunk):
+            set_CF = np.unpackbits(self.bits[s0 : s0 + chunk], axis=1, count=self.n_features)
+            out[s0 : s0 + chunk] = torch.from_numpy(set_CF).double() @ w_F
+        return out.float()
+
+
+def _any_by_group(active_RF: Tensor, group_R: Tensor, n_groups: int) -> Tensor:
+    count_GF = torch.zeros(n_groups, active_RF.shape[1], dtype=torch.int32, device=active_RF.device)
+    return count_GF.index_add_(0, group_R, active_RF.to(torch.int32)) > 0
+
+
+def _feed_stats(
+    stats: FeatureStats, hidden_ND: Tensor, z_NF: Tensor, is_image_N: Tensor, sample_id_N: Tensor,
+    pooled: tuple[Tensor, Tensor, Tensor],
+) -> None:
+    """``stats.update`` with only the rows that can still enter some feature's kept tokens.
+
+    A row can enter feature k's top tokens only if z[j, k] exceeds the value in k's last kept
+    slot of its modality (or, while that slot is empty, the activity bound: delta, or 0 for
+    the released variant's pool): an equal value loses to the earlier row. Rows below the
+    bound of every feature change nothing, so dropping them is exact (the kept tokens and
+    the weights are the same; ``rows_FS`` counts fed rows only); after the first batches most
+    rows drop out of the dense top-k pass that dominates ``FeatureStats.update``.
+    ``pooled`` (:func:`_pool_rows` of at least these rows) names the few features whose bound
+    some row beats, so the row test reads only those columns.
+    """
+    kept = stats.kept_tokens()
+
+    def bound(slot: int, floor: float) -> Tensor:
+        last_F = torch.where(kept.rows_FS[:, slot] >= 0, kept.values_FS[:, slot], floor).clamp(min=floor)
+        return last_F.to(z_NF.device)  # float32, as FeatureStats compares: no rounding of the bound
+
+    if stats.variant == "paper":  # the text top-K slots, then the image top-K slots
+        text_F, image_F = bound(stats.top_k - 1, stats.delta), bound(2 * stats.top_k - 1, stats.delta)
+    else:  # one pool over both modalities
+        text_F = image_F = bound(stats.pool_size - 1, 0.0)
+    pooled_RF, pooled_image_R, _ = pooled
+    beats_RF = pooled_RF.float() > torch.where(pooled_image_R[:, None], image_F, text_F)
+    cols_C = beats_RF.any(0).nonzero().squeeze(1)
+    if cols_C.numel() == 0:
+        return
+    z_NC = z_NF if cols_C.numel() == z_NF.shape[1] else z_NF[:, cols_C]
+    keep_N = (z_NC.float() > torch.where(is_image_N[:, None], image_F[cols_C], text_F[cols_C])).any(1)
+    if bool(keep_N.all()):
+        stats.update(hidden_ND, z_NF, is_image_N, sample_id_N)
+    elif bool(keep_N.any()):
+        stats.update(hidden_ND[keep_N], z_NF[keep_N], is_image_N[keep_N], sample_id_N[keep_N])
+
+
+def _store(
+    loaded: LoadedModel, samples: Sequence[Any], *, hook_layer: int, context_size: int, batch_size: int,
+    to_sample: Callable[[Any], Sample] | None, progress: bool,
+) -> ActivationStore:
+    return ActivationStore(
+        loaded, samples, hook_layer=hook_layer, context_size=context_size,
+        cfg=ActivationConfig(store_batch_size_prompts=batch_size), to_sample=to_sample, progress=progress,
+    )
+
+
+def _sae_device(sae: SparseAutoencoder) -> torch.device:
+    return sae.W_enc.device
+
+
+@torch.inference_mode()
+def score_dataset(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    samples: Sequence[Any],
+    *,
+    hook_layer: int,
+    context_size: int,
+    batch_size: int = 4,
+    weights: Tensor | None = None,
+    weight_samples: int = 1000,
+    top_k: int = 5,
+    delta: float = 1.0,
+    variant: Variant = "paper",
+    seed: int = 0,
+    to_sample: Callable[[Any], Sample] | None = None,
+    progress: bool = True,
+) -> DatasetScores:
+    """Per-sample cosine (Alg. 1), L0 (Alg. 2) and co-occurrence (Alg. 3) scores of ``samples``.
+
+    One forward pass over the data, stopped after ``hook_layer``; the SAE encodes the real
+    tokens of each batch. :class:`saev.scoring.SampleScorer` (stage 3 and Alg. 2-3) is fed
+    one max-pooled row per sample and modality (:func:`_pool_rows`: the same active sets,
+    1-2 rows per sample instead of hundreds; the released variant feeds the real rows, as its
+    L0 is a per-token mean). When ``weights`` is None, Alg. 1 stages 1-2 run in the same pass:
+
+    * :class:`saev.scoring.FeatureStats` is fed only the rows of D_s, the seeded random
+      subset of ``weight_samples`` samples (:func:`weight_subset`; all of D when
+      ``weight_samples >= len(samples)``), in dataset order, so D_s != D costs no extra
+      forward pass;
+    * each sample's active-feature set is kept as packed bits (n_samples * n_features / 8
+      bytes) and summed against omega once the pass has ended.
+
+    To avoid the bit sets (very large D), compute the weights first with
+    :func:`feature_stats` over D_s and pass ``weights=stats.weights()`` (two passes, D_s then D).
+    ``variant="released"`` selects the public SAE-V scripts' reading (see ``saev.scoring``).
+    ``samples`` is a sequence of ``Sample`` or of rows that ``to_sample`` maps to one.
+    """
+    check_sae_matches(loaded.model, sae.d_in)
+    n_samples, n_features = len(samples), sae.d_sae
+    device = _sae_device(sae)
+    if weights is not None and weights.shape != (n_features,):
+        raise ValueError(f"weights must have shape ({n_features},) for this SAE, got {tuple(weights.shape)}")
+    scorer = SampleScorer(n_samples, weights=weights, delta=delta, variant=variant)
+    stats = sets = subset_ids = in_subset_S = None
+    if weights is None:
+        subset_ids = weight_subset(n_samples, weight_samples, seed)
+        in_subset_S = torch.zeros(n_samples, dtype=torch.bool)
+        in_subset_S[subset_ids] = True
+        stats = FeatureStats(
+            n_features, sae.d_in, top_k=top_k, delta=delta, variant=variant, dtype=sae.W_enc.dtype,
+            device=device,
+        )
+        sets = _SampleSets(n_samples, n_features, delta, variant)
+    store = _store(loaded, samples, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
+                   to_sample=to_sample, progress=progress)
+    for record in store.iter_token_batches():
+        hidden_ND = record.hidden_ND.to(device)
+        z_NF = sae.encode(hidden_ND)
+        is_image_N = (record.modality_N == Modality.IMAGE).to(device)
+        sample_id_N = record.sample_id_N.to(device)
+        pooled = _pool_rows(z_NF, is_image_N, sample_id_N)
+        if variant == "paper":
+            scorer.update(*pooled)
+        else:
+            scorer.update(z_NF, is_image_N, sample_id_N)  # the released L0 is a mean over real tokens
+        if stats is not None:
+            in_N = in_subset_S[record.sample_id_N].to(device)
+            if bool(in_N.all()):
+                _feed_stats(stats, hidden_ND, z_NF, is_image_N, sample_id_N, pooled)
+            elif bool(in_N.any()):
+                _feed_stats(stats, hidden_ND[in_N], z_NF[in_N], is_image_N[in_N], sample_id_N[in_N], pooled)
+            sets.update(*pooled)
+    result = scorer.scores()
+    if stats is not None:
+        weights = stats.weights()
+        cosine = sets.weighted_sums(weights)
+    else:
+        cosine = result.cosine
+    meta = {
+        "variant": variant, "delta": float(delta), "top_k": top_k, "seed": seed,
+        "weight_samples": None if subset_ids is None else len(subset_ids),
+        "weights_given": subset_ids is None, "hook_layer": hook_layer, "context_size": context_size,
+        "n_samples": n_samples, "n_features": n_features,
+        "family": loaded.family, "model_dir": str(loaded.model_dir),
+    }
+    return DatasetScores(
+        cosine=cosine.cpu(), l0=result.l0.cpu(), cooccurrence=result.cooccurrence.cpu(),
+        weights=weights.detach().float().cpu(), weight_sample_ids=subset_ids, meta=meta,
+    )
+
+
+class _Subset(Sequence):
+    """The rows ``indices`` of a sequence, in that order (works for lists and ``datasets.Dataset``)."""
+
+    def __init__(self, rows: Sequence[Any], indices: Tensor) -> None:
+        self.rows, self.indices = rows, indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.rows[self.indices[i]]
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.rows[i] for i in self.indices)
+
+
+@torch.inference_mode()
+def feature_stats(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    samples: Sequence[Any],
+    *,
+    hook_layer: int,
+    context_size: int,
+    batch_size: int = 4,
+    weight_samples: int = 1000,
+    top_k: int = 5,
+    delta: float = 1.0,
+    variant: Variant = "paper",
+    seed: int = 0,
+    to_sample: Callable[[Any], Sample] | None = None,
+    progress: bool = True,
+) -> FeatureStats:
+    """Alg. 1 stages 1-2 over D_s only (:func:`weight_subset`): per-feature top-K tokens.
+
+    ``.weights()`` of the result is omega (Eq. 7), equal to ``score_dataset(...).weights``
+    with the same settings; ``.kept_tokens().samples_FS`` are indices into ``samples``.
+    """
+    check_sae_matches(loaded.model, sae.d_in)
+    device = _sae_device(sae)
+    subset_ids = weight_subset(len(samples), weight_samples, seed)
+    stats = FeatureStats(
+        sae.d_sae, sae.d_in, top_k=top_k, delta=delta, variant=variant, dtype=sae.W_enc.dtype, device=device
+    )
+    store = _store(loaded, _Subset(samples, subset_ids), hook_layer=hook_layer, context_size=context_size,
+                   batch_size=batch_size, to_sample=to_sample, progress=progress)
+    for record in store.iter_token_batches():
+        hidden_ND = record.hidden_ND.to(device)
+        is_image_N = (record.modality_N == Modality.IMAGE).to(device)
+        z_NF, sample_id_N = sae.encode(hidden_ND), subset_ids[record.sample_id_N].to(device)
+        pooled = _pool_rows(z_NF, is_image_N, sample_id_N)
+        _feed_stats(stats, hidden_ND, z_NF, is_image_N, sample_id_N, pooled)
+    return stats
+
+
+def model_average_cosine_score(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    samples: Sequence[Any],
+    *,
+    hook_layer: int,
+    context_size: int,
+    batch_size: int = 4,
+    weight_samples: int = 1000,
+    top_k: int = 5,
+    delta: float = 1.0,
+    variant: Variant = "paper",
+    seed: int = 0,
+    to_sample: Callable[[Any], Sample] | None = None,
+    progress: bool = True,
+) -> float:
+    """Fig. 8 (Section 4.3): the model's average cosine score on a dataset, the mean of
+    omega_k over the SAE-V features with omega_k != 0 (NaN if none)."""
+    stats = feature_stats(
+        loaded, sae, samples, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
+        weight_samples=weight_samples, top_k=top_k, delta=delta, variant=variant, seed=seed,
+        to_sample=to_sample, progress=progress,
+    )
+    return average_cosine_score(stats.weights())
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction: spliced-in and zero-ablation LM loss (Section 3.1, Figs. 3-4)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReconstructionLosses:
+    """LM loss with the hook layer unchanged, SAE-spliced and zero-ablated, and SAE quality.
+
+    Losses are next-token cross-entropies (nats) whose targets are the TEXT tokens of each
+    sample (every position t >= 1 whose token is a real text token; image, BOS, padding and
+    other special tokens are never targets). The dataset losses weight every target equally.
+    """
+
+    original: float
+    """Mean loss of the unchanged model."""
+    spliced: float
+    """Mean loss with the hook layer's output replaced by the SAE reconstruction at real tokens."""
+    zero: float
+    """Mean loss with the hook layer's output set to zero at real tokens."""
+    n_tokens: int
+    """Number of target tokens the losses average over."""
+    l0: float
+    """Mean number of features with z > 0 per real token."""
+    mse: float
+    """Mean squared reconstruction error per element over real tokens (``saev.metrics.mse``)."""
+    explained_variance: float
+    """1 - SSE / total sum of squares, pooled over all real tokens (``saev.metrics.explained_variance``)."""
+    n_activations: int
+    """Number of real tokens whose activations were encoded (text and image)."""
+    original_S: Tensor
+    """Per-sample mean loss of the unchanged model (float32, NaN for a sample without targets)."""
+    spliced_S: Tensor
+    """Per-sample mean loss, SAE spliced in."""
+    zero_S: Tensor
+    """Per-sample mean loss, zero-ablated."""
+    n_tokens_S: Tensor
+    """Per-sample number of targets (int64)."""
+
+    @property
+    def loss_recovered(self) -> float:
+        """(zero - spliced) / (zero - original): 1 if splicing costs nothing, 0 if it is as bad as zeros."""
+        return (self.zero - self.spliced) / (self.zero - self.original)
+
+
+class _Splice:
+    """Forward hook on the hook-layer module: capture its output, or overwrite it at given positions."""
+
+    def __init__(self) -> None:
+        self.captured_BTD: Tensor | None = None
+        self.replace: tuple[Tensor, Tensor] | None = None  # (mask_BT, rows_ND)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        hidden_BTD = output[0] if isinstance(output, tuple) else output
+        if self.replace is None:
+            self.captured_BTD = hidden_BTD
+            return None
+        mask_BT, rows_ND = self.replace
+        hidden_BTD = hidden_BTD.clone()
+        hidden_BTD[mask_BT] = rows_ND.to(hidden_BTD.dtype)
+        return (hidden_BTD, *output[1:]) if isinstance(output, tuple) else hidden_BTD
+
+
+def _sample_batches(
+    samples: Sequence[Any], batch_size: int, to_sample: Callable[[Any], Any] | None, desc: str, progress: bool
+) -> Iterator[tuple[int, list[Any]]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for first in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress):
+        rows = [samples[i] for i in range(first, min(first + batch_size, len(samples)))]
+        yield first, [to_sample(r) for r in rows] if to_sample else rows
+
+
+@torch.inference_mode()
+def reconstruction_losses(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    samples: Sequence[Any],
+    *,
+    hook_layer: int,
+    context_size: int,
+    batch_size: int = 4,
+    to_sample: Callable[[Any], Sample] | None = None,
+    progress: bool = True,
+) -> ReconstructionLosses:
+    """Figs. 3-4: next-token loss unchanged, with the SAE reconstruction spliced in at the
+    output of decoder block ``hook_layer``, and zero-ablated there; plus L0, MSE and explained
+    variance of the SAE on the same activations.
+
+    Three full forward passes per batch. Only real tokens (TEXT and IMAGE) are replaced;
+    padding, BOS and special tokens keep their activations. Works for every family, and for
+    an SAE trained on another model of the same width (the transferability of Fig. 4).
+    """
+    check_sae_matches(loaded.model, sae.d_in)
+    n, d_in = len(samples), sae.d_in
+    sums = {name: torch.zeros(n, dtype=torch.float64) for name in ("original", "spliced", "zero")}
+    n_tokens_S = torch.zeros(n, dtype=torch.int64)
+    sum_x_D = torch.zeros(d_in, dtype=torch.float64)
+    sum_x2 = sum_sq_err = sum_l0 = 0.0
+    n_rows = 0
+    splice = _Splice()
+    handle = loaded.hook_module(hook_layer).register_forward_hook(splice)
+    try:
+        batches = _sample_batches(samples, batch_size, to_sample, "reconstruction losses", progress)
+        for first, batch in batches:
+            ids = list(range(first, first + len(batch)))
+            inputs = loaded.build_inputs(batch, context_size=context_size, sample_ids=ids)
+            modality_BT = loaded.token_modality(inputs)
+            real_BT = modality_BT != Modality.SPECIAL
+            target_BT = modality_BT == Modality.TEXT
+            n_tokens_S[first : first + len(batch)] = target_BT[:, 1:].sum(1).cpu()
+            splice.replace = None
+            logits = loaded.model(**inputs, use_cache=False).logits
+            sums["original"][first : first + len(batch)] = _summed_ce(logits, inputs["input_ids"], target_BT)
+            x_ND = splice.captured_BTD[real_BT]
+            z_NF = sae.encode(x_ND.to(_sae_device(sae)))
+            x_hat_ND = sae.decode(z_NF).to(x_ND.device)
+            for name, rows_ND in (("spliced", x_hat_ND), ("zero", torch.zeros_like(x_ND))):
+                splice.replace = (real_BT, rows_ND)
+                logits = loaded.model(**inputs, use_cache=False).logits
+                sums[name][first : first + len(batch)] = _summed_ce(logits, inputs["input_ids"], target_BT)
+            x64_ND = x_ND.double().cpu()
+            sum_x_D += x64_ND.sum(0)
+            sum_x2 += float(x64_ND.pow(2).sum())
+            sum_sq_err += float((x64_ND - x_hat_ND.double().cpu()).pow(2).sum())
+            sum_l0 += float((z_NF > 0).sum())
+            n_rows += x_ND.shape[0]
+    finally:
+        handle.remove()
+        splice.captured_BTD = splice.replace = None
+    total_tokens = int(n_tokens_S.sum())
+    total_var = sum_x2 - float(sum_x_D.pow(2).sum()) / max(n_rows, 1)
+    per_sample = {k: (v / n_tokens_S).float() for k, v in sums.items()}
+    mean = {k: float(v.sum()) / total_tokens if total_tokens else math.nan for k, v in sums.items()}
+    return ReconstructionLosses(
+        original=mean["original"], spliced=mean["spliced"], zero=mean["zero"], n_tokens=total_tokens,
+        l0=sum_l0 / n_rows if n_rows else math.nan,
+        mse=sum_sq_err / (n_rows * d_in) if n_rows else math.nan,
+        explained_variance=1.0 - sum_sq_err / total_var if n_rows else math.nan,
+        n_activations=n_rows,
+        original_S=per_sample["original"], spliced_S=per_sample["spliced"], zero_S=per_sample["zero"],
+        n_tokens_S=n_tokens_S,
+    )
+
+
+def _summed_ce(logits_BTV: Tensor, input_ids_BT: Tensor, target_BT: Tensor) -> Tensor:
+    """Per-sequence summed next-token loss over the targets (float64, CPU; 0 without targets)."""
+    mean_B = lm_cross_entropy(logits_BTV, input_ids_BT, target_BT, reduction="sample")
+    count_B = target_BT[:, 1:].sum(1)
+    return torch.where(count_B > 0, mean_B.double() * count_B, 0.0).cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# IFD (Li et al., 2023), the baseline of Fig. 11
+# --------------------------------------------------------------------------------------------
+
+
+class QASample(NamedTuple):
+    """A (question, answer, images) triple, templated by ``saev.models.chat_sample``."""
+
+    question: str
+    answer: str
+    images: tuple[Image.Image, ...] = ()
+
+
+class IFDScores(NamedTuple):
+    """Per-sample IFD and its two losses (float32, (n_samples,))."""
+
+    ifd: Tensor
+    """s(A | Q, image) / s(A) (``saev.metrics.ifd_score``)."""
+    loss_given_prompt: Tensor
+    """Mean cross-entropy of the answer tokens after the full prompt (question and images)."""
+    loss_alone: Tensor
+    """Mean cross-entropy of the same answer tokens after BOS only."""
+
+
+@torch.inference_mode()
+def ifd_scores(
+    loaded: LoadedModel,
+    samples: Sequence[Any],
+    *,
+    context_size: int,
+    batch_size: int = 4,
+    to_qa: Callable[[Any], QASample] | None = None,
+    progress: bool = True,
+) -> IFDScores:
+    """Instruction-Following Difficulty (Li et al., 2023; the baseline of Fig. 11), per sample.
+
+    The answer tokens are the tokens of ``chat_sample(q, a, images)`` after those of
+    ``chat_sample(q, "", images)`` (the prompt must tokenise as a prefix). s(A | Q) is their
+    mean loss after the prompt and images; s(A) their mean loss with the answer fed alone,
+    after BOS when the tokenizer writes one. Both use exactly the answer tokens as targets
+    (without a BOS, all but the first answer token, which nothing predicts when fed alone).
+    An answer cut by ``context_size`` counts its tokens that fit, as Li et al. truncate to a
+    maximum length; a sample with no answer token left is an error naming it.
+    """
+    family = loaded.family
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    device = loaded.model.device
+    given, alone = torch.empty(len(samples)), torch.empty(len(samples))
+    for first, batch in _sample_batches(samples, batch_size, to_qa, "IFD", progress):
+        ids = list(range(first, first + len(batch)))
+        full = loaded.build_inputs(
+            [chat_sample(family, q.question, q.answer, tuple(q.images)) for q in batch],
+            context_size=context_size, sample_ids=ids,
+        )
+        prompt = loaded.build_inputs(
+            [chat_sample(family, q.question, "", tuple(q.images)) for q in batch], context_size=context_size,
+            sample_ids=ids,
+        )
+        full_len_B = full["attention_mask"].sum(1).tolist()
+        prompt_len_B = prompt["attention_mask"].sum(1).tolist()
+        answers, bos = [], []
+        for b, sid in enumerate(ids):
+            row, start = full["input_ids"][b, : full_len_B[b]], prompt_len_B[b]
+            if start >= len(row) or not torch.equal(row[:start], prompt["input_ids"][b, :start]):
+                raise ValueError(
+                    f"sample {sid}: its prompt does not tokenise as a strict prefix of prompt + answer "
+                    f"(answer {batch[b].answer!r} empty or truncated by context_size={context_size}?)"
+                )
+            answers.append(row[start:])
+            bos.append(row[:1] if tokenizer.bos_token_id is not None and int(row[0]) == tokenizer.bos_token_id
+                       else row[:0])
+        answer_BT = torch.zeros_like(full["input_ids"], dtype=torch.bool)
+        for b in range(len(batch)):
+            # Without BOS nothing predicts the answer's first token when it is fed alone: skip it in both.
+            answer_BT[b, prompt_len_B[b] + (1 - len(bos[b])) : full_len_B[b]] = True
+        logits = loaded.model(**full, use_cache=False).logits
+        given[first : first + len(batch)] = lm_cross_entropy(
+            logits, full["input_ids"], answer_BT, reduction="sample").cpu()
+        alone_rows = [torch.cat([p, a]) for p, a in zip(bos, answers, strict=True)]
+        T = max(len(r) for r in alone_rows)
+        alone_ids_BT = torch.full((len(batch), T), pad_id, dtype=torch.long, device=device)
+        alone_mask_BT = torch.zeros((len(batch), T), dtype=torch.long, device=device)
+        alone_answer_BT = torch.zeros((len(batch), T), dtype=torch.bool, device=device)
+        for b, (p, a) in enumerate(zip(bos, answers, strict=True)):
+            alone_ids_BT[b, : len(p) + len(a)] = torch.cat([p, a])
+            alone_mask_BT[b, : len(p) + len(a)] = 1
+            alone_answer_BT[b, len(p) : len(p) + len(a)] = True
+        logits = loaded.model(input_ids=alone_ids_BT, attention_mask=alone_mask_BT, use_cache=False).logits
+        alone[first : first + len(batch)] = lm_cross_entropy(
+            logits, alone_ids_BT, alone_answer_BT, reduction="sample").cpu()
+    return IFDScores(ifd=ifd_score(given, alone), loss_given_prompt=given, loss_alone=alone)
