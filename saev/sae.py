@@ -124,13 +124,13 @@ class SparseAutoencoder(nn.Module):
     def _encode_scaled(self, x_BD: Tensor) -> Tensor:
         if self.cfg.apply_b_dec_to_input:
             x_BD = x_BD - self.b_dec
-        pre_BF = x_BD @ self.W_enc + self.b_enc
+        pre_BF = torch.addmm(self.b_enc, x_BD, self.W_enc)  # one fused pass: scoring's hot path
         if self.cfg.architecture == "topk":
             # As SAELens' TopK; departs from its topk *training* defaults: no AuxK loss and no
             # rescale_acts_by_decoder_norm (SAEConfig has no fields for them).
             values_BK, idx_BK = torch.topk(pre_BF, k=self.cfg.k, dim=-1, sorted=False)
             return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, values_BK.relu())
-        return torch.relu(pre_BF)
+        return pre_BF.relu_()  # in place: addmm's backward needs its inputs, not its output
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Feature activations z_BF of raw activations x_BD (Eq. 1)."""
