@@ -1,0 +1,311 @@
+"""Figures of the paper in one style: seaborn, colour-blind palette, PNG + PDF under ``figures/<profile>/``.
+
+Every ``plot_*`` function takes the tidy tables that ``saev.pipeline`` returns and gives back a
+matplotlib ``Figure`` laid out like the paper's figure of the same number (same axes, groups
+and legend); :func:`save_figure` writes it. Nothing here computes a result.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))  # headless by default (papermill, CI)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from saev.config import Profile, load_profile  # noqa: E402
+from saev.pipeline import METHOD_LABELS, PATCH_METHODS  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from saev.pipeline import CaseImages, GalleryFeature
+
+__all__ = [
+    "FIGURE_FORMATS",
+    "case_rows_by_method",
+    "plot_case_rows",
+    "plot_feature_gallery",
+    "plot_l0_table",
+    "plot_patch_filtering",
+    "plot_reconstruction",
+    "plot_training_curves",
+    "plot_transferability",
+    "save_figure",
+    "set_style",
+]
+
+FIGURE_FORMATS = ("png", "pdf")
+"""Every figure is written in these formats."""
+
+
+
+def set_style() -> None:
+    """The project's plot style: seaborn "whitegrid", "paper" context, colour-blind palette."""
+    sns.set_theme(style="whitegrid", context="paper", palette="colorblind")
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight", "pdf.fonttype": 42})
+
+
+def _palette(n: int) -> list[tuple[float, float, float]]:
+    return sns.color_palette("colorblind", n)
+
+
+def save_figure(fig: Figure, profile: str | Path | Profile, name: str) -> list[Path]:
+    """Write ``fig`` as ``figures/<profile>/<name>.png`` and ``.pdf`` (each via a temp file and a rename).
+
+    ``name`` says which paper figure it is (e.g. ``"fig06_patch_filtering"``); returns the paths.
+    """
+    profile = profile if isinstance(profile, Profile) else load_profile(profile)
+    if not name or "/" in name or name.endswith(tuple(f".{f}" for f in FIGURE_FORMATS)):
+        raise ValueError(f"figure name must be a bare file stem like 'fig03_reconstruction', got {name!r}")
+    out_dir = profile.figures_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in FIGURE_FORMATS:
+        path = out_dir / f"{name}.{fmt}"
+        tmp = out_dir / f".{name}.tmp-{os.getpid()}.{fmt}"
+        # Fixed metadata: the PDF bytes do not carry the creation time.
+        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+        fig.savefig(tmp, format=fmt, metadata=metadata)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- notebook 01
+
+
+def plot_training_curves(history: pd.DataFrame) -> Figure:
+    """Training curves of every SAE (one line each): loss, L0, explained variance, dead features per step.
+
+    ``history``: long form with columns step, loss, l0, explained_variance, dead_features, sae,
+    model and kind (``saev.pipeline.training_history``); one colour per model, SAE-V dashed.
+    """
+    panels = [("loss", "training loss (Eq. 3)"), ("l0", "L0 (active features / token)"),
+              ("explained_variance", "explained variance"), ("dead_features", "dead features")]  # fmt: skip
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    labels = list(dict.fromkeys(history["sae"]))
+    models = list(dict.fromkeys(history["model"]))
+    colors = dict(zip(models, _palette(len(models))))
+    for ax, (column, title) in zip(axes.flat, panels):
+        for label in labels:
+            part = history[history["sae"] == label]
+            style = "--" if part["kind"].iloc[0] == "SAE-V" else "-"
+            color = colors[part["model"].iloc[0]]
+            ax.plot(part["step"], part[column], style, color=color, label=label, linewidth=1.2)
+        ax.set_title(title)
+        if column == "loss":
+            ax.set_yscale("log")
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- notebook 02
+
+
+def plot_l0_table(table: pd.DataFrame) -> Figure:
+    """Table 1 as bars: L0 of the SAE and SAE-V of every model (columns Model, Method, L0)."""
+    fig, ax = plt.subplots(figsize=(5, 3))
+    sns.barplot(data=table, x="Model", y="L0", hue="Method", hue_order=["SAE", "SAE-V"], ax=ax,
+                palette=_palette(2))  # fmt: skip
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=7)
+    ax.set_ylabel("L0 (active features / token)")
+    ax.set_title("Table 1: sparsity on held-out multimodal data")
+    ax.legend(title=None, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _grouped_loss_bars(ax: plt.Axes, groups: Sequence[str], bars: Sequence[str], values: np.ndarray) -> None:
+    """Bars ``values[g, b]`` per group (x) and bar kind (hue); "Zero" and "Original" in grey tones."""
+    width = 0.8 / len(bars)
+    colors = _palette(len(bars))
+    for b, bar in enumerate(bars):
+        x = np.arange(len(groups)) + (b - (len(bars) - 1) / 2) * width
+        color = {"Zero": "0.35", "Original": "0.75"}.get(bar, colors[b])
+        rects = ax.bar(x, values[:, b], width, label=bar, color=color)
+        ax.bar_label(rects, fmt="%.2f", fontsize=6, rotation=90, padding=2)
+    ax.set_xticks(np.arange(len(groups)), groups)
+    ax.set_ylabel("LM loss (nats / text token)")
+    ax.margins(y=0.15)
+
+
+def plot_reconstruction(reconstruction: pd.DataFrame) -> Figure:
+    """Fig. 3: per model, LM loss zero-ablated, with the SAE, with the SAE-V, and of the original model.
+
+    ``reconstruction``: the ``figure == "fig03"`` rows of ``saev.pipeline.evaluate_reconstruction``.
+    """
+    rows = reconstruction[reconstruction["figure"] == "fig03"]
+    models = list(dict.fromkeys(rows["model"]))
+    bars = ["Zero", "SAE", "SAE-V", "Original"]
+    values = np.array([
+        [float(part["zero"].iloc[0]),
+         float(part.loc[part["method"] == "SAE", "spliced"].iloc[0]),
+         float(part.loc[part["method"] == "SAE-V", "spliced"].iloc[0]),
+         float(part["original"].iloc[0])]
+        for part in (rows[rows["model"] == m] for m in models)
+    ])  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    _grouped_loss_bars(ax, models, bars, values)
+    ax.set_title("Fig. 3: reconstruction (held-out text & vision data)")
+    ax.legend(ncol=4, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    fig.tight_layout()
+    return fig
+
+
+def plot_transferability(reconstruction: pd.DataFrame) -> Figure:
+    """Fig. 4: per (model, task), LM loss zero-ablated, with each SAE / SAE-V, and of the original model.
+
+    ``reconstruction``: the ``figure == "fig04"`` rows of ``saev.pipeline.evaluate_reconstruction``
+    (the base LLM on text; the MLLM on text and on text & vision).
+    """
+    rows = reconstruction[reconstruction["figure"] == "fig04"]
+    groups = list(dict.fromkeys(zip(rows["model"], rows["task"])))
+    methods = list(dict.fromkeys(rows["method"]))
+    bars = ["Zero", *methods, "Original"]
+    values = []
+    for model, task in groups:
+        part = rows[(rows["model"] == model) & (rows["task"] == task)]
+        spliced = [float(part.loc[part["method"] == m, "spliced"].iloc[0]) for m in methods]
+        values.append([float(part["zero"].iloc[0]), *spliced, float(part["original"].iloc[0])])
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    _grouped_loss_bars(ax, [f"{m}\n{t}" for m, t in groups], bars, np.array(values))
+    ax.set_title("Fig. 4: transferability of SAE and SAE-V")
+    ax.legend(ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- notebook 03
+
+
+def plot_patch_filtering(accuracy: pd.DataFrame) -> Figure:
+    """Fig. 6: classification accuracy when keeping 75/50/25% of the patches, per method, with error bars.
+
+    ``accuracy``: rows of ``saev.pipeline.accuracy_under_masking`` (method, keep_fraction, seed,
+    subset, accuracy). Bars: mean over subsets (and seeds for "random"); error bars: one
+    standard deviation over them; dashed line: the unmasked image (method "original").
+    """
+    methods = [m for m in (*PATCH_METHODS, "random") if m in set(accuracy["method"])]
+    fractions = sorted({f for f in accuracy["keep_fraction"] if f < 1.0}, reverse=True)
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    width = 0.8 / len(methods)
+    colors = _palette(len(methods))
+    for i, method in enumerate(methods):
+        part = accuracy[accuracy["method"] == method]
+        stats = part.groupby("keep_fraction")["accuracy"].agg(["mean", "std"]).reindex(fractions)
+        x = np.arange(len(fractions)) + (i - (len(methods) - 1) / 2) * width
+        color = "0.6" if method == "random" else colors[i]
+        ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0.0), capsize=2, label=METHOD_LABELS[method],
+               color=color, error_kw={"linewidth": 0.8})  # fmt: skip
+    full = accuracy.loc[accuracy["method"] == "original", "accuracy"].mean()
+    ax.axhline(full, color="k", linestyle="--", linewidth=1, label="100% patches (unmasked)")
+    ax.set_xticks(np.arange(len(fractions)), [f"{round(100 * f)}%" for f in fractions])
+    ax.set_xlabel("image patches kept")
+    ax.set_ylabel("classification accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Fig. 6: classification after patch filtering")
+    ax.legend(ncol=3, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_case_rows(
+    rows: Sequence[tuple[str, Sequence[Image.Image]]],
+    column_titles: Sequence[str],
+    *,
+    title: str | None = None,
+) -> Figure:
+    """A grid of images: one row per case or method (``(row label, images)``), titled columns.
+
+    Used for Fig. 5 (one row: original, 75%, 50%, 25%), Fig. 12 (original, then one row per
+    method) and Fig. 13 (one row per case). Rows may have fewer images than columns.
+    """
+    n_rows, n_cols = len(rows), len(column_titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols + 0.8, 1.5 * n_rows + 0.4), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(images):
+                ax.imshow(np.asarray(images[c]), interpolation="nearest")
+            else:
+                ax.axis("off")
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def case_rows_by_method(case: CaseImages, methods: Sequence[str]) -> list[tuple[str, list[Image.Image]]]:
+    """Fig. 12 rows: per method, the original image then its masked versions."""
+    return [(METHOD_LABELS[m], [case.original, *case.masked[m]]) for m in methods]
+
+
+def plot_feature_gallery(gallery: Sequence[GalleryFeature]) -> Figure:
+    """Feature gallery (beyond the paper): per feature (row) its omega_k, top text tokens in context
+    (left) and its top image tokens (the covered patch outlined in red) on their images."""
+    n_images = max([len(g.images) for g in gallery] + [1])
+    fig = plt.figure(figsize=(5.5 + 1.3 * n_images, 1.5 * len(gallery) + 0.3))
+    grid = fig.add_gridspec(len(gallery), 1 + n_images, width_ratios=[4.2] + [1] * n_images)
+    for r, feature in enumerate(gallery):
+        ax = fig.add_subplot(grid[r, 0])
+        ax.axis("off")
+        lines = [f"feature {feature.feature}   omega = {feature.omega:.3f}"]
+        for before, token, after, value in feature.texts:
+            lines.append(f"{_clip(before, -24)}[{token.strip()}]{_clip(after, 24)}  ({value:.2f})")
+        if not feature.texts:
+            lines.append("(no text token above delta)")
+        ax.text(0, 1, "\n".join(lines), va="top", ha="left", fontsize=7, family="monospace",
+                transform=ax.transAxes)  # fmt: skip
+        for c in range(n_images):
+            ax = fig.add_subplot(grid[r, 1 + c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(feature.images):
+                ax.axis("off")
+                continue
+            image, heat, (rows, cols), value = feature.images[c]
+            pixels = np.asarray(image)
+            ax.imshow(pixels, interpolation="nearest")
+            h, w = pixels.shape[:2]
+            heat_rc = np.asarray(heat).reshape(rows, cols)
+            for i, j in zip(*np.nonzero(heat_rc > 0), strict=True):
+                corner = (j * w / cols - 0.5, i * h / rows - 0.5)
+                width = 1.5 * float(heat_rc[i, j] / heat_rc.max())
+                cell = Rectangle(corner, w / cols, h / rows, fill=False, edgecolor="red", linewidth=width)
+                ax.add_patch(cell)
+            # LLaVA-NeXT's row-newline tokens are image tokens that cover no patch.
+            newline = "" if heat_rc.max() > 0 else " (newline token)"
+            ax.set_title(f"z = {value:.2f}{newline}", fontsize=7)
+    fig.suptitle("Strongest cross-modal SAE-V features: top text tokens and image patches", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _clip(text: str, n: int) -> str:
+    """The last (n < 0) or first (n > 0) |n| characters of one line of ``text``."""
+    text = " ".join(text.split())
+    if n < 0:
+        return text if len(text) <= -n else "…" + text[n + 1 :]
+    return text if len(text) <= n else text[: n - 1] + "…"

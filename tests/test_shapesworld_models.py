@@ -1,0 +1,233 @@
+"""The trained tiny models of ShapesWorld (``saev.shapesworld.models``), at the ``ci`` scale.
+
+The four ci models are trained once per session (``ci_world``) into a temporary artifacts
+folder; the tests then check that they load through the ``saev.models`` adapters like real
+checkpoints, that ``eval.json`` holds the metrics and that they clear the ci quality bars,
+and that training resumes bit-exactly and skips finished models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saev.config import Profile, load_profile
+from saev.models import Modality, chat_sample, load_model
+from saev.shapesworld import models as world_models
+from saev.shapesworld.models import (
+    FAMILIES,
+    MODEL_NAMES,
+    PRESETS,
+    StageConfig,
+    TrainingInterrupted,
+    fit_codebook,
+    train_world_models,
+)
+from saev.shapesworld.resumable import lr_at, run_resumable, step_generator
+
+pytestmark = pytest.mark.slow
+
+HF_CLASSES = {
+    "text-lm": "MistralForCausalLM",
+    "llava-next": "LlavaNextForConditionalGeneration",
+    "chameleon": "ChameleonForConditionalGeneration",
+    "anole": "ChameleonForConditionalGeneration",
+}
+
+
+class CIWorld(NamedTuple):
+    """The session's trained ci models."""
+
+    profile: Profile
+    paths: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def ci_world(tmp_path_factory: pytest.TempPathFactory) -> CIWorld:
+    """Generate the ci world and train its four models once (about 1.5 min on 2 cores)."""
+    artifacts = tmp_path_factory.mktemp("ci_world")
+    profile = dataclasses.replace(load_profile("ci"), artifacts_dir=str(artifacts))
+    return CIWorld(profile, train_world_models(profile, progress=False))
+
+
+def _eval(world: CIWorld, name: str) -> dict:
+    return json.loads((world.paths[name] / "eval.json").read_text())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_load_through_the_adapters(ci_world: CIWorld, name: str) -> None:
+    """Each folder is a save_pretrained checkpoint that the family's adapter loads and runs."""
+    import datasets
+
+    path = ci_world.paths[name]
+    assert path == ci_world.profile.artifacts_path / "models" / name
+    assert list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))
+    assert not (path.parent / f"{name}.partial").exists()
+    loaded = load_model(FAMILIES[name], path)
+    assert type(loaded.model).__name__ == HF_CLASSES[name]
+    assert loaded.hidden_size == ci_world.profile.train.sae.d_in
+    assert loaded.num_layers > ci_world.profile.models[name].hook_layer
+    row = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "benchmark"))[0]
+    images = () if name == "text-lm" else (row["image"],)
+    sample = chat_sample(loaded.family, row["question"], row["answer"], images)
+    inputs = loaded.build_inputs([sample], context_size=ci_world.profile.models[name].context_size)
+    modality = loaded.token_modality(inputs)
+    assert bool((modality == Modality.IMAGE).any()) == (name != "text-lm")
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_llava_next_and_anole_record_their_parents(ci_world: CIWorld) -> None:
+    """A child's config hash covers its parent's, so retraining a parent retrains the child."""
+    configs = {n: json.loads((ci_world.paths[n] / "train_config.json").read_text()) for n in MODEL_NAMES}
+    assert configs["llava-next"]["parent"] == configs["text-lm"]["hash"]
+    assert configs["anole"]["parent"] == configs["chameleon"]["hash"]
+    assert configs["text-lm"]["parent"] is None and configs["chameleon"]["parent"] is None
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_eval_json_holds_the_metrics(ci_world: CIWorld, name: str) -> None:
+    ev = _eval(ci_world, name)
+    assert set(ev["exact_match"]) == set(ev["score"]) == set(ev["benchmark_n"])
+    assert {"color", "shape", "position", "count", "description"} <= set(ev["exact_match"])
+    assert all(0 <= v <= 1 for v in ev["exact_match"].values())
+    # held-out loss well below a uniform guess over the vocabulary: the model learned the world's language
+    assert 0 < ev["heldout_lm_loss"] < 0.5 * math.log(PRESETS["ci"].vocab_size)
+    if FAMILIES[name] == "chameleon":
+        assert ev["vq_code_utilisation"] >= 0.25
+    else:
+        assert ev["vq_code_utilisation"] is None
+    if name == "anole":
+        assert ev["image_code_loss"] < math.log(PRESETS["ci"].num_image_codes)  # better than uniform codes
+    else:
+        assert ev["image_code_loss"] is None
+
+
+def test_llava_next_beats_chance_on_strong_categories(ci_world: CIWorld) -> None:
+    """Colour (1 of 6) and shape (1 of 5) questions: better than guessing, pooled over both."""
+    ev = _eval(ci_world, "llava-next")
+    n = {c: ev["benchmark_n"][c] for c in ("color", "shape")}
+    correct = sum(ev["exact_match"][c] * n[c] for c in n)
+    chance = (n["color"] / 6 + n["shape"] / 5) / sum(n.values())
+    assert correct / sum(n.values()) > chance
+
+
+def test_second_call_skips_finished_models(ci_world: CIWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in ci_world.paths.items()}
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr(world_models, "_train_stage", no_training)
+    assert train_world_models(ci_world.profile, progress=False) == ci_world.paths
+    assert {n: (p / "model.safetensors").stat().st_mtime_ns for n, p in ci_world.paths.items()} == before
+
+
+def test_interrupted_training_resumes_to_identical_weights(ci_world: CIWorld, tmp_path: Path) -> None:
+    """Kill text-lm after 70 steps (last checkpoint: 50), resume: the weights equal the uninterrupted run's."""
+    shutil.copytree(ci_world.profile.artifacts_path / "data", tmp_path / "data")
+    profile = dataclasses.replace(ci_world.profile, artifacts_dir=str(tmp_path))
+    cfg = PRESETS["ci"]
+    assert cfg.checkpoint_every == 50 and cfg.text_lm.steps > 70
+    with pytest.raises(TrainingInterrupted):
+        train_world_models(profile, names=["text-lm"], stop_after=70, progress=False)
+    partial = tmp_path / "models" / "text-lm.partial"
+    assert json.loads((partial / "latest.json").read_text())["step"] == 50
+    assert not (tmp_path / "models" / "text-lm").exists()
+    path = train_world_models(profile, names=["text-lm"], progress=False)["text-lm"]
+    assert not partial.exists()
+    resumed = load_file(path / "model.safetensors")
+    reference = load_file(ci_world.paths["text-lm"] / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
+    """Training feeds precomputed VQ code ids; the adapter feeds pixels: same logits."""
+    import datasets
+
+    loaded = load_model("chameleon", ci_world.paths["chameleon"])
+    rows = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "benchmark")).select(range(3))
+    samples = [chat_sample("chameleon", r["question"], r["answer"], (r["image"],)) for r in rows]
+    inputs = loaded.build_inputs(samples, context_size=512)
+    codes = loaded.model.model.get_image_tokens(inputs["pixel_values"])
+    ids = inputs["input_ids"].clone()
+    ids[ids == loaded.model.model.vocabulary_mapping.image_token_id] = codes.flatten().to(ids.dtype)
+    with torch.no_grad():
+        via_pixels = loaded.model(**inputs).logits
+        via_codes = loaded.model(input_ids=ids, attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(via_codes, via_pixels)
+
+
+def test_profile_mismatch_is_an_error(tmp_path: Path) -> None:
+    profile = dataclasses.replace(load_profile("ci"), artifacts_dir=str(tmp_path))
+    narrow = dataclasses.replace(PRESETS["ci"], hidden_size=32)
+    with pytest.raises(ValueError, match="train.sae.d_in"):
+        train_world_models(profile, config=narrow)
+    shallow = dataclasses.replace(PRESETS["ci"], num_layers=1)
+    with pytest.raises(ValueError, match="hook_layer"):
+        train_world_models(profile, config=shallow)
+    with pytest.raises(ValueError, match="unknown world model"):
+        train_world_models(profile, names=["gpt"])
+
+
+def test_fit_codebook_finds_separated_clusters() -> None:
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(8, 4, generator=gen) * 10
+    points = centres.repeat_interleave(50, 0) + 0.1 * torch.randn(400, 4, generator=gen)
+    codebook = fit_codebook(points, 8, iterations=10, generator=torch.Generator().manual_seed(1))
+    nearest = torch.cdist(centres, codebook).min(1).values
+    assert nearest.max() < 0.5
+    assert len(set(torch.cdist(points, codebook).argmin(1).tolist())) == 8
+
+
+def test_run_resumable_reference_loop(tmp_path: Path) -> None:
+    """The loop equals a plain AdamW loop, and stop + resume ends with the same weights."""
+    cfg = StageConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=3)
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.arange(5.0)
+
+    def make() -> tuple[torch.nn.Module, object]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 1)
+
+        def loss_at(step: int) -> torch.Tensor:
+            idx = torch.randint(64, (cfg.batch_size,), generator=step_generator(0, "toy", step))
+            return ((model(x[idx]).squeeze(1) - y[idx]) ** 2).mean()
+
+        return model, loss_at
+
+    full, loss_full = make()
+    run_resumable(full, loss_full, cfg, partial_dir=tmp_path / "a", run_hash="h", checkpoint_every=4, progress=False)
+    plain, loss_plain = make()
+    opt = torch.optim.AdamW(plain.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    for step in range(cfg.steps):
+        opt.param_groups[0]["lr"] = lr_at(cfg, step)
+        loss_plain(step).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(full.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+    part, loss_part = make()
+    with pytest.raises(TrainingInterrupted):
+        run_resumable(part, loss_part, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4,
+                      stop_after=6, progress=False)  # fmt: skip
+    again, loss_again = make()  # a fresh process: new model object, state only from disk
+    run_resumable(again, loss_again, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4, progress=False)
+    for a, b in zip(full.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    other, loss_other = make()  # a different run hash never reuses the checkpoint
+    run_resumable(other, loss_other, cfg, partial_dir=tmp_path / "b", run_hash="other", checkpoint_every=0,
+                  progress=False)  # fmt: skip
+    for a, b in zip(full.parameters(), other.parameters()):
+        assert torch.equal(a, b)
