@@ -270,3 +270,67 @@ def test_run_resumable_reference_loop(tmp_path: Path) -> None:
                   progress=False)  # fmt: skip
     for a, b in zip(full.parameters(), other.parameters()):
         assert torch.equal(a, b)
+
+
+def test_run_resumable_lr_scales(tmp_path: Path) -> None:
+    """Parameters in ``lr_scales`` follow the schedule times their scale; scale 0 leaves them unchanged."""
+    cfg = StageConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2)
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.arange(5.0)
+
+    def make() -> tuple[torch.nn.Sequential, object]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 1))
+
+        def loss_at(step: int) -> torch.Tensor:
+            idx = torch.randint(32, (cfg.batch_size,), generator=step_generator(0, "toy", step))
+            return ((model(x[idx]).squeeze(1) - y[idx]) ** 2).mean()
+
+        return model, loss_at
+
+    scaled, loss_scaled = make()
+    scales = dict.fromkeys(scaled[0].parameters(), 0.25)
+    run_resumable(scaled, loss_scaled, cfg, partial_dir=tmp_path / "s", run_hash="h", checkpoint_every=0,
+                  progress=False, lr_scales=scales)  # fmt: skip
+    plain, loss_plain = make()
+    opt = torch.optim.AdamW(
+        [{"params": plain[0].parameters(), "s": 0.25}, {"params": plain[1].parameters(), "s": 1.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+    for step in range(cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step) * group["s"]
+        loss_plain(step).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b)
+    frozen, loss_frozen = make()
+    before = [p.detach().clone() for p in frozen[0].parameters()]
+    run_resumable(frozen, loss_frozen, cfg, partial_dir=tmp_path / "z", run_hash="h", checkpoint_every=0,
+                  progress=False, lr_scales=dict.fromkeys(frozen[0].parameters(), 0.0))  # fmt: skip
+    for a, b in zip(frozen[0].parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_tile_labels_follow_the_anyres_tiles() -> None:
+    """Base-view labels on the coarse grid, then each 2x2 tile's labels cut row-major from the fine grid."""
+    import numpy as np
+
+    from saev.shapesworld.models import _patch_labels, _tile_labels
+    from saev.shapesworld.world import WorldConfig, sample_scene
+
+    cfg = WorldConfig(image_size=32, patch_size=4)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scene = sample_scene(rng, cfg).to_json()
+        colors, shapes = _tile_labels(scene, 8)
+        assert colors.shape == shapes.shape == (5, 16)
+        base_c, base_s = _patch_labels(scene, 8)
+        assert torch.equal(colors[0], base_c) and torch.equal(shapes[0], base_s)
+        fine_c = _patch_labels(scene, 4)[0].reshape(8, 8)
+        for t, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            assert torch.equal(colors[1 + t], fine_c[4 * r : 4 * r + 4, 4 * c : 4 * c + 4].flatten())
+    with pytest.raises(ValueError, match="even number"):
+        _tile_labels(scene, 3)

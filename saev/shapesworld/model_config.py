@@ -76,12 +76,26 @@ class WorldModelsConfig:
     """Layers of that tower (LLaVA reads the second-to-last one)."""
     vision_intermediate_size: int = 64
     """MLP width of that tower."""
+    vision_image_size: int = 0
+    """Input resolution of LLaVA-NeXT's CLIP tower (its ``image_size``); 0: the world's image size.
+    Half the world's size makes anyres do what it does for real LLaVA-NeXT on large images: a
+    downscaled base view plus 2x2 full-resolution tiles (at the world's size the "tiles" are
+    the same image at the same resolution again)."""
+    vision_patch_size: int = 8
+    """Patch side of that tower in pixels of its input."""
+    vision_tower_lr_ratio: float = 0.0
+    """LLaVA-NeXT stage: learning rate of the CLIP tower relative to the rest; 0 keeps the tower
+    frozen (LLaVA-1.5's recipe), > 0 trains it as LLaVA-NeXT's stage 2 does (1/5 there: 2e-6
+    vs 1e-5), so that its features can adapt to what the questions ask."""
+    patch_pretrain_views: str = "base"
+    """Views the tower's patch pre-training sees: ``"base"`` (the whole image at the tower's
+    resolution) or ``"all"`` (also the 2x2 anyres tiles the LLaVA-NeXT stage feeds it)."""
     qa_turns: int = 1
     """Question-answer turns per training conversation of the multimodal models: each caption
     or VQA row's own, then ``qa_turns - 1`` further questions about the same image in the
-    strong categories (colour, shape, description, equally often), asked and answered by the
-    world's oracle (``world.ask``), like LLaVA's multi-turn instruction data. More answers per
-    image forward: several times the training signal per CPU second, and the weak categories
+    strong categories (colour, shape, description, as often as in ``vqa``), asked and answered
+    by the world's oracle (``world.ask``), like LLaVA's multi-turn instruction data. More answers
+    per image forward: several times the training signal per CPU second, and the weak categories
     stay as rare as in ``vqa``."""
     vocab_size: int = 512
     """BPE vocabulary of the shared tokenizer (Chameleon adds one token per VQ code on top)."""
@@ -117,13 +131,17 @@ class WorldModelsConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size",
                      "num_image_codes", "codebook_images", "codebook_iterations", "max_text_tokens",
                      "num_threads", "eval_batch_size", "vision_hidden_size", "vision_num_layers",
-                     "vision_intermediate_size", "qa_turns", "workers"):  # fmt: skip
+                     "vision_intermediate_size", "qa_turns", "workers", "vision_patch_size"):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"world_models.{name} must be > 0, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"world_models.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
             )
+        if self.patch_pretrain_views not in ("base", "all"):
+            raise ValueError(f"world_models.patch_pretrain_views must be 'base' or 'all', got {self.patch_pretrain_views!r}")
+        if self.vision_tower_lr_ratio < 0:
+            raise ValueError(f"world_models.vision_tower_lr_ratio must be >= 0, got {self.vision_tower_lr_ratio}")
         if self.heldout_rows < 0 or self.checkpoint_every < 0:
             raise ValueError("world_models.heldout_rows and checkpoint_every must be >= 0")
         if not 0 < self.image_generation_fraction < 1:

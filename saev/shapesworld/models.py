@@ -17,8 +17,12 @@ prompt templates (``saev.tiny.train_tokenizer``). The image encoders are pre-tra
 as the real ones are: LLaVA-NeXT's CLIP tower and Chameleon's VQ encoder learn to name the
 colour and shape under each patch, then Chameleon's codebook is fitted by k-means on the
 encoder's latents of training images (object and background cells balanced), and each code's
-token embedding starts from its codebook vector. LLaVA-NeXT then trains its projector and
-language model on the frozen tower, as LLaVA does. Each training image is a multi-turn
+token embedding starts from its codebook vector. On ``ci``/``mini`` the CLIP tower sees
+images at half the world's resolution (``vision_image_size``), so that anyres does what it
+does for real LLaVA-NeXT on large images: a downscaled base view plus 2x2 full-resolution
+tiles, which the tower is pre-trained on as well (``patch_pretrain_views: all``). LLaVA-NeXT
+then trains its projector and language model on the frozen tower, as LLaVA does
+(``vision_tower_lr_ratio`` > 0 trains the tower too). Each training image is a multi-turn
 conversation (``WorldModelsConfig.qa_turns``): its row's question, then more strong-category
 questions answered by the world's oracle.
 The ``vqa`` set holds few ``position``/``count`` questions (the world's *weak* categories),
@@ -78,7 +82,7 @@ __all__ = [
     "world_models_config_for",
 ]
 
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 """Bumped whenever the training code changes its result, so that cached models are retrained."""
 
 MODEL_NAMES: tuple[str, ...] = ("text-lm", "llava-next", "chameleon", "anole")
@@ -288,7 +292,8 @@ def _train_spec(
     own = {
         "text-lm": ("text_lm", "max_text_tokens"),
         "llava-next": ("llava_next", "qa_turns", "patch_pretrain", "vision_hidden_size", "vision_num_layers",
-                       "vision_intermediate_size"),  # fmt: skip
+                       "vision_intermediate_size", "vision_tower_lr_ratio", "patch_pretrain_views", "vision_image_size",
+                       "vision_patch_size"),  # fmt: skip
         "chameleon": ("chameleon", "qa_turns", "vq_pretrain", "num_image_codes", "codebook_images",
                       "codebook_iterations"),  # fmt: skip
         "anole": ("anole", "qa_turns", "image_generation_fraction"),
@@ -373,6 +378,9 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     loaded = _initial_model(ctx, name, partial_dir)
     data = _stage_data(ctx, name, loaded)
     loss_at = _make_loss_at(loaded, data, stage, seed=ctx.profile.seed, stream=name)
+    lr_scales = None
+    if name == "llava-next" and ctx.cfg.vision_tower_lr_ratio > 0:
+        lr_scales = dict.fromkeys(loaded.model.model.vision_tower.parameters(), ctx.cfg.vision_tower_lr_ratio)
     run_resumable(
         loaded.model,
         loss_at,
@@ -383,6 +391,7 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
         stop_after=ctx.stop_after,
         desc=name,
         progress=ctx.progress,
+        lr_scales=lr_scales,
     )
     final_dir = partial_dir / "final"
     shutil.rmtree(final_dir, ignore_errors=True)
@@ -433,7 +442,8 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_layers,
         num_heads=cfg.num_heads,
-        image_size=ctx.world.image_size,
+        image_size=(cfg.vision_image_size or ctx.world.image_size) if family == "llava_next" else ctx.world.image_size,
+        patch_size=cfg.vision_patch_size,
         num_image_codes=cfg.num_image_codes,
         vision_hidden_size=cfg.vision_hidden_size,
         vision_num_layers=cfg.vision_num_layers,
@@ -449,28 +459,39 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         loaded.model.model.language_model.load_state_dict(text_lm.model.state_dict(), strict=True)
         loaded.model.lm_head.load_state_dict(text_lm.lm_head.state_dict(), strict=True)
         tower, layer = loaded.model.model.vision_tower, loaded.model.config.vision_feature_layer
+        vision = loaded.model.config.vision_config
+        cell = ctx.world.image_size * vision.patch_size // vision.image_size  # image pixels per base-view patch
+        if cfg.patch_pretrain_views == "all":
+            # every anyres view: the base view and the 2x2 tiles, whose patches see 2x finer detail
+            pixels_of, labels_of = (lambda images: _anyres_views(loaded, images)), (lambda sc: _tile_labels(sc, cell))
+        else:  # the base view only (TRAINING_VERSION <= 2)
+            pixels_of, labels_of = (lambda images: _base_views(loaded, images)), (lambda sc: _patch_labels(sc, cell))
         _pretrain_patch_features(
             ctx,
             lambda pixels: tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:],  # drop CLS
             list(tower.parameters()),
             ctx.cfg.patch_pretrain,
-            pixels_of=lambda images: _base_views(loaded, images),
-            patch_size=loaded.model.config.vision_config.patch_size,
+            pixels_of=pixels_of,
+            labels_of=labels_of,
             width=loaded.model.config.vision_config.hidden_size,
             stream="llava-next/patch-pretrain",
+            object_term=False,
         )
-        tower.requires_grad_(False)  # as in LLaVA: the projector and the LM learn on a frozen CLIP tower
+        if cfg.vision_tower_lr_ratio == 0:  # as in LLaVA-1.5: the projector and the LM learn on a frozen CLIP tower
+            tower.requires_grad_(False)
     if name == "chameleon":
         vq = loaded.model.model.vqmodel
+        cell = 2 ** (len(vq.config.channel_multiplier) - 1)  # one latent per downsampled cell
         _pretrain_patch_features(
             ctx,
             lambda pixels: vq.quant_conv(vq.encoder(pixels)).flatten(2).transpose(1, 2),
             [*vq.encoder.parameters(), *vq.quant_conv.parameters()],
             ctx.cfg.vq_pretrain,
             pixels_of=lambda images: _chameleon_pixels(loaded, images),
-            patch_size=2 ** (len(vq.config.channel_multiplier) - 1),  # one latent per downsampled cell
+            labels_of=lambda scene: _patch_labels(scene, cell),
             width=vq.config.embed_dim,
             stream="chameleon/patch-pretrain",
+            object_term=True,
         )
         _fit_chameleon_codebook(ctx, loaded)
         loaded.model.model.vqmodel.requires_grad_(False)  # Chameleon's tokenizer is frozen
@@ -502,21 +523,24 @@ def _pretrain_patch_features(
     cfg: StageConfig,
     *,
     pixels_of: Callable[[list[Any]], torch.Tensor],
-    patch_size: int,
+    labels_of: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
     width: int,
     stream: str,
+    object_term: bool,
 ) -> None:
     """Supervised pre-training of an image encoder: a linear probe on ``features(pixels)``
     (B, patches, width) must name each patch's colour and shape (``_patch_labels``; "none"
-    for background), plus the same restricted to the object patches, which would otherwise
-    drown in the background majority (without that term Chameleon's 4x4 cells never learned
-    colour). The probe is discarded; only the encoder keeps what it learned."""
+    for background). ``object_term``: plus the same restricted to the object patches, which
+    otherwise drown in the background majority (without it Chameleon's 4x4 cells, ~12% on
+    objects, never learned colour; LLaVA's 8x8 patches learn both without it, and learned
+    worse with it). The probe is discarded; only the encoder keeps what it learned."""
     from saev.shapesworld.world import COLORS, SHAPES
 
     rows = _training_rows(ctx, ("captions", "vqa"))
     pixels = torch.cat([pixels_of([r["image"] for r in chunk]) for chunk in _chunks(rows, 512)])
-    labels = [_patch_labels(r["scene"], patch_size) for r in rows]
+    labels = [labels_of(r["scene"]) for r in rows]
     colors, shapes = torch.stack([c for c, _ in labels]), torch.stack([s for _, s in labels])
+    pixels, colors, shapes = pixels.flatten(0, -4), colors.flatten(0, -2), shapes.flatten(0, -2)  # views -> rows
     gen = torch.Generator().manual_seed(ctx.profile.seed)
     head = torch.nn.Linear(width, len(COLORS) + 1 + len(SHAPES) + 1)
     torch.nn.init.normal_(head.weight, std=0.02, generator=gen)
@@ -524,13 +548,13 @@ def _pretrain_patch_features(
     optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in progress_bar(range(cfg.steps), desc=stream, disable=not ctx.progress):
         gen_step = step_generator(ctx.profile.seed, stream, step)
-        idx = torch.randint(len(rows), (cfg.batch_size,), generator=gen_step)
+        idx = torch.randint(len(pixels), (cfg.batch_size,), generator=gen_step)
         logits = head(features(pixels[idx])).flatten(0, 1)
         n_colors = len(COLORS) + 1
         c, sh = colors[idx].flatten(), shapes[idx].flatten()
         obj = c > 0
         loss = F.cross_entropy(logits[:, :n_colors], c) + F.cross_entropy(logits[:, n_colors:], sh)
-        if bool(obj.any()):
+        if object_term and bool(obj.any()):
             on = logits[obj]
             loss = loss + F.cross_entropy(on[:, 1:n_colors], c[obj] - 1)
             loss = loss + F.cross_entropy(on[:, n_colors + 1 :], sh[obj] - 1)
@@ -624,6 +648,34 @@ def _base_views(loaded: Any, images: list[Any]) -> torch.Tensor:
     return loaded.processor.image_processor(images=images, return_tensors="pt")["pixel_values"][:, 0]
 
 
+def _anyres_views(loaded: Any, images: list[Any]) -> torch.Tensor:
+    """Every anyres view of each image, (N, 5, 3, s, s): the base view, then the 2x2 tiles
+    (row-major) of the image resized to 2s x 2s (the best pinpoint of a square image)."""
+    views = loaded.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    if views.shape[1] != 5:
+        raise ValueError(
+            f"world_models.patch_pretrain_views='all' expects a base view and 2x2 tiles per image, got "
+            f"{views.shape[1]} views: set world_models.vision_image_size to half the world's image_size"
+        )
+    return views
+
+
+def _tile_labels(scene_json: str, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_patch_labels`` of every anyres view, (5, patches) each: the base view's patches, which
+    cover ``cell`` image pixels, then each 2x2 tile's, whose patches cover ``cell / 2``."""
+    if cell % 2:
+        raise ValueError(f"anyres tiles need an even number of image pixels per base-view patch, got {cell}")
+    base_c, base_s = _patch_labels(scene_json, cell)
+    fine_c, fine_s = _patch_labels(scene_json, cell // 2)
+    g = int(round(fine_c.numel() ** 0.5))  # fine grid side; each tile is g/2 x g/2 of it
+    h = g // 2
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(2, h, 2, h).permute(0, 2, 1, 3).reshape(4, h * h)
+
+    return torch.cat([base_c[None], tiles(fine_c)]), torch.cat([base_s[None], tiles(fine_s)])
+
+
 def _chameleon_pixels(loaded: Any, images: Sequence[Any]) -> torch.Tensor:
     processor = loaded.processor.image_processor
     return processor(images=list(images), return_tensors="pt")["pixel_values"]
@@ -710,7 +762,10 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
     from saev.shapesworld.world import STRONG_CATEGORIES
 
     rows = _training_rows(ctx, ("captions", "vqa"))
-    extra = _extra_turns(rows, ctx.cfg.qa_turns, dict.fromkeys(STRONG_CATEGORIES, 1.0), ctx.profile.seed)
+    # Strong categories as often as in ``vqa`` (equal weights, i.e. more descriptions, learned slower).
+    strong = {c: w for c, w in ctx.world.vqa_categories.items() if c in STRONG_CATEGORIES and w > 0}
+    strong = strong or dict.fromkeys(STRONG_CATEGORIES, 1.0)
+    extra = _extra_turns(rows, ctx.cfg.qa_turns, strong, ctx.profile.seed)
     train = _encode_qa(loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra)
     heldout_rows = _heldout_rows(ctx, ("captions", "vqa"))
     heldout = _encode_qa(loaded, heldout_rows, ctx.progress, desc=f"{name}: encode held-out")

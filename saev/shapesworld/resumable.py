@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ def run_resumable(
     stop_after: int | None = None,
     desc: str = "train",
     progress: bool = True,
+    lr_scales: Mapping[nn.Parameter, float] | None = None,
 ) -> list[float]:
     """Train ``model`` for ``cfg.steps`` AdamW steps of ``loss_at(step)``, resuming from ``partial_dir``.
 
@@ -106,11 +107,19 @@ def run_resumable(
     ``checkpoint_every`` steps (0: never) and are only reused when their ``run_hash``
     matches. ``stop_after`` raises :class:`TrainingInterrupted` after that many steps of
     this call, without a checkpoint, as a killed job would. Returns the losses of the steps
-    run by this call. Gradients are clipped to norm 1.
+    run by this call. Gradients are clipped to norm 1. ``lr_scales``: parameters that learn
+    at ``scale`` times the schedule's rate (e.g. LLaVA-NeXT's vision tower; default 1).
     """
     partial_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay, foreach=False)
+    scales = {id(p): float(s) for p, s in (lr_scales or {}).items()}
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(scales.get(id(p), 1.0), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()],
+        lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay, foreach=False,
+    )  # fmt: skip
     start = _load_latest(model, optimizer, partial_dir, run_hash)
     model.train()
     losses: list[float] = []
@@ -120,7 +129,7 @@ def run_resumable(
             bar.close()
             raise TrainingInterrupted(f"{desc}: stopped after {stop_after} steps (at step {step} of {cfg.steps})")
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step) * group["lr_scale"]
         loss = loss_at(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
