@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate every figure and table of one profile (default: mini) from a fresh clone.
-#   ./run_all.sh [--profile NAME] [--only NN] [--from NN] [--setup-only] [--with-tests] [--help]
+#   ./run_all.sh [--profile NAME] [--only NN] [--from NN] [--jobs N] [--setup-only] [--with-tests] [--help]
 # It creates .venv if missing, installs saev with torch pinned to 2.13.0 (constraints.txt),
 # then runs notebooks/NN_*.ipynb in order with papermill, writing executed notebooks to
 # runs/<profile>/ and figures to figures/<profile>/.
@@ -14,18 +14,21 @@ Options:
   --profile NAME   params/NAME.yaml to run (default: mini)
   --only NN        run only notebook NN (e.g. 03)
   --from NN        run notebooks NN and later
+  --jobs N         notebooks run at once (default 2, one per core): after 01 the others
+                   only need its SAEs (05 needs 04's sweep), so they run side by side
   --setup-only     create/update .venv and stop (used by run_tests.sh)
   --with-tests     also install the test dependencies (pytest, nbval, sae-lens, ...)
   --help           this text
 TXT
 }
 
-profile=mini only="" from="" setup_only=0 extras=""
+profile=mini only="" from="" setup_only=0 extras="" jobs=2
 while [ $# -gt 0 ]; do
   case "$1" in
     --profile) profile=${2:?--profile needs a name}; shift 2 ;;
     --only) only=${2:?--only needs a notebook number}; shift 2 ;;
     --from) from=${2:?--from needs a notebook number}; shift 2 ;;
+    --jobs) jobs=${2:?--jobs needs a number}; shift 2 ;;
     --setup-only) setup_only=1; shift ;;
     --with-tests) extras="[test]"; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -81,21 +84,53 @@ if [ ${#notebooks[@]} -eq 0 ]; then
   exit 0
 fi
 
-summary=() ran=0
+# What each notebook reads from an earlier one (everything else it computes or finds cached);
+# a notebook starts once these have finished in this run (or were not selected to run).
+declare -A needs=([02]=01 [03]=01 [04]=01 [05]="01 04" [06]=01)
+[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --jobs must be a positive number, got '$jobs'" >&2; exit 2; }
+
+todo=()
 for nb in "${notebooks[@]}"; do
   base=$(basename "$nb"); num=${base%%_*}
   [ -n "$only" ] && [ "$num" != "$only" ] && continue
   [ -n "$from" ] && [ "$num" \< "$from" ] && continue
-  out="runs/$profile/$base"
-  echo "==> $base (profile $profile)"
-  t0=$SECONDS
-  if ! .venv/bin/python -m papermill --log-level WARNING --cwd notebooks "$nb" "$out" -p profile "$profile"; then
-    echo "run_all.sh: FAILED in $base (profile $profile); the failing cell and traceback are above and in $out" >&2
+  todo+=("$nb")
+done
+[ ${#todo[@]} -gt 0 ] || { echo "run_all.sh: no notebook matched --only/--from" >&2; exit 2; }
+
+declare -A pid_of=() start_of=() state=()   # state: waiting | running | done
+for nb in "${todo[@]}"; do b=$(basename "$nb"); state[${b%%_*}]=waiting; done
+ready() {  # every notebook that $1 needs is done, or not part of this run
+  local dep
+  for dep in ${needs[$1]:-}; do
+    [ -z "${state[$dep]:-}" ] || [ "${state[$dep]}" = done ] || return 1
+  done
+}
+summary=() running=0 t_all=$SECONDS
+while :; do
+  for nb in "${todo[@]}"; do
+    base=$(basename "$nb"); num=${base%%_*}
+    [ "${state[$num]}" = waiting ] && [ "$running" -lt "$jobs" ] && ready "$num" || continue
+    out="runs/$profile/$base"
+    echo "==> $base (profile $profile) started"
+    ( exec .venv/bin/python -m papermill --log-level WARNING --cwd notebooks "$nb" "$out" -p profile "$profile" \
+        >"runs/$profile/${base%.ipynb}.log" 2>&1 ) &
+    pid_of[$!]=$num start_of[$num]=$SECONDS state[$num]=running running=$((running + 1))
+  done
+  [ "$running" -gt 0 ] || break
+  finished=""
+  wait -n -p finished "${!pid_of[@]}" && rc=0 || rc=$?
+  num=${pid_of[$finished]}; unset "pid_of[$finished]"
+  running=$((running - 1)) state[$num]=done
+  base=$(basename notebooks/"${num}"_*.ipynb)
+  if [ "$rc" -ne 0 ]; then
+    cat "runs/$profile/${base%.ipynb}.log" >&2
+    echo "run_all.sh: FAILED in $base (profile $profile); the failing cell and traceback are above and in runs/$profile/$base" >&2
+    for p in "${!pid_of[@]}"; do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
     exit 1
   fi
-  summary+=("$(printf '%-40s %6d s' "$base" $((SECONDS - t0)))")
-  ran=$((ran + 1))
+  echo "==> $base done in $((SECONDS - start_of[$num])) s"
+  summary+=("$(printf '%-40s %6d s' "$base" $((SECONDS - start_of[$num])))")
 done
-[ "$ran" -gt 0 ] || { echo "run_all.sh: no notebook matched --only/--from" >&2; exit 2; }
-echo "==> done: profile $profile, figures in figures/$profile/"
+echo "==> done: profile $profile, figures in figures/$profile/ ($((SECONDS - t_all)) s for the notebooks, $jobs at once)"
 printf '  %s\n' "${summary[@]}"

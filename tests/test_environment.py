@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tomllib
@@ -64,3 +65,51 @@ def test_run_all_help_and_bad_option():
 def test_scripts_are_executable():
     for rel in ("run_all.sh", "run_tests.sh", ".ci/run"):
         assert (ROOT / rel).stat().st_mode & 0o111, f"{rel} is not executable"
+
+
+def test_run_all_runs_notebooks_side_by_side_in_dependency_order(tmp_path: Path) -> None:
+    """--jobs 2: 01 alone first, 05 only after 04, a failing notebook stops the run with its name."""
+    import hashlib
+    import shutil
+
+    shutil.copy(ROOT / "run_all.sh", tmp_path / "run_all.sh")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "constraints.txt").write_text("")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "fake.yaml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    for name in ("01_a", "02_b", "03_c", "04_d", "05_e", "06_f"):
+        (tmp_path / "notebooks" / f"{name}.ipynb").write_text("{}")
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (tmp_path / ".venv" / ".saev-install-stamp").write_text(hashlib.sha256(b"extras=\n").hexdigest() + "\n")
+    log = tmp_path / "events.log"
+    # A stand-in python: "-m saev.config" succeeds; "-m papermill ... NB OUT" logs start/end around a sleep.
+    (venv / "python").write_text(
+        "#!/usr/bin/env bash\n"
+        '[ "$2" = saev.config ] && exit 0\n'
+        'nb=$(basename "$7" .ipynb); echo "start $nb" >> ' + str(log) + "\n"
+        'case $nb in 04_d) sleep 1.5 ;; *) sleep 0.3 ;; esac\n'
+        '[ "$nb" = "$FAIL_AT" ] && { echo "boom in $nb"; exit 3; }\n'
+        'echo "end $nb" >> ' + str(log) + "\n"
+    )
+    (venv / "python").chmod(0o755)
+    out = subprocess.run(["bash", "run_all.sh", "--profile", "fake", "--jobs", "2"], cwd=tmp_path,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    events = log.read_text().split("\n")[:-1]
+    assert events[:2] == ["start 01_a", "end 01_a"]
+    assert events.index("start 05_e") > events.index("end 04_d")
+    running = peak = 0
+    for e in events:
+        running += 1 if e.startswith("start") else -1
+        peak = max(peak, running)
+    assert peak == 2 and len(events) == 12
+    log.unlink()
+    env = {**os.environ, "FAIL_AT": "03_c"}
+    bad = subprocess.run(["bash", "run_all.sh", "--profile", "fake"], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and "FAILED in 03_c.ipynb" in bad.stderr and "boom in 03_c" in bad.stderr
+    assert "start 05_e" not in log.read_text()
+    jobs = subprocess.run(["bash", "run_all.sh", "--profile", "fake", "--jobs", "0"], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert jobs.returncode == 2 and "--jobs must be a positive number" in jobs.stderr
