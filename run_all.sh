@@ -98,8 +98,8 @@ for nb in "${notebooks[@]}"; do
 done
 [ ${#todo[@]} -gt 0 ] || { echo "run_all.sh: no notebook matched --only/--from" >&2; exit 2; }
 
-declare -A pid_of=() start_of=() state=()   # state: waiting | running | done
-for nb in "${todo[@]}"; do b=$(basename "$nb"); state[${b%%_*}]=waiting; done
+declare -A pid_of=() start_of=() state=() name_of=()   # state: waiting | running | done
+for nb in "${todo[@]}"; do b=$(basename "$nb"); state[${b%%_*}]=waiting name_of[${b%%_*}]=$b; done
 ready() {  # every notebook that $1 needs is done, or not part of this run
   local dep
   for dep in ${needs[$1]:-}; do
@@ -122,7 +122,7 @@ while :; do
   wait -n -p finished "${!pid_of[@]}" && rc=0 || rc=$?
   num=${pid_of[$finished]}; unset "pid_of[$finished]"
   running=$((running - 1)) state[$num]=done
-  base=$(basename notebooks/"${num}"_*.ipynb)
+  base=${name_of[$num]}
   if [ "$rc" -ne 0 ]; then
     cat "runs/$profile/${base%.ipynb}.log" >&2
     echo "run_all.sh: FAILED in $base (profile $profile); the failing cell and traceback are above and in runs/$profile/$base" >&2

@@ -72,20 +72,27 @@ _BIG_CONTEXT = 1 << 20
 # ----------------------------------------------------------------------------- data
 
 
+def _require_columns(
+    dataset: datasets.Dataset, columns: Sequence[str], where: str, what: str, loader: str
+) -> None:
+    """Raise ValueError naming ``where`` when ``dataset`` lacks one of ``columns`` or has no rows."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{where}: missing column(s) {missing}; {what} needs {list(columns)} "
+            f"(load it with saev.data.{loader}); has {dataset.column_names}"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{where}: no rows")
+
+
 def check_preference(dataset: datasets.Dataset, *, where: str = "preference data") -> None:
     """Raise ValueError naming the column or sample when ``dataset`` is not usable preference data.
 
     Needs columns ``image``, ``question``, ``chosen``, ``rejected`` (``saev.data.load_preference``
     produces them), at least one row, non-empty strings and an image in every row.
     """
-    missing = [c for c in _PREFERENCE_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"{where}: missing column(s) {missing}; preference data needs {list(_PREFERENCE_COLUMNS)} "
-            f"(load it with saev.data.load_preference); has {dataset.column_names}"
-        )
-    if len(dataset) == 0:
-        raise ValueError(f"{where}: no rows")
+    _require_columns(dataset, _PREFERENCE_COLUMNS, where, "preference data", "load_preference")
     texts = dataset.select_columns(["question", "chosen", "rejected"]).to_dict()
     for column, values in texts.items():
         for i, v in enumerate(values):
@@ -535,14 +542,7 @@ class BenchmarkResult:
 
 
 def _benchmark_rows(benchmark: datasets.Dataset, config: AlignConfig) -> dict[str, list[int]]:
-    missing = [c for c in _BENCHMARK_COLUMNS if c not in benchmark.column_names]
-    if missing:
-        raise ValueError(
-            f"benchmark: missing column(s) {missing}; needs {list(_BENCHMARK_COLUMNS)} "
-            f"(load it with saev.data.load_benchmark); has {benchmark.column_names}"
-        )
-    if len(benchmark) == 0:
-        raise ValueError("benchmark: no rows")
+    _require_columns(benchmark, _BENCHMARK_COLUMNS, "benchmark", "the benchmark", "load_benchmark")
     by_cat: dict[str, list[int]] = {}
     for i, (c, q, a) in enumerate(zip(benchmark["category"], benchmark["question"], benchmark["answer"])):
         for column, v in (("category", c), ("question", q), ("answer", a)):

@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,21 +231,26 @@ def test_fit_codebook_finds_separated_clusters() -> None:
     assert len(set(torch.cdist(points, codebook).argmin(1).tolist())) == 8
 
 
+def _toy_regression(cfg: StageConfig, build: Callable[[], torch.nn.Module], *, n: int) -> tuple[Any, Any]:
+    """A fresh ``build()`` (seed 0) and the ``loss_at(step)`` of a seeded 5 -> 1 linear regression on ``n`` rows."""
+    x = torch.randn(n, 5, generator=torch.Generator().manual_seed(0))
+    y = x @ torch.arange(5.0)
+    torch.manual_seed(0)
+    model = build()
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = torch.randint(n, (cfg.batch_size,), generator=step_generator(0, "toy", step))
+        return ((model(x[idx]).squeeze(1) - y[idx]) ** 2).mean()
+
+    return model, loss_at
+
+
 def test_run_resumable_reference_loop(tmp_path: Path) -> None:
     """The loop equals a plain AdamW loop, and stop + resume ends with the same weights."""
     cfg = StageConfig(steps=12, batch_size=4, lr=1e-2, warmup_steps=3)
-    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
-    y = x @ torch.arange(5.0)
 
     def make() -> tuple[torch.nn.Module, object]:
-        torch.manual_seed(0)
-        model = torch.nn.Linear(5, 1)
-
-        def loss_at(step: int) -> torch.Tensor:
-            idx = torch.randint(64, (cfg.batch_size,), generator=step_generator(0, "toy", step))
-            return ((model(x[idx]).squeeze(1) - y[idx]) ** 2).mean()
-
-        return model, loss_at
+        return _toy_regression(cfg, lambda: torch.nn.Linear(5, 1), n=64)
 
     full, loss_full = make()
     run_resumable(full, loss_full, cfg, partial_dir=tmp_path / "a", run_hash="h", checkpoint_every=4, progress=False)
@@ -275,18 +282,9 @@ def test_run_resumable_reference_loop(tmp_path: Path) -> None:
 def test_run_resumable_lr_scales(tmp_path: Path) -> None:
     """Parameters in ``lr_scales`` follow the schedule times their scale; scale 0 leaves them unchanged."""
     cfg = StageConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2)
-    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(0))
-    y = x @ torch.arange(5.0)
 
     def make() -> tuple[torch.nn.Sequential, object]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 1))
-
-        def loss_at(step: int) -> torch.Tensor:
-            idx = torch.randint(32, (cfg.batch_size,), generator=step_generator(0, "toy", step))
-            return ((model(x[idx]).squeeze(1) - y[idx]) ** 2).mean()
-
-        return model, loss_at
+        return _toy_regression(cfg, lambda: torch.nn.Sequential(torch.nn.Linear(5, 5), torch.nn.Linear(5, 1)), n=32)
 
     scaled, loss_scaled = make()
     scales = dict.fromkeys(scaled[0].parameters(), 0.25)
