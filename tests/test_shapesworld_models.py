@@ -313,22 +313,92 @@ def test_run_resumable_lr_scales(tmp_path: Path) -> None:
 
 
 def test_tile_labels_follow_the_anyres_tiles() -> None:
-    """Base-view labels on the coarse grid, then each 2x2 tile's labels cut row-major from the fine grid."""
+    """Base-view labels on the coarse grid, then each 2x2 tile's labels cut row-major from the fine grid;
+    every labelled patch names the colour, shape and size of one and the same object."""
     import numpy as np
 
     from saev.shapesworld.models import _patch_labels, _tile_labels
-    from saev.shapesworld.world import WorldConfig, sample_scene
+    from saev.shapesworld.world import COLORS, SHAPES, SIZES, Scene, WorldConfig, sample_scene
 
     cfg = WorldConfig(image_size=32, patch_size=4)
     rng = np.random.default_rng(0)
-    for _ in range(5):
+    sizes_seen = set()
+    for _ in range(8):
         scene = sample_scene(rng, cfg).to_json()
-        colors, shapes = _tile_labels(scene, 8)
-        assert colors.shape == shapes.shape == (5, 16)
-        base_c, base_s = _patch_labels(scene, 8)
-        assert torch.equal(colors[0], base_c) and torch.equal(shapes[0], base_s)
+        colors, shapes, sizes = _tile_labels(scene, 8)
+        assert colors.shape == shapes.shape == sizes.shape == (5, 16)
+        base = _patch_labels(scene, 8)
+        for got, want in zip((colors, shapes, sizes), base):
+            assert torch.equal(got[0], want)
         fine_c = _patch_labels(scene, 4)[0].reshape(8, 8)
         for t, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
             assert torch.equal(colors[1 + t], fine_c[4 * r : 4 * r + 4, 4 * c : 4 * c + 4].flatten())
+        objects = Scene.from_json(scene).objects
+        by_color = {1 + list(COLORS).index(o.color): o for o in objects}  # colours are unique in a scene
+        assert torch.equal(colors > 0, shapes > 0) and torch.equal(colors > 0, sizes > 0)
+        on = colors > 0
+        for c, sh, sz in zip(colors[on].tolist(), shapes[on].tolist(), sizes[on].tolist()):
+            assert (SHAPES[sh - 1], SIZES[sz - 1]) == (by_color[c].shape, by_color[c].size)
+            sizes_seen.add(sz)
+    assert sizes_seen == {1, 2}
     with pytest.raises(ValueError, match="even number"):
         _tile_labels(scene, 3)
+
+
+def test_distinct_extra_turns_go_round_the_objects() -> None:
+    """``targets="distinct"``: the extra turns of a k-object scene ask about k different objects
+    before any repeats, every answer is the oracle's; ``"random"`` keeps the former draws."""
+    import numpy as np
+
+    from saev.shapesworld.world import Scene, WorldConfig, answer_question, ask, sample_scene
+
+    cfg = WorldConfig(image_size=32, patch_size=4)
+    rng = np.random.default_rng(1)
+    rows = [{"scene": sample_scene(rng, cfg).to_json()} for _ in range(40)]
+    colour_only = {"color": 1.0}
+    distinct = world_models._extra_turns(rows, 4, colour_only, seed=0, targets="distinct")
+    assert distinct == world_models._extra_turns(rows, 4, colour_only, seed=0, targets="distinct")
+    multi = 0
+    for r, turns in zip(rows, distinct):
+        scene = Scene.from_json(r["scene"])
+        for question, answer in turns:
+            assert answer_question(scene, question) == answer
+        k = len(scene.objects)
+        # colours are unique in a scene: the first k answers name k different objects
+        assert len({a for _, a in turns[:k]}) == min(k, len(turns))
+        multi += k > 1
+    assert multi >= 10
+    assert world_models._extra_turns(rows, 4, colour_only, seed=0) == world_models._extra_turns(
+        rows, 4, colour_only, seed=0, targets="random"
+    )
+    with pytest.raises(ValueError, match="targets"):
+        world_models._extra_turns(rows, 4, colour_only, seed=0, targets="all")
+    scene = Scene.from_json(rows[0]["scene"])
+    with pytest.raises(ValueError, match="not an object"):
+        ask(np.random.default_rng(0), scene, "color", target=len(scene.objects))
+
+
+def test_projector_alignment_trains_only_the_projector(ci_world: CIWorld, tmp_path: Path) -> None:
+    """LLaVA's stage 1 (``projector_pretrain``): the projector and ``image_newline`` move, the
+    tower and the language model do not, and every parameter's ``requires_grad`` is restored."""
+    from saev.shapesworld.model_config import StageConfig
+
+    profile = ci_world.profile
+    cfg = load_profile("ci").world_models
+    artifacts = profile.artifacts_path
+    ctx = world_models._Context(
+        profile=profile, cfg=cfg, world=world_models._world_config(profile), data_dir=artifacts / "data",
+        models_dir=artifacts / "models", stop_after=None, progress=False,
+    )  # fmt: skip
+    loaded = load_model("llava_next", ci_world.paths["llava-next"])
+    model = loaded.model
+    model.model.vision_tower.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stage = StageConfig(steps=3, batch_size=4, lr=1e-2, warmup_steps=0)
+    world_models._align_projector(ctx, loaded, stage, tmp_path / "projector", "h")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    allowed = ("model.multi_modal_projector.", "model.image_newline")
+    assert moved and all(n.startswith(allowed) for n in moved), moved
+    assert any(n.startswith("model.multi_modal_projector.") for n in moved)

@@ -293,10 +293,12 @@ def _train_spec(
         "text-lm": ("text_lm", "max_text_tokens"),
         "llava-next": ("llava_next", "qa_turns", "patch_pretrain", "vision_hidden_size", "vision_num_layers",
                        "vision_intermediate_size", "vision_tower_lr_ratio", "patch_pretrain_views", "vision_image_size",
-                       "vision_patch_size"),  # fmt: skip
-        "chameleon": ("chameleon", "qa_turns", "vq_pretrain", "num_image_codes", "codebook_images",
+                       "vision_patch_size", "patch_pretrain_size", "extra_turn_targets",
+                       "projector_pretrain"),  # fmt: skip
+        "chameleon": ("chameleon", "qa_turns", "extra_turn_targets", "vq_pretrain", "num_image_codes",
+                      "codebook_images",
                       "codebook_iterations"),  # fmt: skip
-        "anole": ("anole", "qa_turns", "image_generation_fraction"),
+        "anole": ("anole", "qa_turns", "image_generation_fraction", "extra_turn_targets"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
@@ -376,6 +378,8 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     stage: StageConfig = getattr(ctx.cfg, name.replace("-", "_"))
     torch.manual_seed(ctx.profile.seed)
     loaded = _initial_model(ctx, name, partial_dir)
+    if name == "llava-next" and ctx.cfg.projector_pretrain is not None:
+        _align_projector(ctx, loaded, ctx.cfg.projector_pretrain, partial_dir / "projector", digest)
     data = _stage_data(ctx, name, loaded)
     loss_at = _make_loss_at(loaded, data, stage, seed=ctx.profile.seed, stream=name)
     lr_scales = None
@@ -413,6 +417,32 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     shutil.rmtree(partial_dir)
 
 
+def _align_projector(ctx: _Context, loaded: Any, stage: StageConfig, partial_dir: Path, digest: str) -> None:
+    """LLaVA's stage 1: only the projector and ``image_newline`` learn, on the training captions
+    (one turn each), the vision tower and the language model frozen; resumable like a stage."""
+    model = loaded.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    model.model.image_newline.requires_grad_(True)
+    rows = _training_rows(ctx, ("captions",))
+    captions = _encode_qa(loaded, rows, ctx.progress, desc="llava-next: encode captions")
+    data = _StageData(train=[captions], fractions=[1.0], heldout=captions.subset([]))
+    run_resumable(
+        model,
+        _make_loss_at(loaded, data, stage, seed=ctx.profile.seed, stream="llava-next/projector"),
+        stage,
+        partial_dir=partial_dir,
+        run_hash=f"{digest}/projector",
+        checkpoint_every=ctx.cfg.checkpoint_every,
+        stop_after=ctx.stop_after,
+        desc="llava-next: projector",
+        progress=ctx.progress,
+    )
+    for p in trainable:
+        p.requires_grad_(True)
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -425,6 +455,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
     """The model before training: random init (text-lm, chameleon) or the parent's weights."""
     from saev.models import load_model
+    from saev.shapesworld.world import COLORS, SHAPES, SIZES
     from saev.tiny import build_tiny_model
 
     cfg = ctx.cfg
@@ -466,13 +497,15 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
             pixels_of, labels_of = (lambda images: _anyres_views(loaded, images)), (lambda sc: _tile_labels(sc, cell))
         else:  # the base view only (TRAINING_VERSION <= 2)
             pixels_of, labels_of = (lambda images: _base_views(loaded, images)), (lambda sc: _patch_labels(sc, cell))
+        n_attributes = 3 if cfg.patch_pretrain_size else 2  # colour, shape (, size)
         _pretrain_patch_features(
             ctx,
             lambda pixels: tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:],  # drop CLS
             list(tower.parameters()),
             ctx.cfg.patch_pretrain,
             pixels_of=pixels_of,
-            labels_of=labels_of,
+            labels_of=lambda scene: labels_of(scene)[:n_attributes],
+            n_classes=(len(COLORS), len(SHAPES), len(SIZES))[:n_attributes],
             width=loaded.model.config.vision_config.hidden_size,
             stream="llava-next/patch-pretrain",
             object_term=False,
@@ -488,7 +521,8 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
             [*vq.encoder.parameters(), *vq.quant_conv.parameters()],
             ctx.cfg.vq_pretrain,
             pixels_of=lambda images: _chameleon_pixels(loaded, images),
-            labels_of=lambda scene: _patch_labels(scene, cell),
+            labels_of=lambda scene: _patch_labels(scene, cell)[:2],  # colour, shape
+            n_classes=(len(COLORS), len(SHAPES)),
             width=vq.config.embed_dim,
             stream="chameleon/patch-pretrain",
             object_term=True,
@@ -499,10 +533,10 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
     return loaded
 
 
-def _patch_labels(scene_json: str, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch (row-major): 1 + colour index and 1 + shape index of the object covering most
-    of it (at least 3 pixels), 0 where no object does."""
-    from saev.shapesworld.world import COLORS, SHAPES, Scene, object_masks
+def _patch_labels(scene_json: str, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per patch (row-major): 1 + colour index, 1 + shape index and 1 + size index of the object
+    covering most of it (at least 3 pixels), 0 where no object does."""
+    from saev.shapesworld.world import COLORS, SHAPES, SIZES, Scene, object_masks
 
     scene = Scene.from_json(scene_json)
     masks = torch.from_numpy(object_masks(scene))
@@ -512,8 +546,10 @@ def _patch_labels(scene_json: str, patch_size: int) -> tuple[torch.Tensor, torch
     best, which = cover.max(0)
     colors = torch.tensor([1 + list(COLORS).index(o.color) for o in scene.objects])
     shapes = torch.tensor([1 + SHAPES.index(o.shape) for o in scene.objects])
+    sizes = torch.tensor([1 + SIZES.index(o.size) for o in scene.objects])
     has = best >= 3
-    return torch.where(has, colors[which], 0), torch.where(has, shapes[which], 0)
+    colors, shapes, sizes = (torch.where(has, values[which], 0) for values in (colors, shapes, sizes))
+    return colors, shapes, sizes
 
 
 def _pretrain_patch_features(
@@ -523,41 +559,42 @@ def _pretrain_patch_features(
     cfg: StageConfig,
     *,
     pixels_of: Callable[[list[Any]], torch.Tensor],
-    labels_of: Callable[[str], tuple[torch.Tensor, torch.Tensor]],
+    labels_of: Callable[[str], tuple[torch.Tensor, ...]],
+    n_classes: Sequence[int],
     width: int,
     stream: str,
     object_term: bool,
 ) -> None:
     """Supervised pre-training of an image encoder: a linear probe on ``features(pixels)``
-    (B, patches, width) must name each patch's colour and shape (``_patch_labels``; "none"
-    for background). ``object_term``: plus the same restricted to the object patches, which
+    (B, patches, width) must name each patch's attributes (``labels_of``: colour, shape and
+    optionally size, as ``_patch_labels``, with ``n_classes`` values each; 0, "none", for
+    background). ``object_term``: plus the same restricted to the object patches, which
     otherwise drown in the background majority (without it Chameleon's 4x4 cells, ~12% on
     objects, never learned colour; LLaVA's 8x8 patches learn both without it, and learned
     worse with it). The probe is discarded; only the encoder keeps what it learned."""
-    from saev.shapesworld.world import COLORS, SHAPES
-
     rows = _training_rows(ctx, ("captions", "vqa"))
     pixels = torch.cat([pixels_of([r["image"] for r in chunk]) for chunk in _chunks(rows, 512)])
-    labels = [labels_of(r["scene"]) for r in rows]
-    colors, shapes = torch.stack([c for c, _ in labels]), torch.stack([s for _, s in labels])
-    pixels, colors, shapes = pixels.flatten(0, -4), colors.flatten(0, -2), shapes.flatten(0, -2)  # views -> rows
+    per_row = [labels_of(r["scene"]) for r in rows]
+    # one (rows * views, patches) tensor per attribute
+    labels = [torch.stack([lab[k] for lab in per_row]).flatten(0, -2) for k in range(len(n_classes))]
+    pixels = pixels.flatten(0, -4)
     gen = torch.Generator().manual_seed(ctx.profile.seed)
-    head = torch.nn.Linear(width, len(COLORS) + 1 + len(SHAPES) + 1)
+    head = torch.nn.Linear(width, sum(n + 1 for n in n_classes))
     torch.nn.init.normal_(head.weight, std=0.02, generator=gen)
     torch.nn.init.zeros_(head.bias)
+    bounds = torch.tensor([0, *(n + 1 for n in n_classes)]).cumsum(0).tolist()
     optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in progress_bar(range(cfg.steps), desc=stream, disable=not ctx.progress):
         gen_step = step_generator(ctx.profile.seed, stream, step)
         idx = torch.randint(len(pixels), (cfg.batch_size,), generator=gen_step)
         logits = head(features(pixels[idx])).flatten(0, 1)
-        n_colors = len(COLORS) + 1
-        c, sh = colors[idx].flatten(), shapes[idx].flatten()
-        obj = c > 0
-        loss = F.cross_entropy(logits[:, :n_colors], c) + F.cross_entropy(logits[:, n_colors:], sh)
+        targets = [lab[idx].flatten() for lab in labels]
+        loss = sum(F.cross_entropy(logits[:, lo:hi], t) for lo, hi, t in zip(bounds, bounds[1:], targets))
+        obj = targets[0] > 0
         if object_term and bool(obj.any()):
             on = logits[obj]
-            loss = loss + F.cross_entropy(on[:, 1:n_colors], c[obj] - 1)
-            loss = loss + F.cross_entropy(on[:, n_colors + 1 :], sh[obj] - 1)
+            for lo, hi, t in zip(bounds, bounds[1:], targets):
+                loss = loss + F.cross_entropy(on[:, lo + 1 : hi], t[obj] - 1)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         loss.backward()
@@ -660,20 +697,19 @@ def _anyres_views(loaded: Any, images: list[Any]) -> torch.Tensor:
     return views
 
 
-def _tile_labels(scene_json: str, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _tile_labels(scene_json: str, cell: int) -> tuple[torch.Tensor, ...]:
     """``_patch_labels`` of every anyres view, (5, patches) each: the base view's patches, which
     cover ``cell`` image pixels, then each 2x2 tile's, whose patches cover ``cell / 2``."""
     if cell % 2:
         raise ValueError(f"anyres tiles need an even number of image pixels per base-view patch, got {cell}")
-    base_c, base_s = _patch_labels(scene_json, cell)
-    fine_c, fine_s = _patch_labels(scene_json, cell // 2)
-    g = int(round(fine_c.numel() ** 0.5))  # fine grid side; each tile is g/2 x g/2 of it
+    base, fine = _patch_labels(scene_json, cell), _patch_labels(scene_json, cell // 2)
+    g = int(round(fine[0].numel() ** 0.5))  # fine grid side; each tile is g/2 x g/2 of it
     h = g // 2
 
     def tiles(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(2, h, 2, h).permute(0, 2, 1, 3).reshape(4, h * h)
 
-    return torch.cat([base_c[None], tiles(fine_c)]), torch.cat([base_s[None], tiles(fine_s)])
+    return tuple(torch.cat([b[None], tiles(f)]) for b, f in zip(base, fine))
 
 
 def _chameleon_pixels(loaded: Any, images: Sequence[Any]) -> torch.Tensor:
@@ -765,7 +801,8 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
     # Strong categories as often as in ``vqa`` (equal weights, i.e. more descriptions, learned slower).
     strong = {c: w for c, w in ctx.world.vqa_categories.items() if c in STRONG_CATEGORIES and w > 0}
     strong = strong or dict.fromkeys(STRONG_CATEGORIES, 1.0)
-    extra = _extra_turns(rows, ctx.cfg.qa_turns, strong, ctx.profile.seed)
+    seed, targets = ctx.profile.seed, ctx.cfg.extra_turn_targets
+    extra = _extra_turns(rows, ctx.cfg.qa_turns, strong, seed, targets=targets)
     train = _encode_qa(loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra)
     heldout_rows = _heldout_rows(ctx, ("captions", "vqa"))
     heldout = _encode_qa(loaded, heldout_rows, ctx.progress, desc=f"{name}: encode held-out")
@@ -805,15 +842,24 @@ def _span_weights(length: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor
 
 
 def _extra_turns(
-    rows: Sequence[dict[str, Any]], turns: int, categories: dict[str, float], seed: int
+    rows: Sequence[dict[str, Any]],
+    turns: int,
+    categories: dict[str, float],
+    seed: int,
+    *,
+    targets: str = "random",
 ) -> list[list[tuple[str, str]]]:
     """Per row, ``turns - 1`` more (question, answer) pairs about its scene, asked by the world's
     oracle (``world.ask``) in the given categories (relative weights); deterministic in ``seed``
-    and the row's index."""
+    and the row's index. ``targets``: ``"random"``, each turn about a random object, or
+    ``"distinct"``, the turns go round the scene's objects in a random order, so that a 2-3-object
+    image gets the same question about different objects, whose answers differ."""
     import numpy as np
 
     from saev.shapesworld.world import Scene, ask
 
+    if targets not in ("random", "distinct"):
+        raise ValueError(f"extra-turn targets must be 'random' or 'distinct', got {targets!r}")
     if turns <= 1:
         return [[] for _ in rows]
     names = sorted(categories)
@@ -823,7 +869,12 @@ def _extra_turns(
     for i, r in enumerate(rows):
         rng = np.random.default_rng([seed, i])
         scene = Scene.from_json(r["scene"])
-        qas = [ask(rng, scene, names[int(rng.choice(len(names), p=p))]) for _ in range(turns - 1)]
+        if targets == "random":
+            qas = [ask(rng, scene, names[int(rng.choice(len(names), p=p))]) for _ in range(turns - 1)]
+        else:
+            order = rng.permutation(len(scene.objects)).tolist()
+            qas = [ask(rng, scene, names[int(rng.choice(len(names), p=p))], order[t % len(order)])
+                   for t in range(turns - 1)]  # fmt: skip
         out.append([(qa.question, qa.answer) for qa in qas])
     return out
 

@@ -743,14 +743,19 @@ def _slot_answer(category: str, obj: WorldObject) -> str:
     return {"color": obj.color, "shape": obj.shape, "position": obj.position}[category]
 
 
-def ask(rng: np.random.Generator, scene: Scene, category: str) -> QA:
-    """A random question of ``category`` about ``scene`` (random template, random target object)."""
+def ask(rng: np.random.Generator, scene: Scene, category: str, target: int | None = None) -> QA:
+    """A random question of ``category`` about ``scene`` (random template; about object ``target``,
+    a random one if None)."""
     templates = QUESTION_TEMPLATES[category]
     template = templates[int(rng.integers(len(templates)))]
     if "{" not in template:
         answer = NUMBER_WORDS[len(scene.objects)] if category == "count" else describe_scene(scene)
         return QA(category, template, answer, None)
-    target = int(rng.integers(len(scene.objects)))
+    if target is None:
+        target = int(rng.integers(len(scene.objects)))
+    elif not 0 <= target < len(scene.objects):
+        n = len(scene.objects)
+        raise ValueError(f"ask: target {target} is not an object of a scene with {n} objects")
     obj = scene.objects[target]
     return QA(category, _fill(template, obj), _slot_answer(category, obj), target)
 
