@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -582,7 +583,7 @@ def _pretrain_patch_features(
     head = torch.nn.Linear(width, sum(n + 1 for n in n_classes))
     torch.nn.init.normal_(head.weight, std=0.02, generator=gen)
     torch.nn.init.zeros_(head.bias)
-    bounds = torch.tensor([0, *(n + 1 for n in n_classes)]).cumsum(0).tolist()
+    bounds = list(itertools.accumulate((n + 1 for n in n_classes), initial=0))  # logit columns per attribute
     optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in progress_bar(range(cfg.steps), desc=stream, disable=not ctx.progress):
         gen_step = step_generator(ctx.profile.seed, stream, step)
@@ -869,12 +870,11 @@ def _extra_turns(
     for i, r in enumerate(rows):
         rng = np.random.default_rng([seed, i])
         scene = Scene.from_json(r["scene"])
-        if targets == "random":
-            qas = [ask(rng, scene, names[int(rng.choice(len(names), p=p))]) for _ in range(turns - 1)]
-        else:
-            order = rng.permutation(len(scene.objects)).tolist()
-            qas = [ask(rng, scene, names[int(rng.choice(len(names), p=p))], order[t % len(order)])
-                   for t in range(turns - 1)]  # fmt: skip
+        order = rng.permutation(len(scene.objects)).tolist() if targets == "distinct" else None
+        qas = []
+        for t in range(turns - 1):
+            category = names[int(rng.choice(len(names), p=p))]
+            qas.append(ask(rng, scene, category, None if order is None else order[t % len(order)]))
         out.append([(qa.question, qa.answer) for qa in qas])
     return out
 
