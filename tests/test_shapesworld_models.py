@@ -189,6 +189,38 @@ def test_multi_turn_rows_weigh_every_answer_alike(ci_world: CIWorld) -> None:
     assert all(a in COLORS for turns in only_colour for _, a in turns)
 
 
+@pytest.mark.parametrize("name", ["llava-next", "chameleon"])
+def test_independent_turns_score_as_single_turn_samples(ci_world: CIWorld, name: str) -> None:
+    """``independent``: one packed row of k turns gives every answer token the loss that turn
+    gets alone (its own single-turn row: image, question, answer), so no turn can read an
+    earlier turn's answer; a chained conversation gives different losses."""
+    import datasets
+
+    loaded = load_model(FAMILIES[name], ci_world.paths[name])
+    loaded.model.eval()
+    vqa = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "vqa"))
+    rows = list(vqa.select(range(4)))
+    extra = world_models._extra_turns(rows, 4, {"color": 1.0, "shape": 1.0, "description": 1.0}, seed=0)
+    pad = world_models._pad_id(loaded)
+
+    def answer_losses(seqs: world_models._Seqs) -> list[torch.Tensor]:
+        with torch.no_grad():
+            losses = world_models._token_losses(loaded, world_models._collate(seqs, pad), image_codes=False)
+        return [losses[i, : len(w) - 1][w[1:] > 0] for i, w in enumerate(seqs.weights)]
+
+    packed = world_models._encode_qa(loaded, rows, False, desc="", extra=extra, independent=True)
+    chained = answer_losses(world_models._encode_qa(loaded, rows, False, desc="", extra=extra))
+    differs = False
+    for i, (r, got) in enumerate(zip(rows, answer_losses(packed))):
+        turns = [(r["question"], r["answer"]), *extra[i]]
+        assert len(packed.turn_starts[i]) == len(turns)
+        singles = [dict(r, question=q, answer=a) for q, a in turns]
+        want = torch.cat(answer_losses(world_models._encode_qa(loaded, singles, False, desc="")))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        differs |= got.shape != chained[i].shape or not torch.allclose(got, chained[i], atol=1e-3)
+    assert differs
+
+
 def test_chameleon_codes_tell_colours_apart(ci_world: CIWorld) -> None:
     """The VQ codes of object cells on held-out images mostly determine the object's colour
     (the codebook is fitted on object and background cells alike, the encoder learned colour)."""
@@ -402,3 +434,4 @@ def test_projector_alignment_trains_only_the_projector(ci_world: CIWorld, tmp_pa
     allowed = ("model.multi_modal_projector.", "model.image_newline")
     assert moved and all(n.startswith(allowed) for n in moved), moved
     assert any(n.startswith("model.multi_modal_projector.") for n in moved)
+

@@ -114,6 +114,16 @@ class WorldModelsConfig:
     that a 2-3-object image is asked e.g. the colour of two different shapes, and answering with
     the colour of the most salient object is wrong; a departure from LLaVA's data, whose turns
     a human wrote; on mini: strong exact 0.64 vs 0.71, shape up, colour down)."""
+    extra_turn_categories: dict[str, float] | None = None
+    """Relative weights of the strong categories (``color``, ``shape``, ``description``) among
+    the ``qa_turns - 1`` further questions; None: as often as in the world's ``vqa`` set."""
+    independent_turns: bool = False
+    """The ``qa_turns - 1`` further turns are independent single-turn samples that share their
+    row's image: each sees the image and its own question, not the turns before it (a block
+    attention mask; positions as if alone), as the benchmark and the preference data ask. False:
+    one conversation (LLaVA's multi-turn data), where ~80% of the further colour and shape turns
+    about 2-3-object scenes can be answered by copying from an earlier turn's text, so the
+    model is rewarded for copying instead of for binding a colour to a shape in the image."""
     vocab_size: int = 512
     """BPE vocabulary of the shared tokenizer (Chameleon adds one token per VQ code on top)."""
     tokenizer_documents: int = 2000
@@ -160,6 +170,17 @@ class WorldModelsConfig:
                 "world_models.extra_turn_targets must be 'random' or 'distinct', "
                 f"got {self.extra_turn_targets!r}"
             )
+        if self.extra_turn_categories is not None:
+            from saev.shapesworld.world import STRONG_CATEGORIES
+
+            weights = self.extra_turn_categories
+            if not weights or set(weights) - set(STRONG_CATEGORIES) or min(weights.values()) < 0 or not any(
+                weights.values()
+            ):
+                raise ValueError(
+                    f"world_models.extra_turn_categories must weigh some of {list(STRONG_CATEGORIES)} "
+                    f"with non-negative weights, not all 0, got {weights!r}"
+                )
         if self.patch_pretrain_views not in ("base", "all"):
             raise ValueError(f"world_models.patch_pretrain_views must be 'base' or 'all', got {self.patch_pretrain_views!r}")
         if self.vision_tower_lr_ratio < 0:

@@ -24,7 +24,8 @@ tiles, which the tower is pre-trained on as well (``patch_pretrain_views: all``)
 then trains its projector and language model on the frozen tower, as LLaVA does
 (``vision_tower_lr_ratio`` > 0 trains the tower too). Each training image is a multi-turn
 conversation (``WorldModelsConfig.qa_turns``): its row's question, then more strong-category
-questions answered by the world's oracle.
+questions answered by the world's oracle; with ``independent_turns`` (the mini profile) each
+further turn sees the image but not the earlier turns, so it cannot copy an earlier answer.
 The ``vqa`` set holds few ``position``/``count`` questions (the world's *weak* categories),
 and the extra turns never ask them, so the base MLLMs leave headroom that clean preference
 data can fill and defective data can widen. The two chains (text-lm -> llava-next,
@@ -295,11 +296,13 @@ def _train_spec(
         "llava-next": ("llava_next", "qa_turns", "patch_pretrain", "vision_hidden_size", "vision_num_layers",
                        "vision_intermediate_size", "vision_tower_lr_ratio", "patch_pretrain_views", "vision_image_size",
                        "vision_patch_size", "patch_pretrain_size", "extra_turn_targets",
-                       "projector_pretrain"),  # fmt: skip
-        "chameleon": ("chameleon", "qa_turns", "extra_turn_targets", "vq_pretrain", "num_image_codes",
+                       "projector_pretrain", "independent_turns", "extra_turn_categories"),  # fmt: skip
+        "chameleon": ("chameleon", "qa_turns", "extra_turn_targets", "independent_turns",
+                      "extra_turn_categories", "vq_pretrain", "num_image_codes",
                       "codebook_images",
                       "codebook_iterations"),  # fmt: skip
-        "anole": ("anole", "qa_turns", "image_generation_fraction", "extra_turn_targets"),
+        "anole": ("anole", "qa_turns", "image_generation_fraction", "extra_turn_targets", "independent_turns",
+                  "extra_turn_categories"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
@@ -737,6 +740,10 @@ class _Seqs:
     """LLaVA-NeXT: (N, 2) image sizes."""
     image_targets: bool = False
     """Targets include VQ image codes (Anole's caption -> image rows), so their logits stay unmasked."""
+    turn_starts: list[list[int]] | None = None
+    """Independent turns (``WorldModelsConfig.independent_turns``): per row, where each turn
+    starts; every turn sees the row's image prefix (the tokens before its first turn) and
+    itself only, at the positions it would have alone (``_collate`` builds the mask)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -749,6 +756,7 @@ class _Seqs:
             None if self.pixel_values is None else self.pixel_values[idx],
             None if self.image_sizes is None else self.image_sizes[idx],
             self.image_targets,
+            None if self.turn_starts is None else [self.turn_starts[i] for i in idx],
         )
 
 
@@ -802,9 +810,13 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
     # Strong categories as often as in ``vqa`` (equal weights, i.e. more descriptions, learned slower).
     strong = {c: w for c, w in ctx.world.vqa_categories.items() if c in STRONG_CATEGORIES and w > 0}
     strong = strong or dict.fromkeys(STRONG_CATEGORIES, 1.0)
+    if ctx.cfg.extra_turn_categories is not None:
+        strong = {c: w for c, w in ctx.cfg.extra_turn_categories.items() if w > 0}
     seed, targets = ctx.profile.seed, ctx.cfg.extra_turn_targets
     extra = _extra_turns(rows, ctx.cfg.qa_turns, strong, seed, targets=targets)
-    train = _encode_qa(loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra)
+    train = _encode_qa(
+        loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra, independent=ctx.cfg.independent_turns
+    )
     heldout_rows = _heldout_rows(ctx, ("captions", "vqa"))
     heldout = _encode_qa(loaded, heldout_rows, ctx.progress, desc=f"{name}: encode held-out")
     if name != "anole":
@@ -886,6 +898,7 @@ def _encode_qa(
     *,
     desc: str,
     extra: Sequence[Sequence[tuple[str, str]]] | None = None,
+    independent: bool = False,
 ) -> _Seqs:
     """(image, question, answer) rows in the family's prompt template (``saev.models.chat_sample``),
     answer tokens + EOS as targets. Chameleon rows get their VQ code ids in place of the
@@ -893,13 +906,23 @@ def _encode_qa(
 
     ``extra[i]``: further (question, answer) turns about row ``i``'s image, appended after its
     EOS in the same template without the image (``USER: q ASSISTANT: a</s>`` for LLaVA), a
-    multi-turn conversation as in LLaVA's instruction data; each answer is a target."""
-    from saev.models import PROMPT_TEMPLATES, chat_sample
+    multi-turn conversation as in LLaVA's instruction data; each answer is a target.
+    ``independent``: each extra turn is instead the whole single-turn sample's text after the
+    image (``\\nq ASSISTANT: a</s>``), and ``turn_starts`` records where every turn starts, so
+    that ``_collate`` lets it see the image but not the earlier turns' answers."""
+    from saev.models import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, chat_sample
 
     tok = _tokenizer(loaded)
     eos = tok.eos_token_id
     template = PROMPT_TEMPLATES[loaded.family]
-    ids, weights, pixels, sizes = [], [], [], []
+    placeholder = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+    def after_image(question: str, answer: str) -> list[int]:
+        """Tokens of the single-turn sample after its image placeholder."""
+        unexpanded = tok(chat_sample(loaded.family, question, answer, ("image",)).text)["input_ids"]
+        return unexpanded[len(unexpanded) - unexpanded[::-1].index(placeholder) :]
+
+    ids, weights, pixels, sizes, turn_starts = [], [], [], [], []
     for c, chunk in enumerate(progress_bar(_chunks(rows, 256), desc=desc, disable=not progress)):
         samples = [chat_sample(loaded.family, r["question"], r["answer"], (r["image"],)) for r in chunk]
         enc = loaded.adapter.build_inputs(loaded.processor, samples, context_size=_BIG_CONTEXT)
@@ -917,15 +940,29 @@ def _encode_qa(
             pieces = [row, torch.tensor([eos])]
             spans = [(len(row) - len(answer), len(row) + 1)]
             n = len(row) + 1
+            if independent:
+                first = after_image(r["question"], r["answer"])
+                if row[-len(first) :].tolist() != first:
+                    raise RuntimeError(f"{loaded.family}: row {c * 256 + b}'s turn does not tokenise alone")
+                starts = [len(row) - len(first)]
             for question, reply in extra[c * 256 + b] if extra is not None else ():
-                prompt = template.format(images="", question=question, answer="").rstrip(" ")
-                turn = tok(prompt, add_special_tokens=False)["input_ids"]
                 answer = tok(" " + reply, add_special_tokens=False)["input_ids"]
+                if independent:
+                    alone = after_image(question, reply)
+                    if alone[-len(answer) :] != answer:
+                        raise RuntimeError(f"{loaded.family}: the answer {reply!r} does not tokenise as a suffix")
+                    turn = alone[: -len(answer)]
+                    starts.append(n)
+                else:
+                    prompt = template.format(images="", question=question, answer="").rstrip(" ")
+                    turn = tok(prompt, add_special_tokens=False)["input_ids"]
                 pieces.append(torch.tensor([*turn, *answer, eos]))
                 spans.append((n + len(turn), n + len(turn) + len(answer) + 1))
                 n += len(turn) + len(answer) + 1
             ids.append(torch.cat(pieces))
             weights.append(_span_weights(n, spans))
+            if independent:
+                turn_starts.append(starts)
         if loaded.family == "llava_next":
             pixels.append(enc["pixel_values"])
             sizes.append(enc["image_sizes"])
@@ -934,6 +971,7 @@ def _encode_qa(
         weights,
         torch.cat(pixels) if pixels else None,
         torch.cat(sizes) if sizes else None,
+        turn_starts=turn_starts if independent else None,
     )
 
 
@@ -994,10 +1032,31 @@ def _collate(seqs: _Seqs, pad_id: int) -> dict[str, torch.Tensor]:
         weights[b, : len(row)] = w
     labels = torch.where(weights > 0, input_ids, -100)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "weights": weights}
+    if seqs.turn_starts is not None:
+        batch["attention_mask"], batch["position_ids"] = _turn_mask(seqs, T)
     if seqs.pixel_values is not None:
         batch["pixel_values"] = seqs.pixel_values
         batch["image_sizes"] = seqs.image_sizes
     return batch
+
+
+def _turn_mask(seqs: _Seqs, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, T, T) boolean attention mask and (B, T) position ids of independent turns
+    (``_Seqs.turn_starts``): the image prefix is causal, each turn sees the prefix and itself
+    causally and continues the prefix's positions; padding sees only itself."""
+    B = len(seqs)
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    for b, (row, starts) in enumerate(zip(seqs.input_ids, seqs.turn_starts)):
+        prefix = starts[0]
+        mask[b, :prefix, :prefix] = causal[:prefix, :prefix]
+        position_ids[b, :prefix] = torch.arange(prefix)
+        for start, end in zip(starts, [*starts[1:], len(row)]):
+            mask[b, start:end, :prefix] = True
+            mask[b, start:end, start:end] = causal[: end - start, : end - start]
+            position_ids[b, start:end] = torch.arange(prefix, prefix + end - start)
+    return mask[:, None], position_ids
 
 
 def _logits(loaded: Any, batch: dict[str, torch.Tensor], *, image_codes: bool = False) -> torch.Tensor:
