@@ -435,3 +435,14 @@ def test_projector_alignment_trains_only_the_projector(ci_world: CIWorld, tmp_pa
     assert moved and all(n.startswith(allowed) for n in moved), moved
     assert any(n.startswith("model.multi_modal_projector.") for n in moved)
 
+
+
+def test_extra_turn_categories_must_weigh_strong_categories() -> None:
+    """``extra_turn_categories``: only the strong categories, weights >= 0 and not all 0; the
+    error names the key and the bad value."""
+    cfg = load_profile("mini").world_models
+    assert cfg.independent_turns and cfg.extra_turn_categories is not None
+    for bad in ({"position": 1.0}, {"color": -1.0}, {"color": 0.0}, {}):
+        with pytest.raises(ValueError, match=r"extra_turn_categories.*got"):
+            dataclasses.replace(cfg, extra_turn_categories=bad)
+    assert dataclasses.replace(cfg, extra_turn_categories={"description": 1.0}).extra_turn_categories

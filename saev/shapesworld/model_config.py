@@ -116,14 +116,17 @@ class WorldModelsConfig:
     a human wrote; on mini: strong exact 0.64 vs 0.71, shape up, colour down)."""
     extra_turn_categories: dict[str, float] | None = None
     """Relative weights of the strong categories (``color``, ``shape``, ``description``) among
-    the ``qa_turns - 1`` further questions; None: as often as in the world's ``vqa`` set."""
+    the ``qa_turns - 1`` further questions; None: as often as in the world's ``vqa`` set (on
+    mini with independent turns: description .5 instead of .23 gave description exact .67 vs
+    .55, colour and shape .89 vs .93 and .92, strong exact .81 vs .78)."""
     independent_turns: bool = False
     """The ``qa_turns - 1`` further turns are independent single-turn samples that share their
     row's image: each sees the image and its own question, not the turns before it (a block
     attention mask; positions as if alone), as the benchmark and the preference data ask. False:
     one conversation (LLaVA's multi-turn data), where ~80% of the further colour and shape turns
     about 2-3-object scenes can be answered by copying from an earlier turn's text, so the
-    model is rewarded for copying instead of for binding a colour to a shape in the image."""
+    model is rewarded for copying instead of for binding a colour to a shape in the image (on
+    mini: strong exact .78 vs .71, colour .93 vs .85; ~3% slower steps for the masked attention)."""
     vocab_size: int = 512
     """BPE vocabulary of the shared tokenizer (Chameleon adds one token per VQ code on top)."""
     tokenizer_documents: int = 2000
