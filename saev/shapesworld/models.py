@@ -918,7 +918,8 @@ def _encode_qa(
     placeholder = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 
     def after_image(question: str, answer: str) -> list[int]:
-        """Tokens of the single-turn sample after its image placeholder."""
+        """Tokens of the single-turn sample after its image placeholder (one placeholder token:
+        the text alone, so the stand-in image is never read)."""
         unexpanded = tok(chat_sample(loaded.family, question, answer, ("image",)).text)["input_ids"]
         return unexpanded[len(unexpanded) - unexpanded[::-1].index(placeholder) :]
 
