@@ -12,6 +12,7 @@ Run: ``python benchmarks/bench_world_turns.py [--profile mini] [--artifacts DIR]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from saev.config import load_profile
 from saev.models import load_model
 from saev.shapesworld import models as M
-from saev.shapesworld.world import STRONG_CATEGORIES, world_config_for
+from saev.shapesworld.world import world_config_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +39,9 @@ def main() -> None:
     profile = load_profile(args.profile)
     cfg = profile.world_models
     root = Path(args.artifacts or ROOT / "artifacts" / args.profile)
-    vqa_weights = {c: w for c, w in world_config_for(args.profile).vqa_categories.items() if c in STRONG_CATEGORIES}
+    world = world_config_for(args.profile)
+    vqa_weights = M.extra_turn_weights(dataclasses.replace(cfg, extra_turn_categories=None), world)
+    profile_weights = M.extra_turn_weights(cfg, world)
     ds = datasets.load_from_disk(str(root / "data" / "vqa"))
     for name in args.models:
         stage = getattr(cfg, name.replace("-", "_"))
@@ -51,8 +54,8 @@ def main() -> None:
         pad = M._pad_id(loaded)
         ways = {
             "chained, vqa weights": (vqa_weights, False),
-            "chained, profile weights": (cfg.extra_turn_categories or vqa_weights, False),
-            "independent, profile weights": (cfg.extra_turn_categories or vqa_weights, True),
+            "chained, profile weights": (profile_weights, False),
+            "independent, profile weights": (profile_weights, True),
         }
         batches = {}
         for way, (weights, independent) in ways.items():

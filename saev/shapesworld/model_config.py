@@ -126,7 +126,7 @@ class WorldModelsConfig:
     one conversation (LLaVA's multi-turn data), where ~80% of the further colour and shape turns
     about 2-3-object scenes can be answered by copying from an earlier turn's text, so the
     model is rewarded for copying instead of for binding a colour to a shape in the image (on
-    mini: strong exact .78 vs .71, colour .93 vs .85; ~3% slower steps for the masked attention)."""
+    mini: strong exact .78 vs .71, colour .93 vs .85; x1.01-1.04 per step, benchmarks/bench_world_turns.py)."""
     vocab_size: int = 512
     """BPE vocabulary of the shared tokenizer (Chameleon adds one token per VQ code on top)."""
     tokenizer_documents: int = 2000

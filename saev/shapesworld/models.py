@@ -804,16 +804,9 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
             fractions=[1.0],
             heldout=_encode_texts(tok, text[split:], ctx.cfg.max_text_tokens, ctx.progress, pack=False),
         )
-    from saev.shapesworld.world import STRONG_CATEGORIES
-
     rows = _training_rows(ctx, ("captions", "vqa"))
-    # Strong categories as often as in ``vqa`` (equal weights, i.e. more descriptions, learned slower).
-    strong = {c: w for c, w in ctx.world.vqa_categories.items() if c in STRONG_CATEGORIES and w > 0}
-    strong = strong or dict.fromkeys(STRONG_CATEGORIES, 1.0)
-    if ctx.cfg.extra_turn_categories is not None:
-        strong = {c: w for c, w in ctx.cfg.extra_turn_categories.items() if w > 0}
     seed, targets = ctx.profile.seed, ctx.cfg.extra_turn_targets
-    extra = _extra_turns(rows, ctx.cfg.qa_turns, strong, seed, targets=targets)
+    extra = _extra_turns(rows, ctx.cfg.qa_turns, extra_turn_weights(ctx.cfg, ctx.world), seed, targets=targets)
     train = _encode_qa(
         loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra, independent=ctx.cfg.independent_turns
     )
@@ -825,6 +818,18 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
     gen_heldout = _encode_generation(loaded, _heldout_rows(ctx, ("captions",)), ctx.progress)
     f = ctx.cfg.image_generation_fraction
     return _StageData(train=[gen, train], fractions=[f, 1 - f], heldout=heldout, gen_heldout=gen_heldout)
+
+
+def extra_turn_weights(cfg: WorldModelsConfig, world: Any) -> dict[str, float]:
+    """Relative weights of the categories of the further turns: ``cfg.extra_turn_categories``,
+    or else the strong categories as often as in the world's ``vqa`` (equal weights, i.e.
+    more descriptions, were learned slower)."""
+    from saev.shapesworld.world import STRONG_CATEGORIES
+
+    if cfg.extra_turn_categories is not None:
+        return {c: w for c, w in cfg.extra_turn_categories.items() if w > 0}
+    strong = {c: w for c, w in world.vqa_categories.items() if c in STRONG_CATEGORIES and w > 0}
+    return strong or dict.fromkeys(STRONG_CATEGORIES, 1.0)
 
 
 def _encode_texts(
