@@ -446,3 +446,61 @@ def test_extra_turn_categories_must_weigh_strong_categories() -> None:
         with pytest.raises(ValueError, match=r"extra_turn_categories.*got"):
             dataclasses.replace(cfg, extra_turn_categories=bad)
     assert dataclasses.replace(cfg, extra_turn_categories={"description": 1.0}).extra_turn_categories
+
+
+def test_train_seed_retrains_the_recipe_with_other_randomness(
+    ci_world: CIWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train_seed``: None or the profile's seed is the same training (finished models are
+    reused); another value changes every model's hash and its initial weights, not the world."""
+    profile, cfg = ci_world.profile, ci_world.profile.world_models
+    same = dataclasses.replace(profile, world_models=dataclasses.replace(cfg, train_seed=profile.seed))
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished model was trained again")
+
+    monkeypatch.setattr(world_models, "_train_stage", no_training)
+    assert train_world_models(same, progress=False) == ci_world.paths
+
+    def ctx(seed: int | None) -> Any:
+        return world_models._Context(
+            profile=profile, cfg=dataclasses.replace(cfg, train_seed=seed), world=world_models._world_config(profile),
+            data_dir=profile.artifacts_path / "data", models_dir=profile.artifacts_path / "models",
+            stop_after=None, progress=False,
+        )  # fmt: skip
+
+    assert ctx(None).seed == profile.seed and ctx(profile.seed + 1).seed == profile.seed + 1
+    data_hashes = {n: "d" for n in world_models._DATA_SETS}
+
+    def digest(seed: int | None, name: str) -> str:
+        c = dataclasses.replace(cfg, train_seed=seed)
+        return world_models._hash(world_models._train_spec(name, c, world_models.train_seed(profile, c), data_hashes, None))
+
+    for name in MODEL_NAMES:
+        assert digest(None, name) == digest(profile.seed, name) != digest(profile.seed + 1, name)
+    weights = [
+        world_models._initial_model(ctx(seed), "text-lm", tmp_path / str(seed)).model.lm_head.weight
+        for seed in (None, profile.seed + 1)
+    ]
+    assert not torch.equal(*weights)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"train_seed.*got"):
+            dataclasses.replace(cfg, train_seed=bad)
+
+
+def test_answer_length_power_moves_weight_to_long_answers() -> None:
+    """``_span_weights``: a row's weights sum to 1; power 0 gives each answer the same share,
+    power 1 each answer token the same weight, 0.5 lies between; out of [0, 1] is an error."""
+    spans = [(2, 4), (6, 16)]  # a 2-token answer (a colour and EOS), a 10-token description
+    shares = {}
+    for power in (0.0, 0.5, 1.0):
+        w = world_models._span_weights(20, spans, power)
+        assert float(w.sum()) == pytest.approx(1.0) and float(w[:2].sum() + w[4:6].sum() + w[16:].sum()) == 0
+        shares[power] = float(w[6:16].sum())
+    assert shares[0.0] == pytest.approx(0.5) and shares[1.0] == pytest.approx(10 / 12)
+    assert shares[0.0] < shares[0.5] < shares[1.0]
+    assert torch.equal(world_models._span_weights(20, spans, 1.0)[2:16].unique(), torch.tensor([0.0, 1 / 12]))
+    cfg = load_profile("mini").world_models
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"answer_length_power.*got"):
+            dataclasses.replace(cfg, answer_length_power=bad)

@@ -32,9 +32,9 @@ data can fill and defective data can widen. The two chains (text-lm -> llava-nex
 chameleon -> anole) train in parallel worker processes (``WorldModelsConfig.workers``).
 Each model folder holds ``train_config.json`` (the config and its hash: a
 finished folder with the same hash is never retrained) and ``eval.json`` (held-out metrics,
-:class:`ModelEval`). Training is deterministic given the profile seed and resumes from the
-``<name>.partial/`` checkpoints of an interrupted run; the finished folder appears by an
-atomic rename.
+:class:`ModelEval`). Training is deterministic given the training seed (:func:`train_seed`)
+and resumes from the ``<name>.partial/`` checkpoints of an interrupted run; the finished
+folder appears by an atomic rename.
 
 Run ``python -m saev.shapesworld.models --profile mini`` or call :func:`train_world_models`.
 """
@@ -80,6 +80,7 @@ __all__ = [
     "WorldModelsConfig",
     "fit_codebook",
     "main",
+    "train_seed",
     "train_world_models",
     "world_models_config_for",
 ]
@@ -227,7 +228,7 @@ def train_world_models(
         if name not in needed:
             continue
         parent = hashes.get(DEPENDENCIES.get(name, ""))
-        specs[name] = _train_spec(name, cfg, profile.seed, data_hashes, parent)
+        specs[name] = _train_spec(name, cfg, train_seed(profile, cfg), data_hashes, parent)
         hashes[name] = _hash(specs[name])
     todo = [n for n in MODEL_NAMES if n in needed and not _is_complete(models_dir / n, hashes[n])]
     if todo:
@@ -283,6 +284,11 @@ def _train_chain(
             _train_stage(ctx, name, specs[name], hashes[name])
 
 
+def train_seed(profile: Profile, cfg: WorldModelsConfig) -> int:
+    """Seed of the models' training: ``world_models.train_seed``, else the profile's (the world's) seed."""
+    return profile.seed if cfg.train_seed is None else cfg.train_seed
+
+
 def _train_spec(
     name: str, cfg: WorldModelsConfig, seed: int, data_hashes: dict[str, str], parent_hash: str | None
 ) -> dict[str, Any]:
@@ -296,13 +302,13 @@ def _train_spec(
         "llava-next": ("llava_next", "qa_turns", "patch_pretrain", "vision_hidden_size", "vision_num_layers",
                        "vision_intermediate_size", "vision_tower_lr_ratio", "patch_pretrain_views", "vision_image_size",
                        "vision_patch_size", "patch_pretrain_size", "extra_turn_targets",
-                       "projector_pretrain", "independent_turns", "extra_turn_categories"),  # fmt: skip
+                       "projector_pretrain", "independent_turns", "extra_turn_categories",
+                       "answer_length_power"),  # fmt: skip
         "chameleon": ("chameleon", "qa_turns", "extra_turn_targets", "independent_turns",
-                      "extra_turn_categories", "vq_pretrain", "num_image_codes",
-                      "codebook_images",
-                      "codebook_iterations"),  # fmt: skip
+                      "extra_turn_categories", "answer_length_power", "vq_pretrain", "num_image_codes",
+                      "codebook_images", "codebook_iterations"),  # fmt: skip
         "anole": ("anole", "qa_turns", "image_generation_fraction", "extra_turn_targets", "independent_turns",
-                  "extra_turn_categories"),
+                  "extra_turn_categories", "answer_length_power"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
@@ -342,6 +348,11 @@ class _Context:
     progress: bool
     cache: dict[Any, Any] = field(default_factory=dict)
 
+    @property
+    def seed(self) -> int:
+        """Seed of every random choice of training (see :func:`train_seed`)."""
+        return train_seed(self.profile, self.cfg)
+
     def dataset(self, name: str) -> Any:
         """A generated data set, loaded once."""
         if name not in self.cache:
@@ -380,12 +391,12 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     model_dir = ctx.models_dir / name
     partial_dir = ctx.models_dir / f"{name}.partial"
     stage: StageConfig = getattr(ctx.cfg, name.replace("-", "_"))
-    torch.manual_seed(ctx.profile.seed)
+    torch.manual_seed(ctx.seed)
     loaded = _initial_model(ctx, name, partial_dir)
     if name == "llava-next" and ctx.cfg.projector_pretrain is not None:
         _align_projector(ctx, loaded, ctx.cfg.projector_pretrain, partial_dir / "projector", digest)
     data = _stage_data(ctx, name, loaded)
-    loss_at = _make_loss_at(loaded, data, stage, seed=ctx.profile.seed, stream=name)
+    loss_at = _make_loss_at(loaded, data, stage, seed=ctx.seed, stream=name)
     lr_scales = None
     if name == "llava-next" and ctx.cfg.vision_tower_lr_ratio > 0:
         lr_scales = dict.fromkeys(loaded.model.model.vision_tower.parameters(), ctx.cfg.vision_tower_lr_ratio)
@@ -434,7 +445,7 @@ def _align_projector(ctx: _Context, loaded: Any, stage: StageConfig, partial_dir
     data = _StageData(train=[captions], fractions=[1.0], heldout=captions.subset([]))
     run_resumable(
         model,
-        _make_loss_at(loaded, data, stage, seed=ctx.profile.seed, stream="llava-next/projector"),
+        _make_loss_at(loaded, data, stage, seed=ctx.seed, stream="llava-next/projector"),
         stage,
         partial_dir=partial_dir,
         run_hash=f"{digest}/projector",
@@ -483,7 +494,7 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         vision_hidden_size=cfg.vision_hidden_size,
         vision_num_layers=cfg.vision_num_layers,
         vision_intermediate_size=cfg.vision_intermediate_size,
-        seed=ctx.profile.seed,
+        seed=ctx.seed,
         intermediate_size=cfg.intermediate_size,
     )
     loaded = load_model(family, init_dir)
@@ -533,7 +544,7 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         )
         _fit_chameleon_codebook(ctx, loaded)
         loaded.model.model.vqmodel.requires_grad_(False)  # Chameleon's tokenizer is frozen
-        _init_code_embeddings(loaded, seed=ctx.profile.seed)
+        _init_code_embeddings(loaded, seed=ctx.seed)
     return loaded
 
 
@@ -582,14 +593,14 @@ def _pretrain_patch_features(
     # one (rows * views, patches) tensor per attribute
     labels = [torch.stack([lab[k] for lab in per_row]).flatten(0, -2) for k in range(len(n_classes))]
     pixels = pixels.flatten(0, -4)
-    gen = torch.Generator().manual_seed(ctx.profile.seed)
+    gen = torch.Generator().manual_seed(ctx.seed)
     head = torch.nn.Linear(width, sum(n + 1 for n in n_classes))
     torch.nn.init.normal_(head.weight, std=0.02, generator=gen)
     torch.nn.init.zeros_(head.bias)
     bounds = list(itertools.accumulate((n + 1 for n in n_classes), initial=0))  # logit columns per attribute
     optimizer = torch.optim.AdamW([*params, *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in progress_bar(range(cfg.steps), desc=stream, disable=not ctx.progress):
-        gen_step = step_generator(ctx.profile.seed, stream, step)
+        gen_step = step_generator(ctx.seed, stream, step)
         idx = torch.randint(len(pixels), (cfg.batch_size,), generator=gen_step)
         logits = head(features(pixels[idx])).flatten(0, 1)
         targets = [lab[idx].flatten() for lab in labels]
@@ -650,7 +661,7 @@ def _fit_chameleon_codebook(ctx: _Context, loaded: Any) -> None:
     """Write a k-means codebook of the world's training images into the (random, frozen) VQ quantiser."""
     rows = _training_rows(ctx, ("captions", "vqa"))
     n_images = min(ctx.cfg.codebook_images, len(rows))
-    gen = torch.Generator().manual_seed(ctx.profile.seed)
+    gen = torch.Generator().manual_seed(ctx.seed)
     pick = torch.randperm(len(rows), generator=gen)[:n_images].tolist()
     pixels = _chameleon_pixels(loaded, [rows[i]["image"] for i in pick])
     latents = torch.cat([_vq_latents(loaded.model, p) for p in pixels.split(256)])
@@ -805,11 +816,10 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
             heldout=_encode_texts(tok, text[split:], ctx.cfg.max_text_tokens, ctx.progress, pack=False),
         )
     rows = _training_rows(ctx, ("captions", "vqa"))
-    seed, targets = ctx.profile.seed, ctx.cfg.extra_turn_targets
+    seed, targets = ctx.seed, ctx.cfg.extra_turn_targets
     extra = _extra_turns(rows, ctx.cfg.qa_turns, extra_turn_weights(ctx.cfg, ctx.world), seed, targets=targets)
-    train = _encode_qa(
-        loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra, independent=ctx.cfg.independent_turns
-    )
+    train = _encode_qa(loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra,
+                       independent=ctx.cfg.independent_turns, length_power=ctx.cfg.answer_length_power)  # fmt: skip
     heldout_rows = _heldout_rows(ctx, ("captions", "vqa"))
     heldout = _encode_qa(loaded, heldout_rows, ctx.progress, desc=f"{name}: encode held-out")
     if name != "anole":
@@ -850,12 +860,13 @@ def _encode_texts(
     return _Seqs(ids, [_span_weights(len(row), [(1, len(row))]) for row in ids])
 
 
-def _span_weights(length: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """(length,) weights: each ``[start, end)`` span gets ``1 / len(spans)``, spread evenly
-    over its tokens."""
+def _span_weights(length: int, spans: Sequence[tuple[int, int]], power: float = 0.0) -> torch.Tensor:
+    """(length,) weights summing to 1: each ``[start, end)`` span gets a share proportional to
+    its length ** ``power``, spread evenly over its tokens (0: every span alike; 1: every token)."""
     w = torch.zeros(length)
+    total = sum((end - start) ** power for start, end in spans)
     for start, end in spans:
-        w[start:end] = 1.0 / (len(spans) * (end - start))
+        w[start:end] = (end - start) ** power / (total * (end - start))
     return w
 
 
@@ -904,6 +915,7 @@ def _encode_qa(
     desc: str,
     extra: Sequence[Sequence[tuple[str, str]]] | None = None,
     independent: bool = False,
+    length_power: float = 0.0,
 ) -> _Seqs:
     """(image, question, answer) rows in the family's prompt template (``saev.models.chat_sample``),
     answer tokens + EOS as targets. Chameleon rows get their VQ code ids in place of the
@@ -914,7 +926,9 @@ def _encode_qa(
     multi-turn conversation as in LLaVA's instruction data; each answer is a target.
     ``independent``: each extra turn is instead the whole single-turn sample's text after the
     image (``\\nq ASSISTANT: a</s>``), and ``turn_starts`` records where every turn starts, so
-    that ``_collate`` lets it see the image but not the earlier turns' answers."""
+    that ``_collate`` lets it see the image but not the earlier turns' answers.
+    ``length_power``: each answer's share of its row's weight grows as its length ** this
+    (``WorldModelsConfig.answer_length_power``)."""
     from saev.models import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, chat_sample
 
     tok = _tokenizer(loaded)
@@ -966,7 +980,7 @@ def _encode_qa(
                 spans.append((n + len(turn), n + len(turn) + len(answer) + 1))
                 n += len(turn) + len(answer) + 1
             ids.append(torch.cat(pieces))
-            weights.append(_span_weights(n, spans))
+            weights.append(_span_weights(n, spans, length_power))
             if independent:
                 turn_starts.append(starts)
         if loaded.family == "llava_next":
