@@ -504,3 +504,31 @@ def test_answer_length_power_moves_weight_to_long_answers() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"answer_length_power.*got"):
             dataclasses.replace(cfg, answer_length_power=bad)
+
+
+def test_llava_worker_waits_for_text_lm_and_stops_when_it_fails(tmp_path: Path) -> None:
+    """``_wait_for``: returns the finished folder once it holds the current hash (written meanwhile
+    by "the other worker", here a thread), and raises, naming the model and the error, when that
+    worker left a ``.failed`` marker instead of waiting forever."""
+    import threading
+
+    models = tmp_path / "models"
+    (models / "text-lm").mkdir(parents=True)
+    ctx = world_models._Context(
+        profile=load_profile("ci"), cfg=load_profile("ci").world_models, world=None, data_dir=tmp_path,
+        models_dir=models, stop_after=None, progress=False, hashes={"text-lm": "h1"},
+    )  # fmt: skip
+    (models / "text-lm" / "train_config.json").write_text(json.dumps({"hash": "old"}))  # a stale model
+
+    def finish() -> None:
+        (models / "text-lm" / "eval.json").write_text("{}")
+        (models / "text-lm" / "train_config.json").write_text(json.dumps({"hash": "h1"}))
+
+    timer = threading.Timer(0.2, finish)
+    timer.start()
+    assert world_models._wait_for(ctx, "text-lm", poll_seconds=0.05) == models / "text-lm"
+    timer.join()
+    ctx.hashes["text-lm"] = "h2"
+    world_models._failed_marker(models, "text-lm").write_text("TrainingInterrupted: stopped after 3 steps\n")
+    with pytest.raises(RuntimeError, match=r"text-lm failed in the other training worker.*stopped after 3"):
+        world_models._wait_for(ctx, "text-lm", poll_seconds=0.05)

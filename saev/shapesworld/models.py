@@ -28,8 +28,8 @@ questions answered by the world's oracle; with ``independent_turns`` (the mini p
 further turn sees the image but not the earlier turns, so it cannot copy an earlier answer.
 The ``vqa`` set holds few ``position``/``count`` questions (the world's *weak* categories),
 and the extra turns never ask them, so the base MLLMs leave headroom that clean preference
-data can fill and defective data can widen. The two chains (text-lm -> llava-next,
-chameleon -> anole) train in parallel worker processes (``WorldModelsConfig.workers``).
+data can fill and defective data can widen. Two worker processes train them side by side
+(``WorldModelsConfig.workers``): text-lm, chameleon and anole in one, llava-next in the other.
 Each model folder holds ``train_config.json`` (the config and its hash: a
 finished folder with the same hash is never retrained) and ``eval.json`` (held-out metrics,
 :class:`ModelEval`). Training is deterministic given the training seed (:func:`train_seed`)
@@ -233,6 +233,8 @@ def train_world_models(
     todo = [n for n in MODEL_NAMES if n in needed and not _is_complete(models_dir / n, hashes[n])]
     if todo:
         generate_world(world, artifacts, names=_DATA_SETS, progress=progress)
+        for name in todo:  # failures of an earlier call
+            _failed_marker(models_dir, name).unlink(missing_ok=True)
         chains = [[n for n in chain if n in todo] for chain in _CHAINS]
         jobs = [(profile, cfg, world, chain, specs, hashes, stop_after, progress, row)
                 for row, chain in enumerate(c for c in chains if c)]  # fmt: skip
@@ -253,9 +255,12 @@ def train_world_models(
     return {n: models_dir / n for n in wanted}
 
 
-_CHAINS = (("text-lm", "llava-next"), ("chameleon", "anole"))
-"""Models that start from each other, in order; different chains train independently
-(``WorldModelsConfig.workers`` processes at once)."""
+_CHAINS = (("text-lm", "chameleon", "anole"), ("llava-next",))
+"""The models each worker trains, in order (``WorldModelsConfig.workers`` processes at once;
+one worker trains them chain after chain). llava-next starts from text-lm, which the other
+chain trains first: its worker pre-trains the CLIP tower meanwhile and then waits for text-lm
+(:func:`_wait_for`), so that the two workers' loads balance (text-lm -> llava-next as one
+chain made the run ~1.5 min longer)."""
 
 
 def _train_chain(
@@ -277,11 +282,31 @@ def _train_chain(
     artifacts = profile.artifacts_path
     ctx = _Context(
         profile=profile, cfg=cfg, world=world, data_dir=artifacts / "data", models_dir=artifacts / "models",
-        stop_after=stop_after, progress=progress,
+        stop_after=stop_after, progress=progress, hashes=hashes,
     )  # fmt: skip
     with deterministic_torch(cfg.num_threads):
         for name in names:
-            _train_stage(ctx, name, specs[name], hashes[name])
+            try:
+                _train_stage(ctx, name, specs[name], hashes[name])
+            except BaseException as error:  # a worker waiting for this model must not wait forever
+                ctx.models_dir.mkdir(parents=True, exist_ok=True)
+                _failed_marker(ctx.models_dir, name).write_text(f"{type(error).__name__}: {error}\n")
+                raise
+
+
+def _failed_marker(models_dir: Path, name: str) -> Path:
+    return models_dir / f"{name}.failed"
+
+
+def _wait_for(ctx: _Context, name: str, *, poll_seconds: float = 1.0) -> Path:
+    """The finished folder of model ``name`` (current hash), waiting while another worker trains it;
+    raises RuntimeError when that worker failed (``<name>.failed``, written by :func:`_train_chain`)."""
+    folder, marker = ctx.models_dir / name, _failed_marker(ctx.models_dir, name)
+    while not _is_complete(folder, ctx.hashes[name]):
+        if marker.exists():
+            raise RuntimeError(f"{name} failed in the other training worker ({marker.read_text().strip()})")
+        time.sleep(poll_seconds)
+    return folder
 
 
 def train_seed(profile: Profile, cfg: WorldModelsConfig) -> int:
@@ -346,6 +371,8 @@ class _Context:
     models_dir: Path
     stop_after: int | None
     progress: bool
+    hashes: dict[str, str] = field(default_factory=dict)
+    """Config hash of every model this call trains or reuses (for :func:`_wait_for`)."""
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -500,10 +527,6 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
     loaded = load_model(family, init_dir)
     shutil.rmtree(init_dir)
     if name == "llava-next":
-        # LLaVA-NeXT is built on Mistral: its language model starts as the trained text-lm.
-        text_lm = load_model("causal_lm", ctx.models_dir / DEPENDENCIES[name]).model
-        loaded.model.model.language_model.load_state_dict(text_lm.model.state_dict(), strict=True)
-        loaded.model.lm_head.load_state_dict(text_lm.lm_head.state_dict(), strict=True)
         tower, layer = loaded.model.model.vision_tower, loaded.model.config.vision_feature_layer
         vision = loaded.model.config.vision_config
         cell = ctx.world.image_size * vision.patch_size // vision.image_size  # image pixels per base-view patch
@@ -527,6 +550,11 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         )
         if cfg.vision_tower_lr_ratio == 0:  # as in LLaVA-1.5: the projector and the LM learn on a frozen CLIP tower
             tower.requires_grad_(False)
+        # LLaVA-NeXT is built on Mistral: its language model starts as the trained text-lm (which the
+        # other worker may still be training: the tower's pre-training above does not need it).
+        text_lm = load_model("causal_lm", _wait_for(ctx, DEPENDENCIES[name])).model
+        loaded.model.model.language_model.load_state_dict(text_lm.model.state_dict(), strict=True)
+        loaded.model.lm_head.load_state_dict(text_lm.lm_head.state_dict(), strict=True)
     if name == "chameleon":
         vq = loaded.model.model.vqmodel
         cell = 2 ** (len(vq.config.channel_multiplier) - 1)  # one latent per downsampled cell
