@@ -59,7 +59,7 @@ def main() -> None:
         }
         batches = {}
         for way, (weights, independent) in ways.items():
-            extra = M._extra_turns(rows, cfg.qa_turns, weights, profile.seed)
+            extra = M._extra_turns(rows, cfg.qa_turns, weights, M.train_seed(profile, cfg))
             seqs = M._encode_qa(loaded, rows, False, desc="", extra=extra, independent=independent)
             batches[way] = (M._collate(seqs, pad), sum(len(x) for x in seqs.input_ids) / len(seqs))
         times: dict[str, list[float]] = {way: [] for way in ways}

@@ -322,18 +322,15 @@ def _train_spec(
         "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "tokenizer_documents",
         "heldout_rows",
     )  # fmt: skip
+    # how every multimodal model's captions/VQA rows are built and weighed (_stage_data)
+    qa = ("qa_turns", "extra_turn_targets", "independent_turns", "extra_turn_categories", "answer_length_power")
     own = {
         "text-lm": ("text_lm", "max_text_tokens"),
-        "llava-next": ("llava_next", "qa_turns", "patch_pretrain", "vision_hidden_size", "vision_num_layers",
+        "llava-next": ("llava_next", *qa, "patch_pretrain", "vision_hidden_size", "vision_num_layers",
                        "vision_intermediate_size", "vision_tower_lr_ratio", "patch_pretrain_views", "vision_image_size",
-                       "vision_patch_size", "patch_pretrain_size", "extra_turn_targets",
-                       "projector_pretrain", "independent_turns", "extra_turn_categories",
-                       "answer_length_power"),  # fmt: skip
-        "chameleon": ("chameleon", "qa_turns", "extra_turn_targets", "independent_turns",
-                      "extra_turn_categories", "answer_length_power", "vq_pretrain", "num_image_codes",
-                      "codebook_images", "codebook_iterations"),  # fmt: skip
-        "anole": ("anole", "qa_turns", "image_generation_fraction", "extra_turn_targets", "independent_turns",
-                  "extra_turn_categories", "answer_length_power"),
+                       "vision_patch_size", "patch_pretrain_size", "projector_pretrain"),  # fmt: skip
+        "chameleon": ("chameleon", *qa, "vq_pretrain", "num_image_codes", "codebook_images", "codebook_iterations"),
+        "anole": ("anole", *qa, "image_generation_fraction"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
