@@ -156,6 +156,32 @@ def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
     torch.testing.assert_close(via_codes, via_pixels)
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_cached_greedy_decoding_answers_as_the_uncached(ci_world: CIWorld, name: str) -> None:
+    """The key-value cache of the benchmark's greedy decoding changes its cost, not its answers:
+    rows of different prompt lengths in one batch (a masked gap after the short ones), rows
+    that stop early at EOS while others go on, and several batches."""
+    import datasets
+
+    from saev.models import Sample
+
+    loaded = load_model(FAMILIES[name], ci_world.paths[name])
+    loaded.model.eval()
+    bench = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "benchmark"))
+    rows = [r for r in bench if r["category"] in ("description", "count")][:24]
+    if name == "text-lm":
+        samples = [Sample(text=f"{world_models._scene_words(r['scene'])}\nQuestion: {r['question']} Answer:")
+                   for r in rows]  # fmt: skip
+    else:
+        samples = [chat_sample(loaded.family, r["question"], "", (r["image"],)) for r in rows]
+    lengths = {len(loaded.build_inputs([s], context_size=4096)["input_ids"][0]) for s in samples}
+    assert len(lengths) > 1, "the batch must mix prompt lengths"
+    answers = [world_models._greedy_answers(loaded, samples, 12, 10, False, desc="", kv_cache=kv_cache)
+               for kv_cache in (False, True)]  # fmt: skip
+    assert answers[1] == answers[0]
+    assert any(answers[0])
+
+
 def test_multi_turn_rows_weigh_every_answer_alike(ci_world: CIWorld) -> None:
     """Extra turns: oracle-answered strong questions about the row's own scene, appended after the
     row's own turn (which is unchanged); the row's target weights sum to 1, 1/turns per answer."""
