@@ -10,6 +10,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +32,7 @@ from saev.shapesworld.world import (  # noqa: E402
     DATASET_NAMES,
     DEFECT_KINDS,
     EXACT_CATEGORIES,
+    LISTING_ORDERS,
     NUMBER_WORDS,
     POSITIONS,
     PRESETS,
@@ -116,7 +118,7 @@ _OTHER_VALUES = {
     "n_captions": 3, "n_vqa": 3, "n_preference_a": 3, "n_preference_b": 3, "n_benchmark": 3,
     "vqa_categories": {"color": 1.0}, "preference_categories": {"count": 1.0}, "benchmark_categories": {"shape": 1.0},
     "defect_fraction_a": 0.5, "defect_mix_a": {"flipped": 1.0}, "defect_fraction_b": 0.5,
-    "defect_mix_b": {"flipped": 1.0},
+    "defect_mix_b": {"flipped": 1.0}, "listing_order": "color",
 }  # fmt: skip
 
 
@@ -312,6 +314,49 @@ def test_oracle_inverts_ask_and_rejects_absent_objects(seed: int, max_objects: i
     for category in ("shape", "position") + (("color",) if len(scene.objects) < len(SHAPES) else ()):
         assert answer_question(scene, ask_absent(rng, scene, category).question) is None
     assert Scene.from_json(scene.to_json()) == scene
+
+
+@pytest.mark.parametrize("order", list(LISTING_ORDERS))
+def test_scenes_list_their_objects_in_the_worlds_listing_order(order: str) -> None:
+    """Scene descriptions (the oracle's too), captions and the text corpus' prose name a scene's
+    objects in the world's listing_order, which the scene carries through its JSON."""
+    from saev.shapesworld.world import _POSITION_PHRASES, caption, describe_scene, make_text_document
+
+    cfg = dataclasses.replace(CI, max_objects=3, listing_order=order)
+    rng = np.random.default_rng(11)
+
+    def key(o: Any) -> Any:
+        return o.cell if order == "reading" else LISTING_ORDERS[order].index(getattr(o, order))
+
+    differs = 0
+    for _ in range(200):
+        scene = sample_scene(rng, cfg)
+        assert scene.listing_order == order
+        assert Scene.from_json(scene.to_json()) == scene
+        assert ("listing_order" in json.loads(scene.to_json())) == (order != "reading")  # v2 bytes kept
+        want = [o.color for o in sorted(scene.objects, key=key)]
+        differs += want != [o.color for o in sorted(scene.objects, key=lambda o: o.cell)]
+        for text in (describe_scene(scene), describe_scene(scene, positions=True), caption(rng, scene),
+                     answer_question(scene, "Describe the picture in detail.")):  # fmt: skip
+            assert [w for w in re.findall(r"[a-z]+", text) if w in COLORS] == want, (text, want)
+    assert (differs > 50) == (order != "reading")  # the orders differ often, so the test tells them apart
+    scenes = 0
+    for seed in range(40):
+        text, subset = make_text_document(np.random.default_rng(seed), cfg)
+        if subset == "ShapesWorld-Scenes":  # "This picture shows two shapes. A small red ... The circle is red."
+            scenes += 1
+            objects = re.findall(r"A (small|large) ([a-z]+) ([a-z]+) is", text)
+            phrases = "|".join(_POSITION_PHRASES)
+            cells = [_POSITION_PHRASES.index(p) for p in re.findall(rf"[a-z]+ is ({phrases})\.", text)]
+            assert len(cells) == len(objects) > 0, text
+            if order == "reading":
+                assert cells == sorted(cells), text
+            else:
+                values = [o[1] if order == "color" else o[2] for o in objects]
+                assert values == sorted(values, key=LISTING_ORDERS[order].index), text
+    assert scenes
+    with pytest.raises(ValueError, match="world.listing_order"):
+        dataclasses.replace(CI, listing_order="size")
 
 
 def test_questions_alone_do_not_give_the_answer() -> None:
