@@ -19,7 +19,7 @@ import datasets
 import torch
 
 from saev.config import load_profile
-from saev.models import Sample, chat_sample, load_model
+from saev.models import load_model
 from saev.shapesworld import models as M
 from saev.shapesworld.world import CATEGORIES
 
@@ -48,10 +48,7 @@ def main() -> None:
             if not rows:
                 continue
             max_new = max(len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) for r in rows) + 2
-            if loaded.family == "causal_lm":
-                samples = [Sample(text=f"{M._scene_words(r['scene'])}\nQuestion: {r['question']} Answer:") for r in rows]
-            else:
-                samples = [chat_sample(loaded.family, r["question"], "", (r["image"],)) for r in rows]
+            samples = M.benchmark_samples(loaded, rows)
             seconds, answers = [], []
             for kv_cache in (False, True):
                 start = time.perf_counter()

@@ -163,17 +163,11 @@ def test_cached_greedy_decoding_answers_as_the_uncached(ci_world: CIWorld, name:
     that stop early at EOS while others go on, and several batches."""
     import datasets
 
-    from saev.models import Sample
-
     loaded = load_model(FAMILIES[name], ci_world.paths[name])
     loaded.model.eval()
     bench = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "benchmark"))
     rows = [r for r in bench if r["category"] in ("description", "count")][:24]
-    if name == "text-lm":
-        samples = [Sample(text=f"{world_models._scene_words(r['scene'])}\nQuestion: {r['question']} Answer:")
-                   for r in rows]  # fmt: skip
-    else:
-        samples = [chat_sample(loaded.family, r["question"], "", (r["image"],)) for r in rows]
+    samples = world_models.benchmark_samples(loaded, rows)
     lengths = {len(loaded.build_inputs([s], context_size=4096)["input_ids"][0]) for s in samples}
     assert len(lengths) > 1, "the batch must mix prompt lengths"
     answers = [world_models._greedy_answers(loaded, samples, 12, 10, False, desc="", kv_cache=kv_cache)

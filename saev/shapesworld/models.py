@@ -78,6 +78,7 @@ __all__ = [
     "StageConfig",
     "TrainingInterrupted",
     "WorldModelsConfig",
+    "benchmark_samples",
     "fit_codebook",
     "main",
     "train_seed",
@@ -1189,7 +1190,6 @@ def _evaluate_model(
     corpus, cut at the first newline), stopped at EOS or after the longest reference answer of
     the category plus two tokens.
     """
-    from saev.models import Sample, chat_sample
     from saev.shapesworld.world import CATEGORIES, normalize_answer, score_answer
 
     loaded.model.eval()
@@ -1205,12 +1205,7 @@ def _evaluate_model(
             continue
         rows = [benchmark[i] for i in idx]
         max_new = max(len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) for r in rows) + 2
-        if loaded.family == "causal_lm":
-            samples = [
-                Sample(text=f"{_scene_words(r['scene'])}\nQuestion: {r['question']} Answer:") for r in rows
-            ]
-        else:
-            samples = [chat_sample(loaded.family, r["question"], "", (r["image"],)) for r in rows]
+        samples = benchmark_samples(loaded, rows)
         desc = f"{name}: {category}"
         answers = _greedy_answers(loaded, samples, max_new, cfg.eval_batch_size, progress, desc=desc)
         if loaded.family == "causal_lm":  # the corpus' QA lines end at a newline, not at EOS
@@ -1237,6 +1232,16 @@ def _evaluate_model(
         vq_code_utilisation=None if utilisation is None else round(utilisation, 4),
         image_code_loss=None if image_loss is None else round(image_loss, 4),
     )
+
+
+def benchmark_samples(loaded: Any, rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """The prompts of benchmark ``rows`` as :func:`_evaluate_model` asks them: the chat sample of
+    the question and image, or for ``text-lm`` ``"<scene in words>\\nQuestion: <q> Answer:"``."""
+    from saev.models import Sample, chat_sample
+
+    if loaded.family == "causal_lm":
+        return [Sample(text=f"{_scene_words(r['scene'])}\nQuestion: {r['question']} Answer:") for r in rows]
+    return [chat_sample(loaded.family, r["question"], "", (r["image"],)) for r in rows]
 
 
 def _scene_words(scene_json: str) -> str:
