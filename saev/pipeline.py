@@ -860,41 +860,15 @@ def accuracy_under_masking(
 
 
 def generate_answer_fn(loaded: LoadedModel, question: str, *, max_new_tokens: int) -> AnswerFn:
-    """``answer_fn`` that greedy-decodes the answer to ``question`` about each image (no KV cache;
-    each new token is written after its row's last real token, so right padding is harmless)."""
+    """``answer_fn`` that greedy-decodes the answer to ``question`` about each image, with the
+    world models' benchmark decoder (``saev.shapesworld.models._greedy_answers``: key-value
+    cache, right padding, each row as if alone)."""
     from saev.models import chat_sample
+    from saev.shapesworld.models import _greedy_answers
 
-    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-
-    @torch.inference_mode()
     def answer(images: list[Image.Image]) -> list[str]:
-        inputs = loaded.build_inputs([chat_sample(loaded.family, question, "", (im,)) for im in images],
-                                     context_size=1 << 20)  # fmt: skip
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        B = ids.shape[0]
-        ids = torch.cat([ids, torch.full((B, max_new_tokens), pad, dtype=torch.long)], 1)
-        mask = torch.cat([mask, torch.zeros((B, max_new_tokens), dtype=torch.long)], 1)
-        lengths = mask.sum(1)
-        start = lengths.clone()
-        done = torch.zeros(B, dtype=torch.bool)
-        rows = torch.arange(B)
-        for _ in range(max_new_tokens):
-            T = int(lengths.max())
-            logits = loaded.model(
-                input_ids=ids[:, :T], attention_mask=mask[:, :T], **inputs, use_cache=False
-            ).logits
-            nxt = logits[rows, lengths - 1].argmax(-1)
-            live = ~done
-            ids[rows[live], lengths[live]] = nxt[live]
-            mask[rows[live], lengths[live]] = 1
-            lengths = lengths + live.long()
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-        return [tokenizer.decode([t for t in ids[b, start[b] : lengths[b]].tolist() if t != eos],
-                                 skip_special_tokens=True).strip() for b in range(B)]  # fmt: skip
+        samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
+        return _greedy_answers(loaded, samples, max_new_tokens, max(len(samples), 1), False, desc="")
 
     return answer
 

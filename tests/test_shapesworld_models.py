@@ -552,3 +552,21 @@ def test_llava_worker_waits_for_text_lm_and_stops_when_it_fails(tmp_path: Path) 
     world_models._failed_marker(models, "text-lm").write_text("TrainingInterrupted: stopped after 3 steps\n")
     with pytest.raises(RuntimeError, match=r"text-lm failed in the other training worker.*stopped after 3"):
         world_models._wait_for(ctx, "text-lm", poll_seconds=0.05)
+
+
+@pytest.mark.parametrize("name", ["llava-next", "chameleon"])
+def test_patch_filtering_generation_answers_as_the_benchmark_decoder(ci_world: CIWorld, name: str) -> None:
+    """``pipeline.generate_answer_fn`` (Fig. 6 with ``answer_mode: generate``) decodes through the
+    benchmark's decoder: the same answers as its uncached reference path."""
+    import datasets
+
+    from saev.pipeline import generate_answer_fn
+    from saev.shapesworld.world import CLASSIFICATION_QUESTION
+
+    loaded = load_model(FAMILIES[name], ci_world.paths[name])
+    loaded.model.eval()
+    images = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "benchmark"))["image"][:12]
+    got = generate_answer_fn(loaded, CLASSIFICATION_QUESTION, max_new_tokens=4)(images)
+    samples = [chat_sample(loaded.family, CLASSIFICATION_QUESTION, "", (im,)) for im in images]
+    assert got == world_models._greedy_answers(loaded, samples, 4, 12, False, desc="", kv_cache=False)
+    assert len(got) == 12 and any(got)
