@@ -98,6 +98,17 @@ def test_eval_json_holds_the_metrics(ci_world: CIWorld, name: str) -> None:
         assert ev["image_code_loss"] is None
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_train_losses_json_holds_every_steps_loss(ci_world: CIWorld, name: str) -> None:
+    """``train_losses.json``: the training loss of every step, so that a run that went wrong can be
+    told when it did; it falls from the first steps to the last (the models learned)."""
+    stage = getattr(load_profile("ci").world_models, name.replace("-", "_"))
+    loss = json.loads((ci_world.paths[name] / "train_losses.json").read_text())["loss"]
+    assert len(loss) == stage.steps and all(math.isfinite(x) and x > 0 for x in loss)
+    k = max(1, stage.steps // 10)
+    assert sum(loss[-k:]) < sum(loss[:k])
+
+
 @pytest.mark.parametrize("name", ["llava-next", "chameleon"])
 def test_mllms_beat_chance_on_strong_categories(ci_world: CIWorld, name: str) -> None:
     """Colour (1 of 6) and shape (1 of 5) questions: well above guessing, pooled over both
@@ -305,25 +316,32 @@ def test_run_resumable_reference_loop(tmp_path: Path) -> None:
         return _toy_regression(cfg, lambda: torch.nn.Linear(5, 1), n=64)
 
     full, loss_full = make()
-    run_resumable(full, loss_full, cfg, partial_dir=tmp_path / "a", run_hash="h", checkpoint_every=4, progress=False)
+    losses = run_resumable(full, loss_full, cfg, partial_dir=tmp_path / "a", run_hash="h", checkpoint_every=4,
+                           progress=False)  # fmt: skip
     plain, loss_plain = make()
     opt = torch.optim.AdamW(plain.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay)
+    plain_losses = []
     for step in range(cfg.steps):
         opt.param_groups[0]["lr"] = lr_at(cfg, step)
-        loss_plain(step).backward()
+        loss = loss_plain(step)
+        plain_losses.append(float(loss.detach()))
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
     for a, b in zip(full.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b)
+    assert losses == pytest.approx(plain_losses)  # every step's loss, in order
     part, loss_part = make()
     with pytest.raises(TrainingInterrupted):
         run_resumable(part, loss_part, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4,
                       stop_after=6, progress=False)  # fmt: skip
     again, loss_again = make()  # a fresh process: new model object, state only from disk
-    run_resumable(again, loss_again, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4, progress=False)
+    resumed = run_resumable(again, loss_again, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4,
+                            progress=False)  # fmt: skip
     for a, b in zip(full.parameters(), again.parameters()):
         assert torch.equal(a, b)
+    assert resumed == losses  # steps 0-3 come back from the step-4 checkpoint
     other, loss_other = make()  # a different run hash never reuses the checkpoint
     run_resumable(other, loss_other, cfg, partial_dir=tmp_path / "b", run_hash="other", checkpoint_every=0,
                   progress=False)  # fmt: skip

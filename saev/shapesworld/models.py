@@ -425,7 +425,7 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     lr_scales = None
     if name == "llava-next" and ctx.cfg.vision_tower_lr_ratio > 0:
         lr_scales = dict.fromkeys(loaded.model.model.vision_tower.parameters(), ctx.cfg.vision_tower_lr_ratio)
-    run_resumable(
+    losses = run_resumable(
         loaded.model,
         loss_at,
         stage,
@@ -450,6 +450,7 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
         train_cpu_seconds=round(time.process_time() - cpu_start, 1),
     )
     _write_json(final_dir / "eval.json", dataclasses.asdict(result))
+    _write_json(final_dir / "train_losses.json", {"loss": [round(x, 5) for x in losses]})
     _write_json(final_dir / "train_config.json", {"hash": digest, **spec})
     if model_dir.exists():
         shutil.rmtree(model_dir)

@@ -4,10 +4,11 @@ The loop knows nothing about models or data: it gets the parameters to optimise 
 ``loss_at(step)`` callable that must be a pure function of the step (batches are drawn
 from a generator seeded by the step, see :func:`step_generator`). It checkpoints every
 ``checkpoint_every`` steps into a ``.partial`` folder (weights as safetensors, AdamW state
-as a tensors-and-numbers ``torch.save`` file read back with ``torch.load(weights_only=True)``),
-and a later call with the same ``run_hash`` continues from the newest checkpoint. Because the
-learning rate is a pure function of the step too, an interrupted and resumed run ends with
-exactly the weights of an uninterrupted one.
+as a tensors-and-numbers ``torch.save`` file read back with ``torch.load(weights_only=True)``,
+the losses of the steps so far as JSON), and a later call with the same ``run_hash``
+continues from the newest checkpoint. Because the learning rate is a pure function of the
+step too, an interrupted and resumed run ends with exactly the weights (and the losses) of an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 _LATEST = "latest.json"
+_LOSSES = "losses.json"
 _ROW = 0
 
 
@@ -106,8 +108,9 @@ def run_resumable(
     Checkpoints (``partial_dir/step-NNNNNN/`` + ``latest.json``) are written every
     ``checkpoint_every`` steps (0: never) and are only reused when their ``run_hash``
     matches. ``stop_after`` raises :class:`TrainingInterrupted` after that many steps of
-    this call, without a checkpoint, as a killed job would. Returns the losses of the steps
-    run by this call. Gradients are clipped to norm 1. ``lr_scales``: parameters that learn
+    this call, without a checkpoint, as a killed job would. Returns the training loss of every
+    step of the stage, ``cfg.steps`` floats (a resumed call gets the earlier ones from its
+    checkpoint), so that a run that went wrong can be told when it did. Gradients are clipped to norm 1. ``lr_scales``: parameters that learn
     at ``scale`` times the schedule's rate (e.g. LLaVA-NeXT's vision tower; default 1).
     """
     partial_dir.mkdir(parents=True, exist_ok=True)
@@ -120,9 +123,8 @@ def run_resumable(
         [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()],
         lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay, foreach=False,
     )  # fmt: skip
-    start = _load_latest(model, optimizer, partial_dir, run_hash)
+    start, losses = _load_latest(model, optimizer, partial_dir, run_hash)
     model.train()
-    losses: list[float] = []
     bar = progress_bar(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not progress)
     for step in bar:
         if stop_after is not None and step - start >= stop_after:
@@ -139,18 +141,21 @@ def run_resumable(
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
         done = step + 1
         if checkpoint_every and done % checkpoint_every == 0 and done < cfg.steps:
-            _save_checkpoint(model, optimizer, partial_dir, run_hash, done)
+            _save_checkpoint(model, optimizer, partial_dir, run_hash, done, losses)
     model.eval()
     return losses
 
 
-def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, partial_dir: Path, run_hash: str, step: int) -> None:
+def _save_checkpoint(
+    model: nn.Module, optimizer: torch.optim.Optimizer, partial_dir: Path, run_hash: str, step: int, losses: list[float]
+) -> None:
     """Write ``step-NNNNNN/`` completely, then point ``latest.json`` at it, then drop older ones."""
     ckpt_dir = partial_dir / f"step-{step:06d}"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     ckpt_dir.mkdir()
     save_model(model, str(ckpt_dir / "model.safetensors"))
     torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+    (ckpt_dir / _LOSSES).write_text(json.dumps(losses))
     tmp = partial_dir / f".{_LATEST}.tmp"
     tmp.write_text(json.dumps({"step": step, "run_hash": run_hash, "dir": ckpt_dir.name}))
     os.replace(tmp, partial_dir / _LATEST)
@@ -159,17 +164,24 @@ def _save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, partial
             shutil.rmtree(old)
 
 
-def _load_latest(model: nn.Module, optimizer: torch.optim.Optimizer, partial_dir: Path, run_hash: str) -> int:
-    """Restore the newest checkpoint of this run into ``model`` and ``optimizer``; returns its step (0: none)."""
+def _load_latest(
+    model: nn.Module, optimizer: torch.optim.Optimizer, partial_dir: Path, run_hash: str
+) -> tuple[int, list[float]]:
+    """Restore the newest checkpoint of this run into ``model`` and ``optimizer``; returns its step
+    (0: none) and the losses of the steps before it."""
     latest = partial_dir / _LATEST
     if not latest.is_file():
-        return 0
+        return 0, []
     info = json.loads(latest.read_text())
     if info.get("run_hash") != run_hash:
-        return 0
+        return 0, []
     ckpt_dir = partial_dir / info["dir"]
     missing, unexpected = load_model(model, str(ckpt_dir / "model.safetensors"), strict=True)
     if missing or unexpected:
         raise RuntimeError(f"{ckpt_dir}: checkpoint does not match the model (missing {missing}, unexpected {unexpected})")
     optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
-    return int(info["step"])
+    step = int(info["step"])
+    losses = json.loads((ckpt_dir / _LOSSES).read_text()) if (ckpt_dir / _LOSSES).is_file() else []
+    if len(losses) != step:  # a checkpoint written before losses were kept: pad, NaN = not recorded
+        losses = [math.nan] * step
+    return step, [float(x) for x in losses]
