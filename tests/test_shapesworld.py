@@ -118,7 +118,7 @@ _OTHER_VALUES = {
     "n_captions": 3, "n_vqa": 3, "n_preference_a": 3, "n_preference_b": 3, "n_benchmark": 3,
     "vqa_categories": {"color": 1.0}, "preference_categories": {"count": 1.0}, "benchmark_categories": {"shape": 1.0},
     "defect_fraction_a": 0.5, "defect_mix_a": {"flipped": 1.0}, "defect_fraction_b": 0.5,
-    "defect_mix_b": {"flipped": 1.0}, "listing_order": "color",
+    "defect_mix_b": {"flipped": 1.0}, "listing_order": "color", "caption_order": "shape",
 }  # fmt: skip
 
 
@@ -357,6 +357,38 @@ def test_scenes_list_their_objects_in_the_worlds_listing_order(order: str) -> No
     assert scenes
     with pytest.raises(ValueError, match="world.listing_order"):
         dataclasses.replace(CI, listing_order="size")
+
+
+def test_captions_list_their_objects_in_the_worlds_caption_order() -> None:
+    """With ``caption_order`` set, captions (the captions set's, the interleaved documents', the
+    preference defects') follow it while descriptions and the oracle keep ``listing_order``;
+    the scene carries both through its JSON, and leaves caption_order out when it is None."""
+    from saev.shapesworld.world import caption, describe_scene
+
+    cfg = dataclasses.replace(CI, max_objects=3, listing_order="shape", caption_order="color")
+    rng = np.random.default_rng(5)
+    differs = 0
+    for _ in range(200):
+        scene = sample_scene(rng, cfg)
+        assert (scene.listing_order, scene.caption_order) == ("shape", "color")
+        assert Scene.from_json(scene.to_json()) == scene
+        by_color = [o.shape for o in sorted(scene.objects, key=lambda o: LISTING_ORDERS["color"].index(o.color))]
+        by_shape = [o.shape for o in sorted(scene.objects, key=lambda o: LISTING_ORDERS["shape"].index(o.shape))]
+        differs += by_color != by_shape
+        shapes = lambda text: [w for w in re.findall(r"[a-z]+", text) if w in SHAPES]  # noqa: E731
+        assert shapes(caption(rng, scene)) == by_color
+        for text in (describe_scene(scene), answer_question(scene, "Describe the picture in detail.")):
+            assert shapes(text) == by_shape
+    assert differs > 50
+    plain = sample_scene(rng, dataclasses.replace(CI, listing_order="shape"))
+    assert plain.caption_order is None and "caption_order" not in json.loads(plain.to_json())
+    captions = swd.build_captions(dataclasses.replace(cfg, n_captions=30))
+    for row in captions:
+        scene = Scene.from_json(row["scene"])
+        want = [o.shape for o in sorted(scene.objects, key=lambda o: LISTING_ORDERS["color"].index(o.color))]
+        assert [w for w in re.findall(r"[a-z]+", row["answer"]) if w in SHAPES] == want
+    with pytest.raises(ValueError, match="world.caption_order"):
+        dataclasses.replace(CI, caption_order="size")
 
 
 def test_questions_alone_do_not_give_the_answer() -> None:

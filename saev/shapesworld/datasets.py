@@ -91,9 +91,9 @@ WORLD_VERSION = 2
 
 _COMMON_FIELDS = (
     "seed", "image_size", "max_objects", "clutter_min", "clutter_max", "noise_std", "heldout_fraction",
-    "listing_order",
+    "listing_order", "caption_order",
 )  # fmt: skip
-_UNHASHED_DEFAULTS = {"listing_order": "reading"}
+_UNHASHED_DEFAULTS = {"listing_order": "reading", "caption_order": None}
 """Fields added after WORLD_VERSION 2 whose default generates that version's bytes: left out of
 the hash at their default, so that worlds (and the models trained on them) stay cached."""
 DATASET_FIELDS: dict[str, tuple[str, ...]] = {

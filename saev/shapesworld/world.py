@@ -307,6 +307,15 @@ class WorldConfig:
     .67/.66/.53; colour .75/.74, colour questions .64/.61; shape with extra turns colour .2,
     shape .4, description .4: .45/.87). Reading order stays the default because the mini
     figures were made in it; changing it changes the world and every figure."""
+    caption_order: str | None = None
+    """Order in which captions ("a picture of ...": the ``captions`` data set, the interleaved
+    documents' captions, the caption-like answers of preference defects) list a scene's objects,
+    one of ``LISTING_ORDERS``; None: ``listing_order``, as in WORLD_VERSION <= 2. Keyed on the
+    other attribute than ``listing_order``, captions train the lookup that the descriptions do
+    not (a shape-order description reads shapes to find colours; a colour-order caption reads
+    colours to find shapes). Measured once (mini llava-next, shape order, train_seed 42): colour
+    captions lift shape questions from .63 to .92 and strong exact from .78 to .90; not used by a
+    profile, since a lower learning rate did as much without changing the world."""
     heldout_fraction: float = 0.1
     """Fraction of the scene space (by a hash of the objects' shape, colour, size and cell)
     reserved for the benchmark; every other data set only uses the remaining scenes."""
@@ -378,6 +387,8 @@ class WorldConfig:
             raise bad("heldout_fraction", "must be strictly between 0 and 1")
         if self.listing_order not in LISTING_ORDERS:
             raise bad("listing_order", f"must be one of {list(LISTING_ORDERS)}")
+        if self.caption_order is not None and self.caption_order not in LISTING_ORDERS:
+            raise bad("caption_order", f"must be None or one of {list(LISTING_ORDERS)}")
         for name in ("n_text_docs", "n_interleaved", "n_classification", "n_captions", "n_vqa",
                      "n_preference_a", "n_preference_b", "n_benchmark"):  # fmt: skip
             if getattr(self, name) < 0:
@@ -527,6 +538,8 @@ class Scene:
     listing_order: str = "reading"
     """How text lists the objects (``WorldConfig.listing_order``): the world's, carried by each
     scene so that the oracle and every caption of a saved scene agree with its data set."""
+    caption_order: str | None = None
+    """How captions list them (``WorldConfig.caption_order``); None: ``listing_order``."""
 
     def key(self) -> tuple[tuple[str, str, str, int], ...]:
         """Identity of the scene for train/benchmark disjointness: objects without jitter or clutter."""
@@ -544,6 +557,8 @@ class Scene:
         }
         if self.listing_order != "reading":  # absent in reading order, so WORLD_VERSION 2 bytes stay
             d["listing_order"] = self.listing_order
+        if self.caption_order is not None:
+            d["caption_order"] = self.caption_order
         return json.dumps(d, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -558,6 +573,7 @@ class Scene:
             noise_std=d["noise_std"],
             noise_seed=d["noise_seed"],
             listing_order=d.get("listing_order", "reading"),
+            caption_order=d.get("caption_order"),
         )
 
 
@@ -624,7 +640,8 @@ def _finish_scene(
     )
     background, noise_seed = rng.integers([30, 0], [81, 2**32]).tolist()
     return Scene(
-        tuple(objects), clutter, background, cfg.image_size, float(cfg.noise_std), noise_seed, cfg.listing_order
+        tuple(objects), clutter, background, cfg.image_size, float(cfg.noise_std), noise_seed, cfg.listing_order,
+        cfg.caption_order,
     )
 
 
@@ -732,14 +749,17 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _listing_order(scene: Scene) -> list[WorldObject]:
-    """The scene's objects in its ``listing_order``."""
-    if scene.listing_order not in LISTING_ORDERS:
-        raise ValueError(f"scene.listing_order must be one of {list(LISTING_ORDERS)}, got {scene.listing_order!r}")
-    order = LISTING_ORDERS[scene.listing_order]
+def _listing_order(scene: Scene, *, caption: bool = False) -> list[WorldObject]:
+    """The scene's objects in its ``listing_order`` (``caption``: its ``caption_order``, if set)."""
+    key, name = ("caption_order", scene.caption_order) if caption else ("listing_order", scene.listing_order)
+    if caption and name is None:
+        key, name = "listing_order", scene.listing_order
+    if name not in LISTING_ORDERS:
+        raise ValueError(f"scene.{key} must be one of {list(LISTING_ORDERS)}, got {name!r}")
+    order = LISTING_ORDERS[name]
     if order is None:
         return sorted(scene.objects, key=lambda o: o.cell)
-    attribute = "color" if scene.listing_order == "color" else "shape"
+    attribute = "color" if name == "color" else "shape"
     return sorted(scene.objects, key=lambda o: order.index(getattr(o, attribute)))
 
 
@@ -762,10 +782,11 @@ def describe_scene(scene: Scene, *, positions: bool = False) -> str:
 
 
 def caption(rng: np.random.Generator, scene: Scene) -> str:
-    """A short caption without positions, objects in the scene's ``listing_order``:
+    """A short caption without positions, objects in the scene's ``caption_order`` (default: its
+    ``listing_order``):
     ``"a picture of a large red square and a small blue circle."``."""
     prefix = _CAPTION_PREFIXES[int(rng.integers(len(_CAPTION_PREFIXES)))]
-    return f"{prefix} " + _join([f"a {o.size} {o.color} {o.shape}" for o in _listing_order(scene)]) + "."
+    return f"{prefix} " + _join([f"a {o.size} {o.color} {o.shape}" for o in _listing_order(scene, caption=True)]) + "."
 
 
 def class_answer(name: str) -> str:
