@@ -753,9 +753,8 @@ def _join(parts: list[str]) -> str:
 
 def _listing_order(scene: Scene, *, caption: bool = False) -> list[WorldObject]:
     """The scene's objects in its ``listing_order`` (``caption``: its ``caption_order``, if set)."""
-    key, name = ("caption_order", scene.caption_order) if caption else ("listing_order", scene.listing_order)
-    if caption and name is None:
-        key, name = "listing_order", scene.listing_order
+    key = "caption_order" if caption and scene.caption_order is not None else "listing_order"
+    name = getattr(scene, key)
     if name not in LISTING_ORDERS:
         raise ValueError(f"scene.{key} must be one of {list(LISTING_ORDERS)}, got {name!r}")
     order = LISTING_ORDERS[name]
