@@ -110,8 +110,9 @@ def run_resumable(
     matches. ``stop_after`` raises :class:`TrainingInterrupted` after that many steps of
     this call, without a checkpoint, as a killed job would. Returns the training loss of every
     step of the stage, ``cfg.steps`` floats (a resumed call gets the earlier ones from its
-    checkpoint), so that a run that went wrong can be told when it did. Gradients are clipped to norm 1. ``lr_scales``: parameters that learn
-    at ``scale`` times the schedule's rate (e.g. LLaVA-NeXT's vision tower; default 1).
+    checkpoint), so that a run that went wrong can be told when it did. Gradients are clipped
+    to norm 1. ``lr_scales``: parameters that learn at ``scale`` times the schedule's rate
+    (e.g. LLaVA-NeXT's vision tower; default 1).
     """
     partial_dir.mkdir(parents=True, exist_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -147,7 +148,12 @@ def run_resumable(
 
 
 def _save_checkpoint(
-    model: nn.Module, optimizer: torch.optim.Optimizer, partial_dir: Path, run_hash: str, step: int, losses: list[float]
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    partial_dir: Path,
+    run_hash: str,
+    step: int,
+    losses: list[float],
 ) -> None:
     """Write ``step-NNNNNN/`` completely, then point ``latest.json`` at it, then drop older ones."""
     ckpt_dir = partial_dir / f"step-{step:06d}"
