@@ -349,6 +349,26 @@ def test_run_resumable_reference_loop(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
+def test_run_resumable_resumes_a_checkpoint_without_losses(tmp_path: Path) -> None:
+    """A checkpoint written before losses were kept still resumes to the same weights; the steps
+    it does not record come back as NaN, the rest as measured."""
+    cfg = StageConfig(steps=8, batch_size=4, lr=1e-2, warmup_steps=2)
+    full, loss_full = _toy_regression(cfg, lambda: torch.nn.Linear(5, 1), n=64)
+    losses = run_resumable(full, loss_full, cfg, partial_dir=tmp_path / "a", run_hash="h", checkpoint_every=0,
+                           progress=False)  # fmt: skip
+    part, loss_part = _toy_regression(cfg, lambda: torch.nn.Linear(5, 1), n=64)
+    with pytest.raises(TrainingInterrupted):
+        run_resumable(part, loss_part, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4,
+                      stop_after=5, progress=False)  # fmt: skip
+    (tmp_path / "b" / "step-000004" / "losses.json").unlink()
+    again, loss_again = _toy_regression(cfg, lambda: torch.nn.Linear(5, 1), n=64)
+    resumed = run_resumable(again, loss_again, cfg, partial_dir=tmp_path / "b", run_hash="h", checkpoint_every=4,
+                            progress=False)  # fmt: skip
+    assert all(math.isnan(x) for x in resumed[:4]) and resumed[4:] == losses[4:]
+    for a, b in zip(full.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_run_resumable_lr_scales(tmp_path: Path) -> None:
     """Parameters in ``lr_scales`` follow the schedule times their scale; scale 0 leaves them unchanged."""
     cfg = StageConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=2)
