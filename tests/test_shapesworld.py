@@ -367,15 +367,21 @@ def test_captions_list_their_objects_in_the_worlds_caption_order() -> None:
 
     cfg = dataclasses.replace(CI, max_objects=3, listing_order="shape", caption_order="color")
     rng = np.random.default_rng(5)
+
+    def shapes_by(order: str, scene: Scene) -> list[str]:
+        objects = sorted(scene.objects, key=lambda o: LISTING_ORDERS[order].index(getattr(o, order)))
+        return [o.shape for o in objects]
+
+    def shapes(text: str) -> list[str]:
+        return [w for w in re.findall(r"[a-z]+", text) if w in SHAPES]
+
     differs = 0
     for _ in range(200):
         scene = sample_scene(rng, cfg)
         assert (scene.listing_order, scene.caption_order) == ("shape", "color")
         assert Scene.from_json(scene.to_json()) == scene
-        by_color = [o.shape for o in sorted(scene.objects, key=lambda o: LISTING_ORDERS["color"].index(o.color))]
-        by_shape = [o.shape for o in sorted(scene.objects, key=lambda o: LISTING_ORDERS["shape"].index(o.shape))]
+        by_color, by_shape = shapes_by("color", scene), shapes_by("shape", scene)
         differs += by_color != by_shape
-        shapes = lambda text: [w for w in re.findall(r"[a-z]+", text) if w in SHAPES]  # noqa: E731
         assert shapes(caption(rng, scene)) == by_color
         for text in (describe_scene(scene), answer_question(scene, "Describe the picture in detail.")):
             assert shapes(text) == by_shape
@@ -384,9 +390,7 @@ def test_captions_list_their_objects_in_the_worlds_caption_order() -> None:
     assert plain.caption_order is None and "caption_order" not in json.loads(plain.to_json())
     captions = swd.build_captions(dataclasses.replace(cfg, n_captions=30))
     for row in captions:
-        scene = Scene.from_json(row["scene"])
-        want = [o.shape for o in sorted(scene.objects, key=lambda o: LISTING_ORDERS["color"].index(o.color))]
-        assert [w for w in re.findall(r"[a-z]+", row["answer"]) if w in SHAPES] == want
+        assert shapes(row["answer"]) == shapes_by("color", Scene.from_json(row["scene"]))
     with pytest.raises(ValueError, match="world.caption_order"):
         dataclasses.replace(CI, caption_order="size")
 

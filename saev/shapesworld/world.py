@@ -108,7 +108,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 LISTING_ORDERS: dict[str, tuple[str, ...] | None] = {
     "reading": None,
     "color": ("red", "orange", "yellow", "green", "blue", "purple"),
-    "shape": ("square", "circle", "triangle", "diamond", "cross"),
+    "shape": SHAPES,
 }
 """The orders in which a scene's description, caption and prose can list its objects
 (``WorldConfig.listing_order``): by grid cell, or by colour (the rainbow's order) or shape."""
@@ -760,8 +760,7 @@ def _listing_order(scene: Scene, *, caption: bool = False) -> list[WorldObject]:
     order = LISTING_ORDERS[name]
     if order is None:
         return sorted(scene.objects, key=lambda o: o.cell)
-    attribute = "color" if name == "color" else "shape"
-    return sorted(scene.objects, key=lambda o: order.index(getattr(o, attribute)))
+    return sorted(scene.objects, key=lambda o: order.index(getattr(o, name)))  # "color", "shape": attributes
 
 
 def describe_object(obj: WorldObject, *, position: bool = False) -> str:
@@ -787,7 +786,8 @@ def caption(rng: np.random.Generator, scene: Scene) -> str:
     ``listing_order``):
     ``"a picture of a large red square and a small blue circle."``."""
     prefix = _CAPTION_PREFIXES[int(rng.integers(len(_CAPTION_PREFIXES)))]
-    return f"{prefix} " + _join([f"a {o.size} {o.color} {o.shape}" for o in _listing_order(scene, caption=True)]) + "."
+    objects = _listing_order(scene, caption=True)
+    return f"{prefix} " + _join([f"a {o.size} {o.color} {o.shape}" for o in objects]) + "."
 
 
 def class_answer(name: str) -> str:
