@@ -73,7 +73,7 @@ bootstrap
 
 [ -f "params/$profile.yaml" ] || { echo "run_all.sh: no profile params/$profile.yaml" >&2; exit 2; }
 # A profile that reads local checkpoints and data (paper-*) stops here, naming every unset path.
-.venv/bin/python -m saev.config "$profile" || { echo "run_all.sh: profile $profile is not ready to run (see above)" >&2; exit 2; }
+.venv/bin/python -m saev.paper check --profile "$profile" || { echo "run_all.sh: profile $profile is not ready to run (see above)" >&2; exit 2; }
 export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "runs/$profile" "figures/$profile"
 

@@ -1,7 +1,7 @@
 """Cost of one sweep cell of the alignment experiment on this machine: fine-tune + benchmark.
 
 For a profile's trained world models (``artifacts/<profile>/models``) and its ``align:`` preset,
-times (a) ``saev.align.finetune`` on the full pool (the most expensive cell) and on the
+times (a) ``saev.paper.finetune.finetune`` on the full pool (the most expensive cell) and on the
 smallest kept fraction, with a warm encoding cache as inside a sweep, (b) one
 ``evaluate_benchmark``, and (c) reports the training tokens per second, then extrapolates the
 cost of the profile's sweeps (base + full + filters x fractions x seeds). The sizes of
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from saev.align import evaluate_benchmark, finetune, random_scores, select_subset
-from saev.config import load_profile
-from saev.data import load_benchmark, load_preference
+from saev.paper.benchmark import evaluate_benchmark
+from saev.paper.data import load_benchmark, load_preference
+from saev.paper.finetune import finetune, random_scores, select_subset
+from saev.paper.profile import load_profile
+from saev.shapesworld.config import world_config_for
 from saev.shapesworld.datasets import generate_world
-from saev.shapesworld.world import world_config_for
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from saev.config import load_profile
-from saev.models import load_model
+from saev.models import greedy_answers, load_model
+from saev.paper.profile import load_profile
 from saev.shapesworld import models as M
 from saev.shapesworld.world import CATEGORIES
 
@@ -40,7 +40,7 @@ def main() -> None:
     for name in args.models:
         loaded = load_model(M.FAMILIES[name], root / "models" / name)
         loaded.model.eval()
-        tok = M._tokenizer(loaded)
+        tok = loaded.tokenizer
         totals = [0.0, 0.0]
         differ = 0
         for category in CATEGORIES:
@@ -52,8 +52,8 @@ def main() -> None:
             seconds, answers = [], []
             for kv_cache in (False, True):
                 start = time.perf_counter()
-                answers.append(M._greedy_answers(loaded, samples, max_new, cfg.eval_batch_size, False, desc="",
-                                                 kv_cache=kv_cache))  # fmt: skip
+                answers.append(greedy_answers(loaded, samples, max_new, batch_size=cfg.eval_batch_size,
+                                              kv_cache=kv_cache))  # fmt: skip
                 seconds.append(time.perf_counter() - start)
             n_diff = sum(a != b for a, b in zip(*answers))
             totals = [t + s for t, s in zip(totals, seconds)]

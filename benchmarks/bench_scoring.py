@@ -53,11 +53,13 @@ MODEL_NAME = "llava-next"
 def prepare(work_dir: Path, n_samples: int, model_dir: Path | None) -> dict[str, str]:
     """Model folder, SAE folder and ``vqa`` data set on disk for the children; returns their paths."""
     from saev.activations import ActivationStore
-    from saev.config import ActivationConfig, load_profile
+    from saev.config import ActivationConfig
     from saev.models import load_model
+    from saev.paper.profile import load_profile
     from saev.sae import SparseAutoencoder
+    from saev.shapesworld.config import world_config_for
     from saev.shapesworld.datasets import build_vqa
-    from saev.shapesworld.world import world_config_for, world_texts
+    from saev.shapesworld.world import world_texts
 
     profile = load_profile("mini")
     spec = profile.models[MODEL_NAME]
@@ -65,7 +67,7 @@ def prepare(work_dir: Path, n_samples: int, model_dir: Path | None) -> dict[str,
     if model_dir is not None:
         model_kind = f"checkpoint {model_dir}"
     else:
-        from saev.tiny import build_tiny_model, train_tokenizer
+        from saev.shapesworld.tiny import build_tiny_model, train_tokenizer
 
         wm = profile.world_models
         texts = world_texts(world, n_documents=wm.tokenizer_documents)
@@ -75,7 +77,7 @@ def prepare(work_dir: Path, n_samples: int, model_dir: Path | None) -> dict[str,
             num_layers=wm.num_layers, num_heads=wm.num_heads, image_size=world.image_size,
             intermediate_size=wm.intermediate_size, num_image_codes=wm.num_image_codes, seed=profile.seed,
         )
-        model_kind = "random-initialised llava_next, mini world_models config (saev.tiny.build_tiny_model)"
+        model_kind = "random-initialised llava_next, mini world_models config (saev.shapesworld.tiny.build_tiny_model)"
     vqa = build_vqa(world)
     vqa.save_to_disk(str(work_dir / "vqa"))
 

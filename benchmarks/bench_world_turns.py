@@ -20,10 +20,10 @@ from pathlib import Path
 import datasets
 import torch
 
-from saev.config import load_profile
-from saev.models import load_model
+from saev.models import load_model, pad_token_id
+from saev.paper.profile import load_profile
 from saev.shapesworld import models as M
-from saev.shapesworld.world import world_config_for
+from saev.shapesworld.config import world_config_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def main() -> None:
         loaded.model.requires_grad_(True)
         if name == "llava-next":
             loaded.model.model.vision_tower.requires_grad_(False)
-        pad = M._pad_id(loaded)
+        pad = pad_token_id(loaded.processor)
         ways = {
             "chained, vqa weights": (vqa_weights, False),
             "chained, profile weights": (profile_weights, False),
@@ -59,7 +59,7 @@ def main() -> None:
         }
         batches = {}
         for way, (weights, independent) in ways.items():
-            extra = M._extra_turns(rows, cfg.qa_turns, weights, M.train_seed(profile, cfg))
+            extra = M._extra_turns(rows, cfg.qa_turns, weights, M.train_seed(profile.seed, cfg))
             seqs = M._encode_qa(loaded, rows, False, desc="", extra=extra, independent=independent)
             batches[way] = (M._collate(seqs, pad), sum(len(x) for x in seqs.input_ids) / len(seqs))
         times: dict[str, list[float]] = {way: [] for way in ways}

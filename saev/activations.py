@@ -22,16 +22,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from saev.cache import atomic_save_safetensors, atomic_write_json
 from saev.config import ActivationConfig, ModelSpec
 from saev.models import LoadedModel, Modality, Sample
 
@@ -202,7 +201,7 @@ class ActivationStore:
         """Yield the finished shards of an earlier run, then run the model for the rest, saving each shard."""
         assert self.cache_dir is not None
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.cache_dir / "metadata.json", {**self._identity, "complete": False})
+        atomic_write_json(self.cache_dir / "metadata.json", {**self._identity, "complete": False})
         counts = dict.fromkeys((Modality.TEXT, Modality.IMAGE), 0)
         n_shards = n_samples = 0
 
@@ -227,7 +226,7 @@ class ActivationStore:
             "n_tokens": sum(counts.values()),
             "n_tokens_by_modality": {m.name.lower(): c for m, c in counts.items()},
         }
-        _write_json(self.cache_dir / "metadata.json", meta)
+        atomic_write_json(self.cache_dir / "metadata.json", meta)
 
     def _sample_batches(self, *, skip: int) -> Iterator[tuple[int, list[Sample]]]:
         """(first sample id, samples) per store batch, skipping the first ``skip`` store batches."""
@@ -332,9 +331,7 @@ def _save_shard(path: Path, record: TokenRecord, first: int, n: int) -> None:
         "sample_id_N": record.sample_id_N,
         "position_N": record.position_N.to(torch.int32),
     }
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"first_sample": str(first), "n_samples": str(n)})
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, tensors, metadata={"first_sample": str(first), "n_samples": str(n)})
 
 
 def _load_shard(path: Path) -> tuple[TokenRecord, int, int]:
@@ -349,9 +346,3 @@ def _load_shard(path: Path) -> tuple[TokenRecord, int, int]:
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)

@@ -35,7 +35,8 @@ from saev.activations import ActivationStore
 from saev.config import ActivationConfig
 from saev.metrics import average_cosine_score, ifd_score, lm_cross_entropy
 from saev.models import LoadedModel, Modality, Sample, chat_sample, check_sae_matches
-from saev.sae import SparseAutoencoder, atomic_write_bytes
+from saev.cache import atomic_write_bytes
+from saev.sae import SparseAutoencoder
 from saev.scoring import FeatureStats, Method, SampleScorer, Variant
 
 __all__ = [

@@ -8,6 +8,7 @@ runs the model and calls :func:`lm_cross_entropy` on the logits it gets.
 
 from __future__ import annotations
 
+import re
 from typing import Literal, NamedTuple
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "l0",
     "lm_cross_entropy",
     "mse",
+    "normalize_answer",
     "reconstruction_loss",
 ]
 
@@ -182,3 +184,10 @@ def lm_cross_entropy(
     if reduction == "sample":
         return (ce_BT * counted_BT).sum(1) / counted_BT.sum(1)
     raise ValueError(f"reduction must be 'mean' or 'sample', got {reduction!r}")
+
+
+def normalize_answer(text: str) -> str:
+    """An answer in the form exact match compares: lower-case, punctuation to spaces, articles
+    dropped, whitespace collapsed (the normalisation of SQuAD-style exact match)."""
+    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ("a", "an", "the"))

@@ -21,13 +21,20 @@ Every token gets a ``Modality``: IMAGE tokens are
   ``model.model.vocabulary_mapping.image_tokens``;
 SPECIAL tokens are padding, BOS/EOS and every other special token of the tokenizer
 (Chameleon's image start/end markers and separator included); everything else is TEXT.
-Only TEXT and IMAGE tokens are "real tokens". DESIGN.md excludes padding and BOS; we also
-exclude EOS and the other special tokens, which carry no content of either modality.
+Only TEXT and IMAGE tokens are "real tokens". DESIGN.md ("Algorithm contract") excludes padding
+and BOS; we also exclude EOS and the other special tokens, which carry no content of either modality.
+
+Each adapter also knows its family's image layout (:meth:`Adapter.image_layout`: where each
+image token comes from on the image, for Alg. 4-7) and how to read next-token logits for
+greedy decoding (:meth:`Adapter.logits`, :func:`greedy_answers`: key-value cache, each row of
+a right-padded batch decoded as if alone).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -48,6 +55,7 @@ from transformers import (
 )
 
 from saev.config import DTypeName, Family
+from saev.patches import ImageLayout, ViewLayout
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -63,7 +71,11 @@ __all__ = [
     "chat_sample",
     "check_sae_matches",
     "get_adapter",
+    "greedy_answers",
     "load_model",
+    "model_family",
+    "pad_token_id",
+    "tokenizer_of",
 ]
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -163,6 +175,15 @@ class LoadedModel:
     def token_modality(self, inputs: BatchFeature) -> torch.Tensor:
         """``Modality`` of every position of ``inputs``: LongTensor (B, T)."""
         return self.adapter.token_modality(inputs, model=self.model, processor=self.processor)
+
+    def image_layout(self, image_size: tuple[int, int]) -> ImageLayout:
+        """Where the tokens of one image of ``image_size`` = (height, width) come from (``Adapter.image_layout``)."""
+        return self.adapter.image_layout(self.model, self.processor, image_size)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The processor's tokenizer (the processor itself for ``causal_lm``)."""
+        return tokenizer_of(self.processor)
 
 
 def load_model(
@@ -329,7 +350,7 @@ class Adapter:
                     f"but it has {len(sample.images)} images"
                 )
             encoded.append(_truncate(self._encode(processor, sample, sid), context_size))
-        return self._collate(encoded, pad_id=_pad_id(_tokenizer(processor)))
+        return self._collate(encoded, pad_id=pad_token_id(processor))
 
     def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
         raise NotImplementedError
@@ -363,10 +384,25 @@ class Adapter:
         return modality_BT
 
     def _special_ids(self, processor: Any) -> set[int]:
-        return set(_tokenizer(processor).all_special_ids)
+        return set(tokenizer_of(processor).all_special_ids)
 
     def _image_mask(self, input_ids_BT: torch.Tensor, model: nn.Module) -> torch.Tensor:
         return torch.zeros_like(input_ids_BT, dtype=torch.bool)
+
+    # -- images and decoding
+
+    def image_layout(self, model: nn.Module, processor: Any, image_size: tuple[int, int]) -> ImageLayout:
+        """The :class:`~saev.patches.ImageLayout` of one image of ``image_size`` = (height, width)."""
+        raise ValueError(f"model family {self.family!r} takes no images")
+
+    def logits(self, model: nn.Module, inputs: dict[str, Any], *, image_codes: bool = False,
+               use_cache: bool = False) -> tuple[torch.Tensor, Any]:  # fmt: skip
+        """Next-token logits of every position of ``inputs`` (B, T, V) and, with ``use_cache``, the
+        key-value cache. ``image_codes``: Chameleon's image-code logits are kept (see its adapter)."""
+        # Without a cache the call keeps the model's default use_cache: passing False changes how
+        # transformers builds the attention mask, and with it the low bits of the logits.
+        result = model(**inputs, use_cache=True) if use_cache else model(**inputs)
+        return result.logits, result.past_key_values if use_cache else None
 
 
 class CausalLMAdapter(Adapter):
@@ -416,6 +452,11 @@ class LlavaAdapter(Adapter):
     def _image_mask(self, input_ids_BT: torch.Tensor, model: nn.Module) -> torch.Tensor:
         return input_ids_BT == model.config.image_token_id
 
+    def image_layout(self, model: nn.Module, processor: Any, image_size: tuple[int, int]) -> ImageLayout:
+        """One (s/p) x (s/p) view of the resized image (s: vision image size, p: patch size)."""
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        return ImageLayout(views=(ViewLayout(grid=(side, side)),), grid=(side, side))
+
     def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
         images = list(sample.images) or None
         enc = processor(images=images, text=[sample.text], return_tensors="pt")
@@ -454,6 +495,35 @@ class LlavaNextAdapter(LlavaAdapter):
     def _model_class(self) -> Any:
         return LlavaNextForConditionalGeneration
 
+    def image_layout(self, model: nn.Module, processor: Any, image_size: tuple[int, int]) -> ImageLayout:
+        """The base view ((s/p) x (s/p) patches of the resized whole image), then the high-resolution
+        tiles of the best ``image_grid_pinpoints`` resolution stitched into one feature map and
+        unpadded to the image's aspect ratio (transformers' own ``get_anyres_image_grid_shape`` and
+        ``unpad_image`` are applied to an index map, so the layout is exactly the model's), row-major
+        with one ``image_newline`` token after each row. Both views cover the whole image; scores
+        are mapped onto the finer of the two grids. Checked against the processor's token count.
+        """
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        config = model.config
+        height, width = image_size
+        s, p = config.vision_config.image_size, config.vision_config.patch_size
+        side = s // p
+        tiles_h, tiles_w = get_anyres_image_grid_shape((height, width), config.image_grid_pinpoints, s)
+        index = torch.arange(tiles_h * side * tiles_w * side).reshape(1, tiles_h * side, tiles_w * side)
+        rows, cols = unpad_image(index, (height, width)).shape[1:]
+        base = ViewLayout(grid=(side, side))
+        tiles = ViewLayout(grid=(int(rows), int(cols)), newline_per_row=True)
+        finest = max((base.grid, tiles.grid), key=lambda g: g[0] * g[1])
+        layout = ImageLayout(views=(base, tiles), grid=finest)
+        expected = processor._get_num_multimodal_tokens(image_sizes=[(height, width)]).num_image_tokens[0]
+        if layout.n_tokens != expected:
+            raise RuntimeError(
+                f"LLaVA-NeXT layout of a {height}x{width} image has {layout.n_tokens} tokens but the processor "
+                f"writes {expected}; the anyres layout of this transformers version is not the one assumed here"
+            )
+        return layout
+
 
 class ChameleonAdapter(Adapter):
     """Chameleon / Anole: early fusion with VQ image tokens; hook ``model.model.layers[L]``."""
@@ -470,13 +540,29 @@ class ChameleonAdapter(Adapter):
 
     def _special_ids(self, processor: Any) -> set[int]:
         ids = super()._special_ids(processor) | {processor.image_start_token_id, processor.image_end_token_id}
-        sep = _tokenizer(processor).sep_token_id
+        sep = tokenizer_of(processor).sep_token_id
         return ids | ({sep} if sep is not None else set())
 
     def _image_mask(self, input_ids_BT: torch.Tensor, model: nn.Module) -> torch.Tensor:
         mapping = model.model.vocabulary_mapping
         codes = torch.tensor(mapping.image_tokens, dtype=torch.long, device=input_ids_BT.device)
         return (input_ids_BT == mapping.image_token_id) | torch.isin(input_ids_BT, codes)
+
+    def image_layout(self, model: nn.Module, processor: Any, image_size: tuple[int, int]) -> ImageLayout:
+        """One square grid of ``image_seq_length`` VQ codes (the processor centre-crops the image to a
+        square first, which is ignored here)."""
+        side = math.isqrt(processor.image_seq_length)
+        return ImageLayout(views=(ViewLayout(grid=(side, side)),), grid=(side, side))
+
+    def logits(self, model: nn.Module, inputs: dict[str, Any], *, image_codes: bool = False,
+               use_cache: bool = False) -> tuple[torch.Tensor, Any]:  # fmt: skip
+        """Through ``model.model`` + ``lm_head``, masking the image-code logits as the HF ``forward``
+        does, unless ``image_codes`` (Anole learning to write images: the forward would hide exactly those)."""
+        result = model.model(**inputs, use_cache=True) if use_cache else model.model(**inputs)
+        logits = model.lm_head(result.last_hidden_state)
+        if not image_codes:
+            logits[:, :, model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+        return logits, result.past_key_values if use_cache else None
 
     def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:
         images = list(sample.images) or None
@@ -505,6 +591,22 @@ _ADAPTERS: dict[str, Adapter] = {
 _MULTIMODAL_MODEL_TYPES = {"llava_next": "llava_next", "llava": "llava", "chameleon": "chameleon"}
 
 
+def model_family(model_dir: str | Path) -> Family:
+    """The multimodal family of a checkpoint folder, read from its ``config.json`` model_type."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a save_pretrained checkpoint folder")
+    model_type = json.loads(path.read_text()).get("model_type")
+    if model_type not in _MULTIMODAL_MODEL_TYPES:
+        raise ValueError(
+            f"{model_dir}: model_type {model_type!r} is not a multimodal family that can be aligned; "
+            f"expected one of {sorted(_MULTIMODAL_MODEL_TYPES)}"
+        )
+    return _MULTIMODAL_MODEL_TYPES[model_type]
+
+
 def get_adapter(family: Family) -> Adapter:
     """The adapter of ``family`` (llava_next, llava, chameleon or causal_lm)."""
     if family not in _ADAPTERS:
@@ -515,11 +617,14 @@ def get_adapter(family: Family) -> Adapter:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _tokenizer(processor: Any) -> Any:
+def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer of a processor (a tokenizer is its own)."""
     return getattr(processor, "tokenizer", processor)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(processor: Any) -> int:
+    """The id that right-pads a batch: the tokenizer's pad token, else its EOS, else 0."""
+    tokenizer = tokenizer_of(processor)
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return tid
@@ -546,3 +651,98 @@ def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
             torch.cat([p, p.new_zeros((p.shape[0], n - p.shape[1], *p.shape[2:]))], dim=1) for p in parts
         ]
     return torch.cat(parts, dim=0)
+
+
+# ----------------------------------------------------------------------------- greedy decoding
+
+
+_BIG_CONTEXT = 1 << 20  # decoding never truncates a prompt
+
+
+@torch.no_grad()
+def greedy_answers(
+    loaded: LoadedModel,
+    samples: Sequence[Sample],
+    max_new_tokens: int,
+    *,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "decode",
+    kv_cache: bool = True,
+    bar: dict[str, Any] | None = None,
+) -> list[str]:
+    """Greedy answers to ``samples`` (prompts, images included), decoded in right-padded batches:
+    each row's answer is what it would get alone; EOS ends a row; special tokens are dropped.
+
+    ``kv_cache``: the prompt is encoded once and each new token is one forward step over the
+    cached keys and values, with the row's own position and the padding gap masked out
+    (x2-3 faster on the mini benchmark, benchmarks/bench_greedy_decoding.py); False: every step
+    re-encodes the whole batch, each new token written right after its row's last real token
+    (the reference the cached path is tested against). ``bar``: extra ``tqdm`` arguments.
+    """
+    from tqdm.auto import tqdm
+
+    tok = loaded.tokenizer
+    eos, pad = tok.eos_token_id, pad_token_id(loaded.processor)
+    decode = _decode_cached if kv_cache else _decode_uncached
+    out: list[str] = []
+    batches = range(0, len(samples), max(batch_size, 1))
+    for start in tqdm(batches, desc=desc, disable=not progress, **(bar or {})):
+        inputs = loaded.build_inputs(list(samples[start : start + batch_size]), context_size=_BIG_CONTEXT)
+        for new in decode(loaded, dict(inputs), max_new_tokens, eos=eos, pad=pad):
+            out.append(tok.decode([t for t in new if t != eos], skip_special_tokens=True).strip())
+    return out
+
+
+def _decode_uncached(loaded: LoadedModel, inputs: dict[str, torch.Tensor], max_new: int, *, eos: int,
+                     pad: int) -> list[list[int]]:  # fmt: skip
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    B = ids.shape[0]
+    ids = torch.cat([ids, torch.full((B, max_new), pad, dtype=torch.long)], 1)
+    mask = torch.cat([mask, torch.zeros((B, max_new), dtype=torch.long)], 1)
+    lengths = mask.sum(1)
+    prompt_len = lengths.clone()
+    done = torch.zeros(B, dtype=torch.bool)
+    rows = torch.arange(B)
+    for _ in range(max_new):
+        T = int(lengths.max())
+        logits, _ = loaded.adapter.logits(loaded.model, {"input_ids": ids[:, :T], "attention_mask": mask[:, :T],
+                                                         **inputs})  # fmt: skip
+        nxt = logits[rows, lengths - 1].argmax(-1)
+        live = ~done
+        ids[rows[live], lengths[live]] = nxt[live]
+        mask[rows[live], lengths[live]] = 1
+        lengths = lengths + live.long()
+        done = done | (nxt == eos)
+        if bool(done.all()):
+            break
+    return [ids[b, prompt_len[b] : lengths[b]].tolist() for b in range(B)]
+
+
+def _decode_cached(loaded: LoadedModel, inputs: dict[str, torch.Tensor], max_new: int, *, eos: int,
+                   pad: int) -> list[list[int]]:  # fmt: skip
+    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+    B = ids.shape[0]
+    rows = torch.arange(B)
+    lengths = mask.sum(1)  # the position of each row's next token
+    # right padding: row b's tokens sit at 0..lengths[b]-1 (pads after them, masked out)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    first = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **inputs}
+    logits, cache = loaded.adapter.logits(loaded.model, first, use_cache=True)
+    nxt = logits[rows, lengths - 1].argmax(-1)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool)
+    for k in range(max_new):
+        for b in torch.nonzero(~done).flatten().tolist():
+            new[b].append(int(nxt[b]))
+        done = done | (nxt == eos)
+        if bool(done.all()) or k == max_new - 1:
+            break
+        # every row's new token goes to the same cache slot; the gap after a short row's prompt stays masked
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype)], 1)
+        step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": lengths[:, None],
+                "past_key_values": cache}  # fmt: skip
+        logits, cache = loaded.adapter.logits(loaded.model, step, use_cache=True)
+        nxt = logits[:, -1].argmax(-1)
+        lengths = lengths + 1
+    return new

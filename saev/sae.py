@@ -21,15 +21,14 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from saev.cache import atomic_write_bytes, atomic_write_with
 from saev.config import ConfigError, SAEConfig, build_dataclass
 
 __all__ = [
@@ -37,7 +36,6 @@ __all__ = [
     "SAEOutput",
     "SparseAutoencoder",
     "UnsafeCheckpointError",
-    "atomic_write_bytes",
 ]
 
 SAE_CFG_FILENAME = "cfg.json"
@@ -214,7 +212,7 @@ class SparseAutoencoder(nn.Module):
             saelens_cfg["k"] = self.cfg.k
             saelens_cfg["rescale_acts_by_decoder_norm"] = False
         saev_cfg = {"sae": dataclasses.asdict(self.cfg), "activation_scale": scale}
-        _atomic_write(out_dir / SAE_WEIGHTS_FILENAME, lambda tmp_path: save_file(tensors, tmp_path))
+        atomic_write_with(out_dir / SAE_WEIGHTS_FILENAME, lambda tmp_path: save_file(tensors, tmp_path))
         atomic_write_bytes(out_dir / SAE_CFG_FILENAME, json.dumps(saelens_cfg, indent=2).encode())
         atomic_write_bytes(out_dir / SAEV_CFG_FILENAME, json.dumps(saev_cfg, indent=2).encode())
         return out_dir
@@ -261,25 +259,6 @@ class SparseAutoencoder(nn.Module):
         sae.load_state_dict({k: t.to(_DTYPES[cfg.dtype]) for k, t in tensors.items()}, assign=True)
         sae.activation_scale = scale
         return sae.to(device)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    _atomic_write(Path(path), lambda tmp_path: Path(tmp_path).write_bytes(data))
-
-
-def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then move it into place:
-    readers see the old file or the new one, never a partial one."""
-    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp_path)
-        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; saved SAEs are meant to be shared
-        os.replace(tmp_path, path)
-    except BaseException:
-        os.unlink(tmp_path)
-        raise
 
 
 def _refuse_pickles(path: Path) -> None:

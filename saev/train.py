@@ -42,7 +42,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saev.config import TrainConfig
-from saev.sae import SparseAutoencoder, atomic_write_bytes
+from saev.cache import atomic_write_bytes
+from saev.sae import SparseAutoencoder
 
 __all__ = [
     "KEEP_CHECKPOINTS",

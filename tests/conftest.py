@@ -1,6 +1,6 @@
 """Session fixtures shared by all tests: tiny models of every family, built once in code.
 
-- ``tiny_tokenizer``: byte-level BPE trained on a few sentences (``saev.tiny.train_tokenizer``).
+- ``tiny_tokenizer``: byte-level BPE trained on a few sentences (``saev.shapesworld.tiny.train_tokenizer``).
 - ``tiny_model_dir(family)``: folder of a random-initialised model of ``family``
   (``TINY.hidden_size`` wide, ``TINY.num_layers`` layers, ``TINY.image_size`` px images),
   saved with ``save_pretrained``; built on first use, once per session.
@@ -36,9 +36,10 @@ settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
-from saev.config import Family, Profile, load_profile  # noqa: E402
+from saev.config import Family  # noqa: E402
+from saev.paper.profile import Profile, load_profile  # noqa: E402
 from saev.models import LoadedModel, load_model  # noqa: E402
-from saev.tiny import build_tiny_model, train_tokenizer  # noqa: E402
+from saev.shapesworld.tiny import build_tiny_model, train_tokenizer  # noqa: E402
 
 
 class TinySpec(NamedTuple):
@@ -131,7 +132,7 @@ class CIWorld(NamedTuple):
 @pytest.fixture(scope="session")
 def ci_world(tmp_path_factory: pytest.TempPathFactory) -> CIWorld:
     """Generate the ci world and train its four models once (about 1.5 min on 2 cores)."""
-    from saev.shapesworld.models import train_world_models
+    from saev.paper.world import train_world_models
 
     keep = os.environ.get("SAEV_CI_ARTIFACTS")
     artifacts = Path(keep) if keep else tmp_path_factory.mktemp("ci_world")

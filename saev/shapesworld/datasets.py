@@ -1,6 +1,6 @@
 """Builders of the ShapesWorld data sets, and the writer that saves them to disk.
 
-Each builder returns a ``datasets.Dataset`` whose columns are those that ``saev.data``
+Each builder returns a ``datasets.Dataset`` whose columns are those that ``saev.paper.data``
 normalises the real data set of the same role to (images as ``datasets.Image()``), plus
 ground-truth columns only a generated world can have (``scene``: the JSON of the scene
 shown in the image; ``defect``; ``category``; ``object_patches``):
@@ -40,6 +40,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from saev.cache import atomic_write_json
+from saev.shapesworld.config import WorldConfig
 from saev.shapesworld.world import (
     CAPTION_QUESTION,
     CATEGORIES,
@@ -50,7 +52,6 @@ from saev.shapesworld.world import (
     QA,
     SHAPES,
     Scene,
-    WorldConfig,
     _name_id,
     answer_question,
     ask,
@@ -454,6 +455,4 @@ def _write_index(path: Path, cfg: WorldConfig, recorded: dict) -> None:
     spec = json.dumps({"version": WORLD_VERSION, **config}, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()
     data = {"world_version": WORLD_VERSION, "config": config, "config_hash": digest, "datasets": recorded}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data)

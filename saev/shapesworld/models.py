@@ -13,7 +13,7 @@ checkpoints (the adapters never learn that they are toys):
 | ``anole`` | ``chameleon`` trained further to also write image codes | caption -> image codes, plus ``chameleon``'s data | Anole-7B |
 
 All four share one byte-level BPE tokenizer trained on ``world_texts()`` and the families'
-prompt templates (``saev.tiny.train_tokenizer``). The image encoders are pre-trained first,
+prompt templates (``saev.shapesworld.tiny.train_tokenizer``). The image encoders are pre-trained first,
 as the real ones are: LLaVA-NeXT's CLIP tower and Chameleon's VQ encoder learn to name the
 colour and shape under each patch, then Chameleon's codebook is fitted by k-means on the
 encoder's latents of training images (object and background cells balanced), and each code's
@@ -36,19 +36,17 @@ finished folder with the same hash is never retrained) and ``eval.json`` (held-o
 and resumes from the ``<name>.partial/`` checkpoints of an interrupted run; the finished
 folder appears by an atomic rename.
 
-Run ``python -m saev.shapesworld.models --profile mini`` or call :func:`train_world_models`.
+Run ``python -m saev.paper world --profile mini`` or call :func:`train_world_models`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,13 +56,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from saev.config import Profile, load_profile
-from saev.shapesworld.model_config import StageConfig, WorldModelsConfig
+from saev.cache import atomic_write_json
+from saev.models import greedy_answers, pad_token_id
+from saev.shapesworld.config import StageConfig, WorldConfig, WorldModelsConfig
 from saev.shapesworld.resumable import (
     TrainingInterrupted,
     deterministic_torch,
     lr_at,
     progress_bar,
+    progress_bar_args,
     run_resumable,
     step_generator,
 )
@@ -79,11 +79,10 @@ __all__ = [
     "TrainingInterrupted",
     "WorldModelsConfig",
     "benchmark_samples",
+    "check_world_models",
     "fit_codebook",
-    "main",
     "train_seed",
     "train_world_models",
-    "world_models_config_for",
 ]
 
 TRAINING_VERSION = 2
@@ -110,39 +109,15 @@ _BIG_CONTEXT = 1 << 20
 # ----------------------------------------------------------------------------- config
 
 
-def world_models_config_for(profile: Profile) -> WorldModelsConfig:
-    """The profile's ``world_models:`` section (sizes and training of the world's models)."""
-    if profile.world_models is None:
-        from saev.config import ConfigError
-
-        raise ConfigError(
-            f"{profile.source or 'profile ' + repr(profile.name)}: add a 'world_models:' section "
-            "(see params/mini.yaml; the fields are those of saev.shapesworld.model_config.WorldModelsConfig)"
-        )
-    return profile.world_models
-
-
-def _world_config(profile: Profile) -> Any:
-    from saev.shapesworld.world import WorldConfig, world_config_for
-
-    section = getattr(profile, "world", None)
-    if isinstance(section, WorldConfig):
-        return section
-    params_path = Path(profile.root_dir) / "params" / f"{profile.name}.yaml"
-    return world_config_for(params_path if params_path.is_file() else profile.name)
-
-
-def _check_profile(profile: Profile, cfg: WorldModelsConfig) -> None:
-    if cfg.hidden_size != profile.train.sae.d_in:
-        raise ValueError(
-            f"world_models.hidden_size={cfg.hidden_size} must equal train.sae.d_in={profile.train.sae.d_in} "
-            f"of profile {profile.name!r}"
-        )
-    for name, spec in profile.models.items():
-        if name in FAMILIES and spec.hook_layer >= cfg.num_layers:
+def check_world_models(cfg: WorldModelsConfig, *, d_in: int, hook_layers: dict[str, int], where: str) -> None:
+    """Raise if the SAEs (input width ``d_in``) or the hook layers (``{model name: layer}``) of a
+    profile (named by ``where``) do not fit the world's models."""
+    if cfg.hidden_size != d_in:
+        raise ValueError(f"world_models.hidden_size={cfg.hidden_size} must equal train.sae.d_in={d_in} of {where}")
+    for name, layer in hook_layers.items():
+        if name in FAMILIES and layer >= cfg.num_layers:
             raise ValueError(
-                f"models.{name}.hook_layer={spec.hook_layer} is outside the world's "
-                f"{cfg.num_layers}-layer models"
+                f"models.{name}.hook_layer={layer} is outside the world's {cfg.num_layers}-layer models"
             )
 
 
@@ -192,17 +167,20 @@ class ModelEval:
 
 
 def train_world_models(
-    profile: str | Path | Profile,
+    world: WorldConfig,
+    cfg: WorldModelsConfig,
+    artifacts_dir: str | Path,
     *,
-    config: WorldModelsConfig | None = None,
+    seed: int,
     names: Iterable[str] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Generate the world's data if missing, then train (or reuse) models ``names`` and their parents.
 
-    ``profile`` is a profile name, YAML path or loaded ``Profile``; models go to
-    ``<profile.artifacts_path>/models/<name>``. A model whose folder holds a
+    ``world`` and ``cfg`` are the profile's ``world:`` and ``world_models:`` sections, ``seed`` its
+    seed (the training seed unless ``cfg.train_seed`` is set); models go to
+    ``<artifacts_dir>/models/<name>``, the data sets to ``<artifacts_dir>/data``. A model whose folder holds a
     ``train_config.json`` with the current hash is skipped; otherwise training resumes from
     ``<name>.partial/`` when it holds a checkpoint of the same hash. ``stop_after`` (tests)
     interrupts every stage after that many steps with :class:`TrainingInterrupted`.
@@ -210,16 +188,12 @@ def train_world_models(
     """
     from saev.shapesworld.datasets import dataset_hash, generate_world
 
-    profile = profile if isinstance(profile, Profile) else load_profile(profile)
-    cfg = config or world_models_config_for(profile)
-    _check_profile(profile, cfg)
     wanted = list(MODEL_NAMES if names is None else names)
     unknown = [n for n in wanted if n not in MODEL_NAMES]
     if unknown:
         raise ValueError(f"unknown world model(s) {unknown}; known: {list(MODEL_NAMES)}")
     needed = set(wanted) | {DEPENDENCIES[n] for n in wanted if n in DEPENDENCIES}
-    world = _world_config(profile)
-    artifacts = profile.artifacts_path
+    artifacts = Path(artifacts_dir)
     models_dir = artifacts / "models"
     data_hashes = {n: dataset_hash(world, n) for n in _DATA_SETS}
 
@@ -229,7 +203,7 @@ def train_world_models(
         if name not in needed:
             continue
         parent = hashes.get(DEPENDENCIES.get(name, ""))
-        specs[name] = _train_spec(name, cfg, train_seed(profile, cfg), data_hashes, parent)
+        specs[name] = _train_spec(name, cfg, train_seed(seed, cfg), data_hashes, parent)
         hashes[name] = _hash(specs[name])
     todo = [n for n in MODEL_NAMES if n in needed and not _is_complete(models_dir / n, hashes[n])]
     if todo:
@@ -237,7 +211,7 @@ def train_world_models(
         for name in todo:  # failures of an earlier call
             _failed_marker(models_dir, name).unlink(missing_ok=True)
         chains = [[n for n in chain if n in todo] for chain in _CHAINS]
-        jobs = [(profile, cfg, world, chain, specs, hashes, stop_after, progress, row)
+        jobs = [(artifacts, seed, cfg, world, chain, specs, hashes, stop_after, progress, row)
                 for row, chain in enumerate(c for c in chains if c)]  # fmt: skip
         if min(cfg.workers, len(jobs)) <= 1:
             for job in jobs:
@@ -260,12 +234,12 @@ _CHAINS = (("text-lm", "chameleon", "anole"), ("llava-next",))
 """The models each worker trains, in order (``WorldModelsConfig.workers`` processes at once;
 one worker trains them chain after chain). llava-next starts from text-lm, which the other
 chain trains first: its worker pre-trains the CLIP tower meanwhile and then waits for text-lm
-(:func:`_wait_for`), so that the two workers' loads balance (text-lm -> llava-next as one
-chain made the run ~1.5 min longer)."""
+(:func:`_wait_for`), so that the two workers' loads balance."""
 
 
 def _train_chain(
-    profile: Profile,
+    artifacts: Path,
+    seed: int,
     cfg: WorldModelsConfig,
     world: Any,
     names: list[str],
@@ -280,9 +254,8 @@ def _train_chain(
     from saev.shapesworld.resumable import set_progress_row
 
     set_progress_row(row)
-    artifacts = profile.artifacts_path
     ctx = _Context(
-        profile=profile, cfg=cfg, world=world, data_dir=artifacts / "data", models_dir=artifacts / "models",
+        profile_seed=seed, cfg=cfg, world=world, data_dir=artifacts / "data", models_dir=artifacts / "models",
         stop_after=stop_after, progress=progress, hashes=hashes,
     )  # fmt: skip
     with deterministic_torch(cfg.num_threads):
@@ -310,9 +283,9 @@ def _wait_for(ctx: _Context, name: str, *, poll_seconds: float = 1.0) -> Path:
     return folder
 
 
-def train_seed(profile: Profile, cfg: WorldModelsConfig) -> int:
+def train_seed(profile_seed: int, cfg: WorldModelsConfig) -> int:
     """Seed of the models' training: ``world_models.train_seed``, else the profile's (the world's) seed."""
-    return profile.seed if cfg.train_seed is None else cfg.train_seed
+    return profile_seed if cfg.train_seed is None else cfg.train_seed
 
 
 def _train_spec(
@@ -362,9 +335,10 @@ def _is_complete(model_dir: Path, digest: str) -> bool:
 class _Context:
     """What every training stage needs (one ``train_world_models`` call)."""
 
-    profile: Profile
+    profile_seed: int
+    """The profile's seed (:func:`train_seed`)."""
     cfg: WorldModelsConfig
-    world: Any
+    world: WorldConfig
     data_dir: Path
     models_dir: Path
     stop_after: int | None
@@ -376,7 +350,7 @@ class _Context:
     @property
     def seed(self) -> int:
         """Seed of every random choice of training (see :func:`train_seed`)."""
-        return train_seed(self.profile, self.cfg)
+        return train_seed(self.profile_seed, self.cfg)
 
     def dataset(self, name: str) -> Any:
         """A generated data set, loaded once."""
@@ -390,7 +364,7 @@ class _Context:
         """The shared tokenizer, trained once per call on the world's texts (deterministic)."""
         if "tokenizer" not in self.cache:
             from saev.shapesworld.world import world_texts
-            from saev.tiny import train_tokenizer
+            from saev.shapesworld.tiny import train_tokenizer
 
             texts = world_texts(self.world, n_documents=self.cfg.tokenizer_documents)
             texts += _prompt_texts(texts)
@@ -449,9 +423,9 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
         train_seconds=round(time.perf_counter() - start, 1),
         train_cpu_seconds=round(time.process_time() - cpu_start, 1),
     )
-    _write_json(final_dir / "eval.json", dataclasses.asdict(result))
-    _write_json(final_dir / "train_losses.json", {"loss": [round(x, 5) for x in losses]})
-    _write_json(final_dir / "train_config.json", {"hash": digest, **spec})
+    atomic_write_json(final_dir / "eval.json", dataclasses.asdict(result))
+    atomic_write_json(final_dir / "train_losses.json", {"loss": [round(x, 5) for x in losses]})
+    atomic_write_json(final_dir / "train_config.json", {"hash": digest, **spec})
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(final_dir, model_dir)
@@ -484,12 +458,6 @@ def _align_projector(ctx: _Context, loaded: Any, stage: StageConfig, partial_dir
         p.requires_grad_(True)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------- model construction
 
 
@@ -497,7 +465,7 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
     """The model before training: random init (text-lm, chameleon) or the parent's weights."""
     from saev.models import load_model
     from saev.shapesworld.world import COLORS, SHAPES, SIZES
-    from saev.tiny import build_tiny_model
+    from saev.shapesworld.tiny import build_tiny_model
 
     cfg = ctx.cfg
     family = FAMILIES[name]
@@ -958,7 +926,7 @@ def _encode_qa(
     (``WorldModelsConfig.answer_length_power``)."""
     from saev.models import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, chat_sample
 
-    tok = _tokenizer(loaded)
+    tok = loaded.tokenizer
     eos = tok.eos_token_id
     template = PROMPT_TEMPLATES[loaded.family]
     placeholder = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
@@ -1059,10 +1027,6 @@ def _chunks(rows: Sequence[Any], n: int) -> list[Sequence[Any]]:
     return [rows[i : i + n] for i in range(0, len(rows), n)]
 
 
-def _tokenizer(loaded: Any) -> Any:
-    return getattr(loaded.processor, "tokenizer", loaded.processor)
-
-
 # ----------------------------------------------------------------------------- loss
 
 
@@ -1107,16 +1071,10 @@ def _turn_mask(seqs: _Seqs, T: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _logits(loaded: Any, batch: dict[str, torch.Tensor], *, image_codes: bool = False) -> torch.Tensor:
-    """Next-token logits of every position. Chameleon goes through ``model.model`` + ``lm_head``
-    and masks the image-code logits as its ``forward`` does, unless ``image_codes`` (Anole
-    learning to write images: the HF forward would hide exactly those logits)."""
+    """Next-token logits of every position (``Adapter.logits``: Chameleon's image-code logits are
+    masked as its ``forward`` does, unless ``image_codes``: Anole learning to write images)."""
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "weights")}
-    if loaded.family != "chameleon":
-        return loaded.model(**inputs).logits
-    logits = loaded.model.lm_head(loaded.model.model(**inputs).last_hidden_state)
-    if not image_codes:
-        logits[:, :, loaded.model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
-    return logits
+    return loaded.adapter.logits(loaded.model, inputs, image_codes=image_codes)[0]
 
 
 def _token_losses(loaded: Any, batch: dict[str, torch.Tensor], *, image_codes: bool) -> torch.Tensor:
@@ -1132,7 +1090,7 @@ def _make_loss_at(
     """``step -> loss`` of a batch drawn by ``step_generator(seed, stream, step)``: the mean over
     rows of each row's weighted target-token cross-entropy (``_Seqs.weights``), so that
     one-word answers (colour, shape) weigh as much as long captions instead of a tenth as much."""
-    pad_id = _pad_id(loaded)
+    pad_id = pad_token_id(loaded.processor)
     counts = _split_batch(stage.batch_size, data.fractions)
 
     def loss_at(step: int) -> torch.Tensor:
@@ -1155,14 +1113,9 @@ def _split_batch(batch_size: int, fractions: list[float]) -> list[int]:
     return [*counts, batch_size - sum(counts)]
 
 
-def _pad_id(loaded: Any) -> int:
-    tok = _tokenizer(loaded)
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
 @torch.no_grad()
 def _heldout_loss(loaded: Any, seqs: _Seqs, batch_size: int) -> float:
-    pad_id = _pad_id(loaded)
+    pad_id = pad_token_id(loaded.processor)
     total, count = 0.0, 0
     for start in range(0, len(seqs), batch_size):
         batch = _collate(seqs.subset(list(range(start, min(start + batch_size, len(seqs))))), pad_id)
@@ -1191,10 +1144,11 @@ def _evaluate_model(
     corpus, cut at the first newline), stopped at EOS or after the longest reference answer of
     the category plus two tokens.
     """
-    from saev.shapesworld.world import CATEGORIES, normalize_answer, score_answer
+    from saev.metrics import normalize_answer
+    from saev.shapesworld.world import CATEGORIES, score_answer
 
     loaded.model.eval()
-    tok = _tokenizer(loaded)
+    tok = loaded.tokenizer
     by_cat: dict[str, list[int]] = {c: [] for c in CATEGORIES}
     for i, c in enumerate(benchmark["category"]):
         by_cat[c].append(i)
@@ -1208,7 +1162,8 @@ def _evaluate_model(
         max_new = max(len(tok(" " + r["answer"], add_special_tokens=False)["input_ids"]) for r in rows) + 2
         samples = benchmark_samples(loaded, rows)
         desc = f"{name}: {category}"
-        answers = _greedy_answers(loaded, samples, max_new, cfg.eval_batch_size, progress, desc=desc)
+        answers = greedy_answers(loaded, samples, max_new, batch_size=cfg.eval_batch_size, progress=progress,
+                                 desc=desc, bar=progress_bar_args())
         if loaded.family == "causal_lm":  # the corpus' QA lines end at a newline, not at EOS
             answers = [a.split("\n")[0].strip() for a in answers]
         pairs = list(zip(answers, (r["answer"] for r in rows)))
@@ -1250,133 +1205,3 @@ def _scene_words(scene_json: str) -> str:
     from saev.shapesworld.world import Scene, describe_scene
 
     return describe_scene(Scene.from_json(scene_json), positions=True).capitalize()
-
-
-@torch.no_grad()
-def _greedy_answers(
-    loaded: Any,
-    samples: list[Any],
-    max_new: int,
-    batch_size: int,
-    progress: bool,
-    *,
-    desc: str,
-    kv_cache: bool = True,
-) -> list[str]:
-    """Greedy decoding of right-padded batches: each row's answer is what it would get alone.
-
-    ``kv_cache``: the prompt (images included) is encoded once and each new token is one
-    forward step over the cached keys and values, with the row's own position and the
-    padding gap masked out (x2-3 faster on the mini benchmark, benchmarks/bench_greedy_decoding.py);
-    False: every step re-encodes the whole batch, each new token written right after its
-    row's last real token (the reference the cached path is tested against).
-    """
-    tok = _tokenizer(loaded)
-    eos, pad = tok.eos_token_id, _pad_id(loaded)
-    decode = _decode_cached if kv_cache else _decode_uncached
-    out: list[str] = []
-    for start in progress_bar(range(0, len(samples), batch_size), desc=desc, disable=not progress):
-        inputs = loaded.build_inputs(samples[start : start + batch_size], context_size=_BIG_CONTEXT)
-        for new in decode(loaded, inputs, max_new, eos=eos, pad=pad):
-            out.append(tok.decode([t for t in new if t != eos], skip_special_tokens=True).strip())
-    return out
-
-
-def _decode_uncached(loaded: Any, inputs: dict[str, torch.Tensor], max_new: int, *, eos: int, pad: int) -> list[list[int]]:
-    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-    B = ids.shape[0]
-    ids = torch.cat([ids, torch.full((B, max_new), pad, dtype=torch.long)], 1)
-    mask = torch.cat([mask, torch.zeros((B, max_new), dtype=torch.long)], 1)
-    lengths = mask.sum(1)
-    prompt_len = lengths.clone()
-    done = torch.zeros(B, dtype=torch.bool)
-    rows = torch.arange(B)
-    for _ in range(max_new):
-        T = int(lengths.max())
-        logits = _logits(loaded, {"input_ids": ids[:, :T], "attention_mask": mask[:, :T], **inputs})
-        nxt = logits[rows, lengths - 1].argmax(-1)
-        live = ~done
-        ids[rows[live], lengths[live]] = nxt[live]
-        mask[rows[live], lengths[live]] = 1
-        lengths = lengths + live.long()
-        done = done | (nxt == eos)
-        if bool(done.all()):
-            break
-    return [ids[b, prompt_len[b] : lengths[b]].tolist() for b in range(B)]
-
-
-def _decode_cached(loaded: Any, inputs: dict[str, torch.Tensor], max_new: int, *, eos: int, pad: int) -> list[list[int]]:
-    ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-    B = ids.shape[0]
-    rows = torch.arange(B)
-    lengths = mask.sum(1)  # the position of each row's next token
-    # right padding: row b's tokens sit at 0..lengths[b]-1 (pads after them, masked out)
-    out = _step(loaded, {"input_ids": ids, "attention_mask": mask, "position_ids": _positions(mask), **inputs})
-    nxt = out[0][rows, lengths - 1].argmax(-1)
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool)
-    for k in range(max_new):
-        for b in torch.nonzero(~done).flatten().tolist():
-            new[b].append(int(nxt[b]))
-        done = done | (nxt == eos)
-        if bool(done.all()) or k == max_new - 1:
-            break
-        # every row's new token goes to the same cache slot; the gap after a short row's prompt stays masked
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype)], 1)
-        step = {"input_ids": nxt[:, None], "attention_mask": mask, "position_ids": lengths[:, None],
-                "past_key_values": out[1]}  # fmt: skip
-        out = _step(loaded, step)
-        nxt = out[0][:, -1].argmax(-1)
-        lengths = lengths + 1
-    return new
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a right-padded batch: 0..n-1 on each row's tokens (pads: 0, masked out)."""
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-
-def _step(loaded: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
-    """Logits (as :func:`_logits`, text only) and the key-value cache of one forward with ``use_cache``."""
-    if loaded.family != "chameleon":
-        result = loaded.model(**inputs, use_cache=True)
-        return result.logits, result.past_key_values
-    result = loaded.model.model(**inputs, use_cache=True)
-    logits = loaded.model.lm_head(result.last_hidden_state)
-    logits[:, :, loaded.model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
-    return logits, result.past_key_values
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m saev.shapesworld.models --profile NAME``: train (or reuse) the models, print metrics."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m saev.shapesworld.models", description=main.__doc__)
-    parser.add_argument("--profile", default="mini", help="profile name or YAML path (default: mini)")
-    parser.add_argument(
-        "--only", nargs="+", choices=MODEL_NAMES, metavar="NAME", help=f"models to build, of {list(MODEL_NAMES)}",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    paths = train_world_models(args.profile, names=args.only, progress=not args.quiet)
-    for name, path in paths.items():
-        ev = ModelEval(**json.loads((path / "eval.json").read_text()))
-        extra = ""
-        if ev.vq_code_utilisation is not None:
-            extra += f"  codes used {ev.vq_code_utilisation:.0%}"
-        if ev.image_code_loss is not None:
-            extra += f"  image-code loss {ev.image_code_loss:.3f}"
-        accs = " ".join(f"{c}={v:.2f}" for c, v in ev.exact_match.items())
-        strong = f"(strong {ev.strong_exact_match:.2f})"
-        print(f"{name:<11} loss {ev.heldout_lm_loss:.3f}  exact: {accs} {strong}{extra}"
-              f"  ({ev.train_seconds:.0f} s, {ev.train_cpu_seconds:.0f} s CPU)  {path}")  # fmt: skip
-    print(f"total {time.perf_counter() - start:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,12 +27,14 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from saev.shapesworld.model_config import StageConfig
+from saev.cache import atomic_write_json
+from saev.shapesworld.config import StageConfig
 
 __all__ = [
     "TrainingInterrupted",
     "progress_bar",
     "set_progress_row",
+    "progress_bar_args",
     "deterministic_torch",
     "lr_at",
     "run_resumable",
@@ -53,7 +54,12 @@ def set_progress_row(row: int) -> None:
 
 def progress_bar(iterable: Any = None, **kwargs: Any) -> Any:
     """``tqdm`` on this process's row (``set_progress_row``), transient (``leave=False``)."""
-    return tqdm(iterable, position=_ROW, leave=False, **kwargs)
+    return tqdm(iterable, **progress_bar_args(), **kwargs)
+
+
+def progress_bar_args() -> dict[str, Any]:
+    """The ``tqdm`` arguments of :func:`progress_bar` (for a loop of the core that takes them)."""
+    return {"position": _ROW, "leave": False}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -162,9 +168,7 @@ def _save_checkpoint(
     save_model(model, str(ckpt_dir / "model.safetensors"))
     torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
     (ckpt_dir / _LOSSES).write_text(json.dumps(losses))
-    tmp = partial_dir / f".{_LATEST}.tmp"
-    tmp.write_text(json.dumps({"step": step, "run_hash": run_hash, "dir": ckpt_dir.name}))
-    os.replace(tmp, partial_dir / _LATEST)
+    atomic_write_json(partial_dir / _LATEST, {"step": step, "run_hash": run_hash, "dir": ckpt_dir.name})
     for old in partial_dir.glob("step-*"):
         if old.name != ckpt_dir.name:
             shutil.rmtree(old)

@@ -1,6 +1,6 @@
 """ShapesWorld: scenes of coloured shapes, their rendering, and the text that talks about them.
 
-The embedded default world of the project (DESIGN.md, "The embedded default: ShapesWorld").
+The embedded default world of the project (DESIGN.md, "The world").
 No weights or data sets can be downloaded, so the ``ci`` and ``mini`` profiles generate
 their own data from a seed. A *scene* holds 1..``max_objects`` named objects (shape,
 colour, size, one of 3x3 grid cells) plus grey clutter and pixel noise; it renders to an
@@ -12,9 +12,9 @@ generated answer and every labelled defect.
 
 Within one scene all objects have distinct shapes, distinct colours and distinct cells,
 so every templated question has exactly one answer (or none, for a question about an
-absent object). This module imports only the standard library at import time, because
-``saev.config`` references :class:`WorldConfig` as the profile's ``world:`` section;
-numpy is imported inside the functions that render.
+absent object). This module imports only the standard library at import time; numpy is
+imported inside the functions that render. The world's configuration (:class:`WorldConfig`)
+is in ``saev.shapesworld.config``.
 
 Category design (why preference data can help, and defective preference data can hurt):
 ``color``, ``shape`` and ``description`` are *strong* categories, frequent in the
@@ -35,14 +35,14 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from saev.shapesworld.config import WorldConfig
 
 __all__ = [
     "CAPTION_QUESTION",
@@ -56,7 +56,6 @@ __all__ = [
     "LISTING_ORDERS",
     "NUMBER_WORDS",
     "POSITIONS",
-    "PRESETS",
     "QA",
     "QUESTION_TEMPLATES",
     "SHAPES",
@@ -65,7 +64,6 @@ __all__ = [
     "WEAK_CATEGORIES",
     "Clutter",
     "Scene",
-    "WorldConfig",
     "WorldObject",
     "answer_question",
     "ask",
@@ -78,14 +76,12 @@ __all__ = [
     "interleaved_texts",
     "is_heldout",
     "make_text_document",
-    "normalize_answer",
     "object_masks",
     "patch_indices",
     "render_scene",
     "sample_class_scene",
     "sample_scene",
     "score_answer",
-    "world_config_for",
     "world_texts",
     "wrong_answer",
 ]
@@ -264,217 +260,6 @@ _INTROS: tuple[str, ...] = (
 _LEADS: tuple[str, ...] = (
     "Look at this picture.", "Here is the next picture.", "The following image is a drawing.",
 )  # fmt: skip
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class WorldConfig:
-    """Everything that defines a generated ShapesWorld (the profile's ``world:`` section).
-
-    The defaults are the ``mini`` preset; ``PRESETS["ci"]`` is the microscopic one.
-    Every data set draws from its own seed stream (``seed`` plus the data set's name), so
-    changing one data set's size leaves the others byte-identical.
-    """
-
-    seed: int = 0
-    """Master seed of the world; each data set derives its own stream from it and its name."""
-    image_size: int = 32
-    """Side of the square RGB images in pixels (>= 16, a multiple of ``patch_size``)."""
-    patch_size: int = 4
-    """Side of one image patch in pixels, for the ``object_patches`` columns (indices into the
-    row-major (image_size/patch_size)^2 grid); set it to the vision tower's patch size."""
-    max_objects: int = 3
-    """Named objects per scene are drawn uniformly from 1..max_objects (<= 5, one per shape)."""
-    clutter_min: int = 3
-    """Fewest grey clutter items (dots and short lines) drawn under the objects."""
-    clutter_max: int = 8
-    """Most grey clutter items per image."""
-    noise_std: float = 8.0
-    """Standard deviation of the Gaussian pixel noise added to the whole image (0..255 scale)."""
-    listing_order: str = "reading"
-    """Order in which scene descriptions ("Describe the picture in detail."), captions and the
-    text corpus' prose list a scene's objects (``LISTING_ORDERS``): ``"reading"`` (by grid cell,
-    row by row; WORLD_VERSION <= 2 and the default), ``"color"`` or ``"shape"``. In reading
-    order the next object of a description is the next one in the image's raster, a position
-    task the rare ``position`` questions hardly teach; the mini llava-next writes 1 of 14
-    three-object benchmark scenes right in it, repeating objects and swapping them. Keyed on an
-    attribute the list is a lookup instead, and the descriptions train that lookup, but a
-    colour or shape lookup can collapse, depending on the training seed, in every order (mini
-    llava-next, strong exact with train_seed 42 / 1 / 2: reading .81/.81/.68, colour questions
-    .89/.87/.56; shape .78/.92/.80, shape questions .63/.95/.59, descriptions .78/.84/.84 vs
-    .67/.66/.53; colour .75/.74, colour questions .64/.61; shape with extra turns colour .2,
-    shape .4, description .4: .45/.87, all at llava_next lr .002). Halving that learning rate
-    ends the collapses: shape order at lr .001 gives .92/.94/.95 (shape questions .92/.94/.94,
-    descriptions .87/.91/.91), so the mini profile uses shape order. Reading order stays the
-    default, so that the ci world and every cached world keep WORLD_VERSION 2's bytes."""
-    caption_order: str | None = None
-    """Order in which captions ("a picture of ...": the ``captions`` data set, the interleaved
-    documents' captions, the caption-like answers of preference defects) list a scene's objects,
-    one of ``LISTING_ORDERS``; None: ``listing_order``, as in WORLD_VERSION <= 2. Keyed on the
-    other attribute than ``listing_order``, captions train the lookup that the descriptions do
-    not (a shape-order description reads shapes to find colours; a colour-order caption reads
-    colours to find shapes). Measured once (mini llava-next, shape order, train_seed 42): colour
-    captions lift shape questions from .63 to .92 and strong exact from .78 to .90; not used by a
-    profile, since a lower learning rate did as much without changing the world."""
-    heldout_fraction: float = 0.1
-    """Fraction of the scene space (by a hash of the objects' shape, colour, size and cell)
-    reserved for the benchmark; every other data set only uses the remaining scenes."""
-    n_text_docs: int = 6000
-    """Rows of ``text``: text-only documents (the Pile's role)."""
-    n_interleaved: int = 3000
-    """Rows of ``interleaved``: image-text documents with 1-3 images each (Obelics' role)."""
-    n_classification: int = 3000
-    """Rows of ``classification``: 10-class images, labels balanced (the ImageNet subset's role)."""
-    n_captions: int = 5000
-    """Rows of ``captions``: (image, CAPTION_QUESTION, caption) for MLLM training."""
-    n_vqa: int = 8000
-    """Rows of ``vqa``: one templated question per image, categories by ``vqa_categories``."""
-    n_preference_a: int = 4000
-    """Rows of ``preference_a`` (Align-Anything's role)."""
-    n_preference_b: int = 4000
-    """Rows of ``preference_b`` (RLAIF-V's role)."""
-    n_benchmark: int = 600
-    """Rows of ``benchmark`` (LLaVA-Bench's role), on held-out scenes only."""
-    vqa_categories: dict[str, float] = field(
-        default_factory=lambda: {
-            "color": 0.35, "shape": 0.35, "description": 0.23, "position": 0.05, "count": 0.02,
-        }  # fmt: skip
-    )
-    """Relative weights of the question categories in ``vqa``: strong categories frequent, weak rare
-    (``count`` rarest: scene descriptions already list the objects, so it is learned from little)."""
-    preference_categories: dict[str, float] = field(
-        default_factory=lambda: {
-            "color": 0.15, "shape": 0.15, "description": 0.1, "position": 0.3, "count": 0.3,
-        }  # fmt: skip
-    )
-    """Relative weights of the categories in both preference sets: they teach the weak categories."""
-    benchmark_categories: dict[str, float] = field(
-        default_factory=lambda: {c: 0.2 for c in ("color", "shape", "position", "count", "description")}
-    )
-    """Relative weights of the categories in ``benchmark`` (uniform: strong and weak alike)."""
-    defect_fraction_a: float = 0.3
-    """Fraction of defective pairs in ``preference_a`` (exact up to rounding)."""
-    defect_mix_a: dict[str, float] = field(
-        default_factory=lambda: {
-            "image_swap": 0.3, "flipped": 0.2, "unanswerable": 0.25, "ignores_question": 0.25,
-        }  # fmt: skip
-    )
-    """Relative weights of the defect kinds among ``preference_a``'s defective pairs."""
-    defect_fraction_b: float = 0.4
-    """Fraction of defective pairs in ``preference_b``."""
-    defect_mix_b: dict[str, float] = field(
-        default_factory=lambda: {
-            "image_swap": 0.2, "flipped": 0.3, "unanswerable": 0.4, "ignores_question": 0.1,
-        }  # fmt: skip
-    )
-    """Relative weights of the defect kinds in ``preference_b`` (RLAIF-V's role: more hallucination)."""
-
-    def __post_init__(self) -> None:
-        def bad(key: str, why: str) -> ValueError:
-            return ValueError(f"world.{key}: {why}, got {getattr(self, key)!r}")
-
-        if self.image_size < 16:
-            raise bad("image_size", "must be >= 16")
-        if self.patch_size <= 0 or self.image_size % self.patch_size:
-            raise bad("patch_size", f"must be > 0 and divide image_size={self.image_size}")
-        if not 1 <= self.max_objects <= len(SHAPES):
-            raise bad("max_objects", f"must be in 1..{len(SHAPES)}")
-        if not 0 <= self.clutter_min <= self.clutter_max:
-            raise bad("clutter_max", f"must be >= clutter_min={self.clutter_min} >= 0")
-        if self.noise_std < 0:
-            raise bad("noise_std", "must be >= 0")
-        if not 0 < self.heldout_fraction < 1:
-            raise bad("heldout_fraction", "must be strictly between 0 and 1")
-        if self.listing_order not in LISTING_ORDERS:
-            raise bad("listing_order", f"must be one of {list(LISTING_ORDERS)}")
-        if self.caption_order is not None and self.caption_order not in LISTING_ORDERS:
-            raise bad("caption_order", f"must be None or one of {list(LISTING_ORDERS)}")
-        for name in ("n_text_docs", "n_interleaved", "n_classification", "n_captions", "n_vqa",
-                     "n_preference_a", "n_preference_b", "n_benchmark"):  # fmt: skip
-            if getattr(self, name) < 0:
-                raise bad(name, "must be >= 0")
-        for name in ("vqa_categories", "preference_categories", "benchmark_categories"):
-            _check_weights(self, name, CATEGORIES)
-        for which in ("a", "b"):
-            if not 0 <= getattr(self, f"defect_fraction_{which}") <= 1:
-                raise bad(f"defect_fraction_{which}", "must be in [0, 1]")
-            _check_weights(self, f"defect_mix_{which}", DEFECT_KINDS)
-
-
-def _check_weights(cfg: WorldConfig, name: str, allowed: tuple[str, ...]) -> None:
-    weights = getattr(cfg, name)
-    for key, w in weights.items():
-        if key not in allowed:
-            raise ValueError(f"world.{name}: unknown key {key!r}; allowed: {list(allowed)}")
-        if w < 0:
-            raise ValueError(f"world.{name}.{key}: weight must be >= 0, got {w}")
-    if sum(weights.values()) <= 0:
-        raise ValueError(f"world.{name}: weights must have a positive sum, got {weights}")
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "ci": {
-        "n_text_docs": 200,
-        "n_interleaved": 100,
-        "n_classification": 200,
-        "n_captions": 200,
-        "n_vqa": 200,
-        "n_preference_a": 200,
-        "n_preference_b": 200,
-        "n_benchmark": 100,
-    },
-    "mini": {},
-}
-"""``world:`` sections of the built-in profiles (keys over the ``WorldConfig`` defaults)."""
-
-_PARAMS_DIR = Path(__file__).resolve().parent.parent.parent / "params"
-
-
-def world_config_for(profile: str | Path | Mapping[str, Any] | WorldConfig) -> WorldConfig:
-    """The ``WorldConfig`` of a profile: the one place where YAML or presets become a config.
-
-    ``profile`` is a profile name (``"ci"``: reads ``params/ci.yaml``'s ``world:`` section if
-    the file has one, else the preset of that name), a path to a profile YAML file, a mapping
-    (a whole profile with a ``world`` key, or the ``world`` section itself) or a
-    ``WorldConfig`` (returned as is). Keys and types are checked by
-    ``saev.config.build_dataclass``, so a typo is an error naming the file and key.
-    """
-    if isinstance(profile, WorldConfig):
-        return profile
-    if isinstance(profile, Mapping):
-        section = profile["world"] if "world" in profile else profile
-        return _build_world_config(section, "<mapping>")
-    path = Path(profile)
-    if path.suffix not in (".yaml", ".yml"):
-        path = _PARAMS_DIR / f"{profile}.yaml"
-    if path.is_file():
-        import yaml
-
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-        if "world" in data:
-            return _build_world_config(data["world"], str(path))
-    if path.stem in PRESETS:
-        return _build_world_config(PRESETS[path.stem], f"preset {path.stem!r}")
-    if path.is_file():
-        return WorldConfig()
-    raise ValueError(f"no profile {str(profile)!r}: {path} does not exist; presets: {sorted(PRESETS)}")
-
-
-def _build_world_config(section: Mapping[str, Any] | None, source: str) -> WorldConfig:
-    """``WorldConfig`` from a ``world:`` section; every error names ``source`` and the key."""
-    # Lazy: saev.config references WorldConfig, so a module-level import would be circular.
-    from saev.config import build_dataclass
-
-    try:
-        return build_dataclass(WorldConfig, section or {}, source=source, prefix="world")
-    except ValueError as e:
-        if str(e).startswith(source):
-            raise
-        raise type(e)(f"{source}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -905,12 +690,6 @@ _VOCAB = frozenset(
 )
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, punctuation to spaces, articles dropped, whitespace collapsed."""
-    words = re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-    return " ".join(w for w in words if w not in ("a", "an", "the"))
-
-
 def score_answer(prediction: str, reference: str, category: str) -> float:
     """Benchmark score of one answer in [0, 1].
 
@@ -918,6 +697,8 @@ def score_answer(prediction: str, reference: str, category: str) -> float:
     ``description``: F1 between the multisets of world-vocabulary words (colours, shapes,
     sizes, position words) of prediction and reference, so wording does not matter.
     """
+    from saev.metrics import normalize_answer
+
     if category in EXACT_CATEGORIES:
         return float(normalize_answer(prediction) == normalize_answer(reference))
     pred = [w for w in normalize_answer(prediction).split() if w in _VOCAB]

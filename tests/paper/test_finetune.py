@@ -1,4 +1,5 @@
-"""Fine-tuning on filtered preference data and the benchmark (``saev.align``), on the trained ci models.
+"""Fine-tuning on filtered preference data (``saev.paper.finetune``) and the benchmark and its sweep
+(``saev.paper.benchmark``), on the trained ci models.
 
 The ci world's models (session fixture ``ci_world``) are fine-tuned for a handful of steps:
 DPO must move the policy towards the chosen answers while its reference copy stays frozen,
@@ -19,21 +20,19 @@ import torch
 from conftest import CIWorld
 from safetensors.torch import load_file
 
-from saev import align
-from saev.align import (
-    AlignConfig,
+from saev.paper import benchmark as bench_mod
+from saev.paper import finetune as ft_mod
+from saev.paper.benchmark import evaluate_benchmark, run_sweep, summarize_sweep
+from saev.paper.data import load_benchmark, load_preference
+from saev.paper.finetune import (
     check_preference,
-    evaluate_benchmark,
     finetune,
     pair_logprobs,
     random_scores,
     reward_margins,
-    run_sweep,
     select_subset,
-    summarize_sweep,
 )
-from saev.config import load_profile
-from saev.data import load_benchmark, load_preference
+from saev.paper.profile import AlignConfig, load_profile
 
 # A few optimiser steps at a learning rate that moves a ci model visibly.
 CFG = dataclasses.replace(
@@ -46,7 +45,7 @@ CFG = dataclasses.replace(
 def world(ci_world: CIWorld) -> CIWorld:
     """The ci world plus its preference sets (generated next to the models' data)."""
     from saev.shapesworld.datasets import generate_world
-    from saev.shapesworld.world import world_config_for
+    from saev.shapesworld.config import world_config_for
 
     generate_world(world_config_for("ci"), ci_world.profile.artifacts_path, names=["preference_a"])
     return ci_world
@@ -144,13 +143,13 @@ def test_dpo_moves_the_policy_towards_chosen_with_a_frozen_reference(
 ) -> None:
     base_dir = world.paths[name]
     loaded: list = []
-    real_load = align.load_model
+    real_load = ft_mod.load_model
 
     def recording_load(*args: object, **kwargs: object):  # noqa: ANN202
         loaded.append(real_load(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(align, "load_model", recording_load)
+    monkeypatch.setattr(ft_mod, "load_model", recording_load)
     out = finetune(base_dir, clean_pairs, config=CFG, seed=0, out_dir=tmp_path / "dpo", progress=False)
     policy, reference = loaded
     # the reference copy: frozen, and bitwise the checkpoint it was loaded from
@@ -203,8 +202,6 @@ def test_sft_lowers_the_loss_on_chosen_answers(world: CIWorld, clean_pairs: data
 def test_benchmark_scores_per_category(world: CIWorld, benchmark: datasets.Dataset,
                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A hand-built benchmark of 2 colour and 2 description questions with stubbed answers."""
-    from saev.shapesworld import models as world_models
-
     color = [i for i, c in enumerate(benchmark["category"]) if c == "color"][:2]
     desc = [i for i, c in enumerate(benchmark["category"]) if c == "description"][:2]
     tiny = benchmark.select(color + desc)
@@ -217,12 +214,12 @@ def test_benchmark_scores_per_category(world: CIWorld, benchmark: datasets.Datas
     scripted = [refs[0], "no idea", refs[2], " ".join(words[: len(words) // 2])]
     calls: list[int] = []
 
-    def fake_answers(loaded, samples, max_new, batch_size, progress, *, desc):  # noqa: ANN001, ANN202
+    def fake_answers(loaded, samples, max_new, *, batch_size, progress, desc):  # noqa: ANN001, ANN202
         out = scripted[sum(calls) : sum(calls) + len(samples)]
         calls.append(len(samples))
         return out
 
-    monkeypatch.setattr(world_models, "_greedy_answers", fake_answers)
+    monkeypatch.setattr(bench_mod, "greedy_answers", fake_answers)
     cfg = dataclasses.replace(CFG, benchmark_per_category=None)
     result = evaluate_benchmark(world.paths["llava-next"], tiny, config=cfg)
     assert calls == [2, 2] and result.n == {"color": 2, "description": 2}
@@ -239,7 +236,7 @@ def test_benchmark_scores_per_category(world: CIWorld, benchmark: datasets.Datas
 
 
 def test_real_benchmark_answers_match_their_scores(world: CIWorld, benchmark: datasets.Dataset) -> None:
-    from saev.shapesworld.world import normalize_answer
+    from saev.metrics import normalize_answer
 
     cfg = dataclasses.replace(CFG, benchmark_per_category=3)
     result = evaluate_benchmark(world.paths["chameleon"], benchmark, config=cfg)
@@ -269,7 +266,7 @@ def test_sweep_resumes_without_recomputing_finished_cells(
     cfg = dataclasses.replace(CFG, pool_size=16, fractions=(0.5, 1.0), seeds=(0,), epochs=1.0,
                               benchmark_per_category=2)  # fmt: skip
     rankings = {"cosine": np.arange(len(pref), dtype=float), "random": None}  # scores for the whole set
-    real_finetune, real_eval = align.finetune, align.evaluate_benchmark
+    real_finetune, real_eval = bench_mod.finetune, bench_mod.evaluate_benchmark
     calls = {"finetune": 0, "evaluate": 0}
 
     def counting_finetune(*args: object, **kwargs: object) -> Path:
@@ -278,12 +275,12 @@ def test_sweep_resumes_without_recomputing_finished_cells(
             raise KeyboardInterrupt  # the user stops the sweep during its limit-th fine-tune
         return real_finetune(*args, **kwargs)
 
-    def counting_eval(*args: object, **kwargs: object) -> align.BenchmarkResult:
+    def counting_eval(*args: object, **kwargs: object) -> bench_mod.BenchmarkResult:
         calls["evaluate"] += 1
         return real_eval(*args, **kwargs)
 
-    monkeypatch.setattr(align, "finetune", counting_finetune)
-    monkeypatch.setattr(align, "evaluate_benchmark", counting_eval)
+    monkeypatch.setattr(bench_mod, "finetune", counting_finetune)
+    monkeypatch.setattr(bench_mod, "evaluate_benchmark", counting_eval)
     out = tmp_path / "sweep"
     limit = 2  # cells in order: base, full/seed 0, cosine 0.5, random 0.5
     with pytest.raises(KeyboardInterrupt):
@@ -323,8 +320,8 @@ def test_sweep_stops_before_compute_without_a_judge(world: CIWorld, clean_pairs:
     def no_compute(*args: object, **kwargs: object) -> None:
         raise AssertionError("fine-tuned before checking the benchmark's scorer")
 
-    monkeypatch.setattr(align, "finetune", no_compute)
-    monkeypatch.setattr(align, "evaluate_benchmark", no_compute)
+    monkeypatch.setattr(bench_mod, "finetune", no_compute)
+    monkeypatch.setattr(bench_mod, "evaluate_benchmark", no_compute)
     with pytest.raises(ValueError, match="align.judge.base_url"):
         run_sweep(world.paths["llava-next"], clean_pairs, {"random": None}, config=CFG,
                   benchmark=benchmark.remove_columns("scene"), out_dir=tmp_path, progress=False)  # fmt: skip

@@ -12,8 +12,8 @@ import seaborn as sns
 from matplotlib.colors import to_rgb
 from PIL import Image
 
-from saev import plots
-from saev.config import load_profile
+from saev.paper import plots
+from saev.paper.profile import load_profile
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +157,7 @@ def test_plot_filter_sweep_lines_error_bars_and_levels() -> None:
 
 
 def test_plot_correlation_points_fit_and_legend() -> None:
-    from saev.pipeline_align import pearson_bootstrap
+    from saev.paper.alignment import pearson_bootstrap
 
     points = pd.DataFrame({"filter": ["cosine", "cosine", "random", "full"], "average_cosine": [0.1, 0.2, 0.3, 0.4],
                            "score": [1.0, 2.0, 2.5, 4.0]})  # fmt: skip

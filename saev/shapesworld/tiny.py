@@ -1,7 +1,7 @@
 """Tiny, random-initialised instances of the real Hugging Face model classes, built in code.
 
 Tests and the ShapesWorld profile cannot download checkpoints, so they build miniature
-models of every family of DESIGN.md ("Model families") with the real HF classes and save
+models of every family of DESIGN.md ("Model families (the Adapter)") with the real HF classes and save
 them with ``save_pretrained``. ``saev.models`` then loads them exactly like a real
 checkpoint: nothing downstream knows that they are toys.
 

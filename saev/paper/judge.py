@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from saev.align_config import JudgeConfig
+from saev.paper.profile import JudgeConfig
 
 __all__ = ["SYSTEM_PROMPT", "Judge", "JudgeError", "Review", "parse_score_pair", "review_prompt"]
 

@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import pytest
 
-from saev.align_config import JudgeConfig
-from saev.judge import SYSTEM_PROMPT, Judge, JudgeError, parse_score_pair
+from saev.paper.profile import JudgeConfig
+from saev.paper.judge import SYSTEM_PROMPT, Judge, JudgeError, parse_score_pair
 
 
 class Stub(NamedTuple):
@@ -161,8 +161,8 @@ def test_benchmark_scoring_through_the_judge(stub: Stub, monkeypatch: pytest.Mon
     """``evaluate_benchmark`` with ``align.judge``: one review per question, LLaVA-Bench's relative score."""
     import datasets
 
-    from saev import align
-    from saev.shapesworld import models as world_models
+    from saev.paper import benchmark
+    from saev.paper.profile import AlignConfig
 
     stub.replies.extend([(200, "8 4"), (200, "10 10"), (200, "6 3")])
     rows = {
@@ -175,11 +175,11 @@ def test_benchmark_scoring_through_the_judge(stub: Stub, monkeypatch: pytest.Mon
         {"image": datasets.Image(), **{k: datasets.Value("string") for k in ("question", "answer", "category")}}
     ))  # fmt: skip
     answers = {"Describe the image.": "a circle", "What is it?": "a circle", "Why?": "dunno"}
-    monkeypatch.setattr(world_models, "_greedy_answers",
+    monkeypatch.setattr(benchmark, "greedy_answers",
                         lambda loaded, samples, *a, **k: [answers[s.text.split("\n")[-1].split(" ASSISTANT")[0]]
                                                           for s in samples])  # fmt: skip
-    cfg = align.AlignConfig(judge=JudgeConfig(base_url=stub.base_url, model="judge-model", api_key_env=None))
-    result = align.evaluate_benchmark(_FakeLoaded(), bench, config=cfg, family="llava_next")
+    cfg = AlignConfig(judge=JudgeConfig(base_url=stub.base_url, model="judge-model", api_key_env=None))
+    result = benchmark.evaluate_benchmark(_FakeLoaded(), bench, config=cfg, family="llava_next")
     assert len(stub.requests) == 3
     assert result.scorer == "judge:judge-model"
     assert result.relative == {"detail": pytest.approx(50.0), "conv": pytest.approx(100 * 13 / 16)}

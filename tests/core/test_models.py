@@ -13,6 +13,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     MistralForCausalLM,
 )
+from saev.patches import views_to_patch_scores
 
 from saev.models import (
     Modality,
@@ -34,7 +35,8 @@ HF_CLASS = {
 
 
 def _layers(family, model):
-    """The decoder layers by the attribute path DESIGN.md names, written out independently."""
+    """The decoder layers by the attribute path DESIGN.md names ("Model families (the Adapter)"),
+    written out independently."""
     return model.model.language_model.layers if family in ("llava", "llava_next") else model.model.layers
 
 
@@ -271,3 +273,43 @@ def test_causal_lm_rejects_images(tiny_loaded, make_image):
     lm = tiny_loaded("causal_lm")
     with pytest.raises(ValueError, match="sample 3 has 1 images.*text only"):
         lm.build_inputs([Sample("<image>", images=(make_image(8, 8),))], context_size=10, sample_ids=[3])
+
+
+# ----------------------------------------------------------------------------- image layouts (Alg. 4-7)
+
+
+def test_llava_next_layout_of_a_square_image_matches_the_model(tiny_loaded, make_image) -> None:
+    loaded = tiny_loaded("llava_next")
+    layout = loaded.image_layout((32, 32))
+    base, tiles = layout.views
+    assert base.grid == (4, 4) and not base.newline_per_row
+    assert tiles.grid == (4, 4) and tiles.newline_per_row  # 1x2 tiles of 4x4, unpadded to 4x4, + newlines
+    assert layout.grid == (4, 4) and layout.n_tokens == 16 + 4 * 5
+    sample = chat_sample("llava_next", "what?", "", (make_image(32, 32),))
+    inputs = loaded.build_inputs([sample], context_size=512)
+    assert int((loaded.token_modality(inputs) == Modality.IMAGE).sum()) == layout.n_tokens
+
+
+def test_llava_next_layout_of_a_wide_image(tiny_loaded, make_image) -> None:
+    loaded = tiny_loaded("llava_next")
+    layout = loaded.image_layout((32, 64))  # height 32, width 64: the 32x64 pinpoint, no unpadding
+    assert [v.grid for v in layout.views] == [(4, 4), (4, 8)] and layout.grid == (4, 8)
+    sample = chat_sample("llava_next", "what?", "", (make_image(64, 32),))  # PIL size is (width, height)
+    inputs = loaded.build_inputs([sample], context_size=512)
+    assert int((loaded.token_modality(inputs) == Modality.IMAGE).sum()) == layout.n_tokens == 16 + 4 * 9
+
+
+def test_views_to_patch_scores_on_the_llava_next_layout(tiny_loaded) -> None:
+    loaded = tiny_loaded("llava_next")
+    layout = loaded.image_layout((32, 32))
+    a = torch.arange(16, dtype=torch.float32)
+    tiles = torch.cat([2 * a.reshape(4, 4), torch.full((4, 1), 1000.0)], dim=1).reshape(-1)  # newlines: 1000
+    mapped = views_to_patch_scores(torch.cat([a, tiles]), layout)
+    assert torch.allclose(mapped, 1.5 * a)  # mean of the two views; newline tokens ignored
+    wide = loaded.image_layout((32, 64))
+    base = torch.zeros(16)
+    base[0] = 2.0  # base-view cell (0, 0) covers the two left-most high-resolution cells of row 0
+    mapped = views_to_patch_scores(torch.cat([base, torch.zeros(4 * 9)]), wide).reshape(4, 8)
+    expected = torch.zeros(4, 8)
+    expected[0, :2] = 1.0
+    assert torch.allclose(mapped, expected)

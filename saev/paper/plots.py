@@ -1,6 +1,6 @@
 """Figures of the paper in one style: seaborn, colour-blind palette, PNG + PDF under ``figures/<profile>/``.
 
-Every ``plot_*`` function takes the tidy tables that ``saev.pipeline`` returns and gives back a
+Every ``plot_*`` function takes the tidy tables that the stages of ``saev.paper`` return and gives back a
 matplotlib ``Figure`` laid out like the paper's figure of the same number (same axes, groups
 and legend); :func:`save_figure` writes it. Nothing here computes a result.
 """
@@ -22,14 +22,15 @@ import seaborn as sns  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from saev.config import Profile, load_profile  # noqa: E402
-from saev.pipeline import METHOD_LABELS, PATCH_METHODS  # noqa: E402
+from saev.cache import atomic_write_with  # noqa: E402
+from saev.paper.patch_filtering import METHOD_LABELS, PATCH_METHODS  # noqa: E402
+from saev.paper.profile import Profile, load_profile  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
-    from saev.pipeline import CaseImages, GalleryFeature
+    from saev.paper.patch_filtering import CaseImages, GalleryFeature
 
 __all__ = [
     "FIGURE_FORMATS",
@@ -73,11 +74,9 @@ def save_figure(fig: Figure, profile: str | Path | Profile, name: str) -> list[P
     paths = []
     for fmt in FIGURE_FORMATS:
         path = out_dir / f"{name}.{fmt}"
-        tmp = out_dir / f".{name}.tmp-{os.getpid()}.{fmt}"
         # Fixed metadata: the PDF bytes do not carry the creation time.
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        fig.savefig(tmp, format=fmt, metadata=metadata)
-        os.replace(tmp, path)
+        atomic_write_with(path, lambda tmp: fig.savefig(tmp, format=fmt, metadata=metadata))  # noqa: B023
         paths.append(path)
     return paths
 
@@ -89,7 +88,7 @@ def plot_training_curves(history: pd.DataFrame) -> Figure:
     """Training curves of every SAE (one line each): loss, L0, explained variance, dead features per step.
 
     ``history``: long form with columns step, loss, l0, explained_variance, dead_features, sae,
-    model and kind (``saev.pipeline.training_history``); one colour per model, SAE-V dashed.
+    model and kind (``saev.paper.sae_training.training_history``); one colour per model, SAE-V dashed.
     """
     panels = [("loss", "training loss (Eq. 3)"), ("l0", "L0 (active features / token)"),
               ("explained_variance", "explained variance"), ("dead_features", "dead features")]  # fmt: skip
@@ -148,7 +147,7 @@ def _grouped_loss_bars(ax: plt.Axes, groups: Sequence[str], bars: Sequence[str],
 def plot_reconstruction(reconstruction: pd.DataFrame) -> Figure:
     """Fig. 3: per model, LM loss zero-ablated, with the SAE, with the SAE-V, and of the original model.
 
-    ``reconstruction``: the ``figure == "fig03"`` rows of ``saev.pipeline.evaluate_reconstruction``.
+    ``reconstruction``: the ``figure == "fig03"`` rows of ``saev.paper.sae_training.evaluate_reconstruction``.
     """
     rows = reconstruction[reconstruction["figure"] == "fig03"]
     models = list(dict.fromkeys(rows["model"]))
@@ -171,7 +170,7 @@ def plot_reconstruction(reconstruction: pd.DataFrame) -> Figure:
 def plot_transferability(reconstruction: pd.DataFrame) -> Figure:
     """Fig. 4: per (model, task), LM loss zero-ablated, with each SAE / SAE-V, and of the original model.
 
-    ``reconstruction``: the ``figure == "fig04"`` rows of ``saev.pipeline.evaluate_reconstruction``
+    ``reconstruction``: the ``figure == "fig04"`` rows of ``saev.paper.sae_training.evaluate_reconstruction``
     (the base LLM on text; the MLLM on text and on text & vision).
     """
     rows = reconstruction[reconstruction["figure"] == "fig04"]
@@ -197,7 +196,7 @@ def plot_transferability(reconstruction: pd.DataFrame) -> Figure:
 def plot_patch_filtering(accuracy: pd.DataFrame) -> Figure:
     """Fig. 6: classification accuracy when keeping 75/50/25% of the patches, per method, with error bars.
 
-    ``accuracy``: rows of ``saev.pipeline.accuracy_under_masking`` (method, keep_fraction, seed,
+    ``accuracy``: rows of ``saev.paper.patch_filtering.accuracy_under_masking`` (method, keep_fraction, seed,
     subset, accuracy). Bars: mean over subsets (and seeds for "random"); error bars: one
     standard deviation over them; dashed line: the unmasked image (method "original").
     """
@@ -315,7 +314,7 @@ def _clip(text: str, n: int) -> str:
 
 
 if TYPE_CHECKING:
-    from saev.pipeline_align import CorrelationResult
+    from saev.paper.alignment import CorrelationResult
 
 _FILTER_LABELS = {
     "cosine": "cosine similarity",
@@ -339,7 +338,7 @@ def plot_filter_sweep(
 ) -> Figure:
     """Figs. 7, 9, 10 and 11: benchmark score against the kept data fraction, one line per filter.
 
-    ``cells``: one row per (filter, fraction, seed) with a ``score`` column (``saev.pipeline_align``
+    ``cells``: one row per (filter, fraction, seed) with a ``score`` column (``saev.paper.alignment``
     sweeps). Points: mean over seeds; error bars: one standard deviation over seeds (none with one
     seed). ``full``: the scores of the model fine-tuned on the whole data set (one per seed),
     drawn as a dashed line at their mean; ``base``: the model before fine-tuning, a dotted line.
@@ -383,7 +382,7 @@ def plot_correlation(
 ) -> Figure:
     """Fig. 8: one point per fine-tuned model (average cosine score ``x``, benchmark score ``y``),
     coloured by ``hue`` (its filter), the least-squares line, and Pearson r with its bootstrap
-    interval in the legend (``fit``: ``saev.pipeline_align.pearson_bootstrap``)."""
+    interval in the legend (``fit``: ``saev.paper.alignment.pearson_bootstrap``)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     groups = list(dict.fromkeys(points[hue])) if hue else [None]
     colors = dict(zip(groups, _palette(len(groups))))
@@ -409,7 +408,7 @@ def plot_defect_auc(
     title: str = "Finding defective pairs: ROC-AUC per score and defect type (0.5 = chance)",
 ) -> Figure:
     """Defect-detection heatmaps (beyond the paper): ROC-AUC per score (rows) and defect type (columns)
-    from ``saev.pipeline_align.defect_table``, one panel per table of ``tables`` (titled by its key);
+    from ``saev.paper.alignment.defect_table``, one panel per table of ``tables`` (titled by its key);
     diverging around 0.5 (blue: the score ranks defective pairs low, red: it prefers them)."""
     if not isinstance(tables, dict):
         tables = {"": tables}

@@ -27,7 +27,7 @@ from saev.train import (
     train_sae,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_cfg(**overrides) -> TrainConfig:

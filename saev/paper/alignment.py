@@ -1,11 +1,12 @@
-"""Stage functions behind notebooks 04-06 (paper Section 4: Figs. 7-11, and defect detection beyond the paper).
+"""Section 4 of the paper: alignment-data filtering with SAE-V (notebooks 04-06: Figs. 7-11, and
+defect detection beyond the paper).
 
-Same caching as :mod:`saev.pipeline`: every stage writes its result under
+Same caching as every stage (``saev.paper.common``): every stage writes its result under
 ``artifacts/<profile>/align/`` in a file named by what it is, holding the sha256 of the params
 that made it (checkpoints, SAE-V, data rows, settings and the code of the modules that compute
 it), so a rerun with the same params reads the file and any change computes afresh.
 
-| stage (CLI)  | function                          | result                                                  |
+| stage (``python -m saev.paper``) | function                          | result                                                  |
 |--------------|-----------------------------------|---------------------------------------------------------|
 | ``scores``   | :func:`preference_scores`         | per-pair scores of a preference pool (every filter, both variants) |
 | ``defects``  | :func:`defect_detection_runs`     | ROC-AUC and precision at the kept fraction per score and defect |
@@ -15,12 +16,12 @@ it), so a rerun with the same params reads the file and any change computes afre
 
 Tables and verdicts for the notebooks (:func:`sweep_table`, :func:`filter_verdicts`,
 :func:`defect_table`, :func:`defect_verdicts`, :func:`correlation_summary`) are computed from
-these results, so the notebooks' text follows the numbers. Run a stage from a shell with
-``python -m saev.pipeline_align <stage> --profile NAME`` (``all``: every stage in order).
+these results, so the notebooks' text follows the numbers. Fine-tuning is ``saev.paper.finetune``,
+the benchmark and the sweep of cells ``saev.paper.benchmark``.
 
 Preference sets: ``"a"`` is Align-Anything's role (``preference_a`` of the world), ``"b"``
-RLAIF-V's (``preference_b``). The sweep settings (fractions, seeds, DPO) come from
-:mod:`saev.align_config` (``align_config_for``).
+RLAIF-V's (``preference_b``). The sweep settings (fractions, seeds, DPO) come from the
+profile's ``align:`` section (:class:`saev.paper.profile.AlignConfig`).
 """
 
 from __future__ import annotations
@@ -32,25 +33,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from saev.config import ConfigError, Profile
-from saev.pipeline import (
-    EVAL_CODE,
-    as_profile,
-    cached_json,
-    code_fingerprint,
-    load_profile_model,
-    model_fingerprint,
-    params_hash,
-    pipeline_config_for,
-    torch_threads,
-    train_saes,
-)
+from saev.cache import cached_json, code_fingerprint, model_fingerprint, params_hash
+from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads
+from saev.paper.finetune import random_scores
+from saev.paper.profile import AlignConfig, Profile, as_profile
+from saev.paper.sae_training import train_saes
 
 if TYPE_CHECKING:
     import datasets
     import pandas as pd
 
-    from saev.align_config import AlignConfig
     from saev.models import Sample
 
 __all__ = [
@@ -58,7 +50,6 @@ __all__ = [
     "FILTER_LABELS",
     "PREFERENCE_SETS",
     "SCORE_COLUMNS",
-    "STAGES",
     "SWEEP_FILTERS",
     "CorrelationResult",
     "SweepResult",
@@ -76,7 +67,6 @@ __all__ = [
     "filter_sweep",
     "filter_verdicts",
     "ifd_selection_score",
-    "main",
     "model_cosine_scores",
     "pearson_bootstrap",
     "preference_data",
@@ -118,29 +108,27 @@ _SCORES_FORMAT = "saev.pipeline_align/scores-v1"  # how a pair becomes a Sample;
 
 def align_config_for(profile: Profile) -> AlignConfig:
     """The profile's ``align:`` section (fine-tuning, sweep sizes and the benchmark's scorer)."""
-    if profile.align is None:
-        raise ConfigError(
-            f"{profile.source or 'profile ' + repr(profile.name)}: add an 'align:' section "
-            "(see params/mini.yaml; the fields are those of saev.align_config.AlignConfig)"
-        )
-    return profile.align
+    return profile.section("align")
+
+
+def _role(profile: Profile, name: str) -> tuple[datasets.Dataset, str]:
+    """Data set ``name`` of the alignment experiment and its fingerprint: the world's (generated with
+    the other alignment sets on first use) or the profile's local copy (``saev.paper.data.load_role``)."""
+    if profile.world is not None:
+        from saev.paper.world import world_preference_set
+
+        return world_preference_set(profile, name, also=_ALIGN_DATA)
+    from saev.paper.data import load_role
+
+    return load_role(profile, name)
 
 
 def preference_data(profile: str | Path | Profile, pref_set: str) -> datasets.Dataset:
-    """The world's preference set ``pref_set`` ("a" or "b"), generated on first use."""
-    import datasets
-
-    from saev.shapesworld.datasets import generate_world
-
+    """Preference set ``pref_set`` ("a" or "b"): the world's, generated on first use, or the profile's local copy."""
     profile = as_profile(profile)
     if pref_set not in PREFERENCE_SETS:
         raise ValueError(f"pref_set must be one of {sorted(PREFERENCE_SETS)}, got {pref_set!r}")
-    if profile.world is None:
-        raise ValueError(
-            f"profile {profile.name!r} has no embedded world; load preference data with saev.data"
-        )
-    generate_world(profile.world, profile.artifacts_path, names=_ALIGN_DATA)
-    return datasets.load_from_disk(str(profile.artifacts_path / "data" / PREFERENCE_SETS[pref_set]))
+    return _role(profile, PREFERENCE_SETS[pref_set])[0]
 
 
 def preference_sample(family: str, row: dict[str, Any]) -> Sample:
@@ -155,9 +143,7 @@ def preference_sample(family: str, row: dict[str, Any]) -> Sample:
 
 
 def _data_fingerprint(profile: Profile, pref_set: str, rows: Sequence[int]) -> str:
-    from saev.shapesworld.datasets import dataset_hash
-
-    source = dataset_hash(profile.world, PREFERENCE_SETS[pref_set])
+    source = _role(profile, PREFERENCE_SETS[pref_set])[1]
     return params_hash({"data": source, "rows": list(rows), "format": _SCORES_FORMAT})
 
 
@@ -171,13 +157,6 @@ def ifd_selection_score(ifd: np.ndarray) -> np.ndarray:
     ifd = np.asarray(ifd, dtype=np.float64)
     score = np.where(ifd <= 1.0, ifd, -ifd)
     return np.where(np.isnan(ifd), -np.finfo(np.float64).max, score)  # finite: rankings reject NaN only
-
-
-def random_scores(n: int, seed: int) -> np.ndarray:
-    """The random score of defect detection: ``saev.align.random_scores`` (the random filter's ranking)."""
-    from saev.align import random_scores as align_random_scores
-
-    return align_random_scores(n, seed)
 
 
 def preference_scores(
@@ -215,7 +194,7 @@ def preference_scores(
         "data": _data_fingerprint(profile, pref_set, rows), "weight_samples": cfg.weight_samples,
         "top_k": cfg.top_k, "delta": cfg.delta, "batch_size": cfg.eval_batch_size, "seed": profile.seed,
         "hook_layer": spec.hook_layer, "context_size": spec.context_size,
-        "code": code_fingerprint(*EVAL_CODE, "saev.pipeline_align"),
+        "code": code_fingerprint(*EVAL_CODE, "saev.paper.alignment"),
     }  # fmt: skip
     path = (
         profile.artifacts_path / "align" / "scores" / f"{model}--{pref_set}--{params_hash(params)[:12]}.json"
@@ -447,7 +426,7 @@ class SweepResult(NamedTuple):
     """One sweep of Figs. 7, 9, 10 or 11: benchmark score per (filter, fraction, seed) and the two levels."""
 
     cells: pd.DataFrame
-    """Rows of ``saev.align.run_sweep`` for the filters (fraction < 1), with ``score`` = ``overall``
+    """Rows of ``saev.paper.benchmark.run_sweep`` for the filters (fraction < 1), with ``score`` = ``overall``
     (the relative benchmark score, 100 = as good as the reference answers)."""
     full: pd.DataFrame
     """Rows of the model fine-tuned on the whole pool (fraction 1.0), one per seed."""
@@ -467,15 +446,17 @@ class SweepResult(NamedTuple):
 _SWEEP_VERSION = 1
 """Part of every sweep's key: bumped when :func:`filter_sweep`'s own computation changes (its rankings are
 keyed by value inside ``run_sweep``; the average cosine metric is computed here)."""
-_ALIGN_CODE = ("saev.align", "saev.models", "saev.shapesworld.world")
-"""Modules whose code determines a sweep cell (fine-tuning and benchmark scoring)."""
+_ALIGN_CODE = ("saev.paper.benchmark", "saev.paper.finetune", "saev.models")
+"""Modules whose code determines a sweep cell (fine-tuning and benchmark scoring); a profile with a
+world adds the world's scorer (``saev.shapesworld.world``), a paper profile never hashes world code."""
+
+
+def _align_code(profile: Profile) -> tuple[str, ...]:
+    return _ALIGN_CODE + (("saev.shapesworld.world",) if profile.world is not None else ())
 
 
 def _benchmark(profile: Profile) -> datasets.Dataset:
-    import datasets
-
-    preference_data(profile, "a")  # generates the benchmark with the preference sets
-    return datasets.load_from_disk(str(profile.artifacts_path / "data" / "benchmark"))
+    return _role(profile, "benchmark")[0]
 
 
 def filter_sweep(
@@ -489,7 +470,7 @@ def filter_sweep(
 ) -> SweepResult:
     """Fine-tune ``model`` on the top x% of preference set ``pref_set`` ranked by each of ``filters``
     (:func:`preference_scores`; "random" is a fresh permutation per seed) and score every model on
-    the world benchmark (``saev.align.run_sweep``: DPO per ``align.method``, every fraction and seed
+    the world benchmark (``saev.paper.benchmark.run_sweep``: DPO per ``align.method``, every fraction and seed
     of the profile's ``align`` section, plus the full pool and the base model).
 
     Cells live in ``artifacts/<profile>/align/sweeps/<model>--<set>--<hash>/``, one JSON each, so an
@@ -497,9 +478,8 @@ def filter_sweep(
     Fig. 7's cosine, full and base cells). ``cosine_metric``: also measure every fine-tuned model's
     average cosine score (Fig. 8; :func:`model_cosine_scores`), column ``average_cosine``.
     """
-
-    from saev.align import run_sweep
     from saev.evaluate import model_average_cosine_score
+    from saev.paper.benchmark import run_sweep
 
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
@@ -516,7 +496,7 @@ def filter_sweep(
         "data": _data_fingerprint(profile, pref_set, scores["row"].tolist()), "sae": run.path.name,
         "cosine": {"weight_samples": cfg.weight_samples, "top_k": cfg.top_k, "delta": cfg.delta,
                    "seed": profile.seed, "hook_layer": spec.hook_layer, "context_size": spec.context_size},
-        "code": code_fingerprint(*_ALIGN_CODE, *EVAL_CODE), "version": _SWEEP_VERSION,
+        "code": code_fingerprint(*_align_code(profile), *EVAL_CODE), "version": _SWEEP_VERSION,
     }  # fmt: skip
     out_dir = profile.artifacts_path / "align" / "sweeps" / f"{model}--{pref_set}--{params_hash(params)[:12]}"
     rankings = {f: None if f == "random" else scores[f].to_numpy(copy=True) for f in filters}
@@ -716,50 +696,3 @@ def defect_detection_runs(
         frames.append(detection.assign(model=model, set=pref_set))
     frame = pd.concat(frames, ignore_index=True)
     return frame[["model", "set", *(c for c in frame.columns if c not in ("model", "set"))]]
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-STAGES = ("scores", "defects", "fig07", "fig09", "fig10", "fig11", "all")
-"""Stages of ``python -m saev.pipeline_align``."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m saev.pipeline_align <stage> --profile NAME``: run one stage (``all``: every stage in order)."""
-    import argparse
-    import os
-
-    from saev.config import load_profile
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    parser = argparse.ArgumentParser(prog="python -m saev.pipeline_align", description=main.__doc__)
-    parser.add_argument("stage", choices=STAGES)
-    parser.add_argument("--profile", default="mini", help="profile name or YAML path (default: mini)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    progress = not args.quiet
-    profile = load_profile(args.profile)
-    todo = STAGES[:-1] if args.stage == "all" else (args.stage,)
-    if "scores" in todo:
-        for model, pref_set in DEFECT_RUNS:
-            scores = preference_scores(profile, model, pref_set, progress=progress)
-            print(f"scores {model} set {pref_set}: {len(scores)} pairs")
-    if "defects" in todo:
-        detection = defect_detection_runs(profile, progress=progress)
-        print(
-            detection[detection["defect"] == "any"][["model", "set", "score", "auc", "precision"]].to_string()
-        )
-    sweeps = {"fig07": fig07_sweep, "fig09": fig09_sweep, "fig10": fig10_sweep, "fig11": fig11_sweep}
-    for stage, sweep in sweeps.items():
-        if stage in todo:
-            result = sweep(profile, progress=progress)
-            print(f"{stage}:\n{sweep_table(result).to_string()}")
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -7,9 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from saev import pipeline
-from saev.config import DATA_ROLES, ConfigError, DataPaths, ModelSpec, load_profile
-from saev.config import main as config_main
+from saev.config import ConfigError, ModelSpec
+from saev.paper import common, data, patch_filtering, world
+from saev.paper.__main__ import main as paper_main
+from saev.paper.profile import DATA_ROLES, DataPaths, load_profile
+
+
+def config_main(args: list[str]) -> int:
+    """``python -m saev.paper check --profile NAME``, the command run_all.sh runs first."""
+    (name,) = args
+    return paper_main(["check", "--profile", name])
 
 # Table 2 of the paper: (LLaVA-NeXT/Mistral, Chameleon/Anole).
 TABLE2 = {
@@ -45,7 +52,7 @@ def test_paper_profiles_hold_tables_2_and_3(column: int, name: str, mllm: str) -
         for key, values in TABLE2_MODEL.items():
             assert getattr(model, key) == values[column], key
     assert p.train.sae.d_sae == (65536, 131072)[column]
-    cfg = pipeline.pipeline_config_for(p)
+    cfg = common.pipeline_config_for(p)
     assert (cfg.top_k, cfg.delta, cfg.weight_samples) == (5, 1.0, 1000)  # Table 3
     assert cfg.transfer_mllm == mllm
 
@@ -54,7 +61,7 @@ def test_paper_profiles_hold_tables_2_and_3(column: int, name: str, mllm: str) -
 def test_paper_profile_without_paths_stops_at_once_naming_every_key(name: str, capsys) -> None:
     p = load_profile(name)
     with pytest.raises(ConfigError) as err:
-        pipeline.prepare_world(p)
+        world.prepare_world(p)
     message = str(err.value)
     assert message.startswith(str(p.source))
     for model in p.models:
@@ -90,7 +97,7 @@ def ci_world_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_paper_style_profile_reads_local_folders_through_the_loaders(ci_world_data: Path, tiny_model_dir) -> None:
     """A profile without a world, pointed at local folders (here: the ci world's sets and a tiny
-    checkpoint), passes the input check and feeds the pipeline through the saev.data loaders."""
+    checkpoint), passes the input check and feeds the pipeline through the saev.paper.data loaders."""
     ci = load_profile("ci")
     llava_dir = tiny_model_dir("llava_next")
     p = dataclasses.replace(
@@ -101,20 +108,20 @@ def test_paper_style_profile_reads_local_folders_through_the_loaders(ci_world_da
         data=DataPaths(**{role: str(ci_world_data / role) for role in DATA_ROLES}),
         pipeline=dataclasses.replace(ci.pipeline, transfer_llm=None, classification_question="What is it?"),
     )
-    assert pipeline.prepare_world(p) == {"llava-next": llava_dir}
-    text, fingerprint = pipeline.load_role(p, "text")
+    assert world.prepare_world(p) == {"llava-next": llava_dir}
+    text, fingerprint = data.load_role(p, "text")
     assert "text" in text.column_names and len(text) == ci.world.n_text_docs
-    assert pipeline.load_role(p, "text")[1] == fingerprint  # stable while the files are unchanged
-    task = pipeline.classification_task(p, p.pipeline)
+    assert data.load_role(p, "text")[1] == fingerprint  # stable while the files are unchanged
+    task = patch_filtering.classification_task(p, p.pipeline)
     assert task.question == "What is it?"
     assert len(task.candidates) == 10 and set(task.references) <= set(task.candidates)
     assert len(task.images) == len(task.rows) == p.pipeline.classification_samples
     # Without a prompt, a profile without a world stops and names the key.
     with pytest.raises(ConfigError, match="pipeline.classification_question"):
-        pipeline.classification_task(p, dataclasses.replace(p.pipeline, classification_question=None))
-    pref, _ = pipeline.load_role(p, "preference_a")
+        patch_filtering.classification_task(p, dataclasses.replace(p.pipeline, classification_question=None))
+    pref, _ = data.load_role(p, "preference_a")
     assert {"image", "question", "chosen", "rejected"} <= set(pref.column_names)
     # A path that is set but absent is named too.
     broken = dataclasses.replace(p, data=dataclasses.replace(p.data, text=str(ci_world_data / "nope")))
     with pytest.raises(ConfigError, match=r"data\.text = .*nope.* does not exist"):
-        pipeline.load_role(broken, "text")
+        data.load_role(broken, "text")

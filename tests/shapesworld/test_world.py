@@ -23,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from saev.shapesworld import datasets as swd  # noqa: E402
-from saev.shapesworld.__main__ import main as cli_main  # noqa: E402
+from saev.shapesworld.config import PRESETS, WorldConfig, world_config_for  # noqa: E402
 from saev.shapesworld.world import (  # noqa: E402
     _CAPTION_PREFIXES,
     CATEGORIES,
@@ -35,13 +35,11 @@ from saev.shapesworld.world import (  # noqa: E402
     LISTING_ORDERS,
     NUMBER_WORDS,
     POSITIONS,
-    PRESETS,
     QUESTION_TEMPLATES,
     SHAPES,
     STRONG_CATEGORIES,
     WEAK_CATEGORIES,
     Scene,
-    WorldConfig,
     _compiled_templates,
     _size_px,
     _stamp,
@@ -53,7 +51,6 @@ from saev.shapesworld.world import (  # noqa: E402
     render_scene,
     sample_scene,
     score_answer,
-    world_config_for,
     world_texts,
     wrong_answer,
 )
@@ -484,15 +481,6 @@ def test_generate_world_skips_unchanged_sets_and_rebuilds_changed_ones(tmp_path:
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]  # no temp folders left
     with pytest.raises(ValueError, match="unknown ShapesWorld data set"):
         swd.generate_world(TINY, tmp_path, names=["imagenet"])
-
-
-def test_cli_writes_the_requested_sets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    profile = tmp_path / "p.yaml"
-    profile.write_text("world:\n  n_captions: 4\n  n_benchmark: 3\n")
-    assert cli_main(["--profile", str(profile), "--out", str(tmp_path / "out"), "--only", "captions", "benchmark", "--quiet"]) == 0
-    printed = capsys.readouterr().out
-    assert "captions" in printed and "benchmark" in printed and "vqa" not in printed
-    assert len(datasets.load_from_disk(str(tmp_path / "out" / "data" / "benchmark"))) == 3
 
 
 def test_png_bytes_are_deterministic() -> None:

@@ -19,7 +19,9 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from saev.data import (  # noqa: E402
+from saev.models import IMAGE_PLACEHOLDER  # noqa: E402
+from saev.paper.data import (  # noqa: E402
+    interleaved_sample,
     DataLayoutError,
     load_benchmark,
     load_classification,
@@ -28,7 +30,7 @@ from saev.data import (  # noqa: E402
     load_text_corpus,
 )
 from saev.shapesworld.datasets import generate_world  # noqa: E402
-from saev.shapesworld.world import PRESETS, world_config_for  # noqa: E402
+from saev.shapesworld.config import PRESETS, world_config_for  # noqa: E402
 
 TINY = dataclasses.replace(
     world_config_for(PRESETS["ci"]), n_text_docs=12, n_interleaved=6, n_classification=20, n_captions=5,
@@ -277,3 +279,12 @@ def test_preference_kind_is_checked(world: Path) -> None:
     with pytest.raises(ValueError, match="kind must be"):
         load_preference(world, kind="dpo")  # type: ignore[arg-type]
     assert np.isin(load_preference(world, kind="align_anything")["defect"], ["none", "image_swap", "flipped", "unanswerable", "ignores_question"]).all()
+
+
+def test_interleaved_sample_keeps_order_and_images() -> None:
+    red, blue = Image.new("RGB", (4, 4), "red"), Image.new("RGB", (4, 4), "blue")
+    texts = ["Look.", None, "A red one.", None, "A blue one."]
+    row = {"images": [None, red, None, blue, None], "texts": texts}
+    sample = interleaved_sample(row)
+    assert sample.text == f"Look. {IMAGE_PLACEHOLDER}\nA red one. {IMAGE_PLACEHOLDER}\nA blue one."
+    assert sample.images == (red, blue)

@@ -1,4 +1,4 @@
-"""Loaders of the data sets of the paper, one per role, for real data or a generated ShapesWorld.
+"""The data sets of the paper, one loader per role, for real data or a generated ShapesWorld, and a profile's data by role.
 
 Each loader takes a path that is either
 
@@ -29,15 +29,26 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from saev.cache import params_hash, path_fingerprint
+from saev.models import IMAGE_PLACEHOLDER, Sample
+from saev.paper.profile import PipelineConfig, Profile
+
 __all__ = [
     "DataLayoutError",
+    "DataSlice",
+    "TO_SAMPLE",
+    "data_slice",
+    "interleaved_sample",
+    "load_role",
+    "text_sample",
     "load_benchmark",
     "load_classification",
     "load_interleaved",
@@ -355,3 +366,74 @@ def load_benchmark(path: str | os.PathLike) -> datasets.Dataset:
         ds = ds.rename_column("gpt_answer", "answer")
     _require(ds, ("image", "question", "answer", "category"), base, "benchmark")
     return _keep(_as_image(ds, "image", base), ["image", "question", "answer", "category"])
+
+
+# ----------------------------------------------------------------------------- a profile's data by role
+
+
+SAMPLE_FORMAT = "saev.pipeline/v1"  # how rows become Samples; part of every data fingerprint
+
+
+def text_sample(row: dict[str, Any]) -> Sample:
+    """A ``text`` corpus row as a model input: the raw document, no prompt template."""
+    return Sample(text=row["text"])
+
+
+def interleaved_sample(row: dict[str, Any]) -> Sample:
+    """An interleaved (Obelics-style) row as a model input: texts in order, one ``<image>`` per image."""
+    parts, images = [], []
+    for image, text in zip(row["images"], row["texts"], strict=True):
+        if image is not None:
+            parts.append(IMAGE_PLACEHOLDER + "\n")
+            images.append(image.convert("RGB"))
+        elif text:
+            parts.append(text + " ")
+    return Sample(text="".join(parts).strip(), images=tuple(images))
+
+
+TO_SAMPLE: dict[str, Callable[[dict[str, Any]], Sample]] = {
+    "text": text_sample,
+    "interleaved": interleaved_sample,
+}
+"""How a row of the ``text`` and ``interleaved`` roles becomes a model input."""
+
+
+class DataSlice(NamedTuple):
+    """Rows [start, stop) of one data set, with the fingerprint that identifies them as model inputs."""
+
+    name: str
+    rows: datasets.Dataset
+    fingerprint: str
+
+
+_LOADERS: dict[str, Callable[[str | os.PathLike], datasets.Dataset]] = {
+    "text": load_text_corpus, "interleaved": load_interleaved, "classification": load_classification,
+    "preference_a": load_preference, "preference_b": load_preference, "benchmark": load_benchmark,
+}  # fmt: skip
+
+
+def load_role(profile: Profile, name: str) -> tuple[datasets.Dataset, str]:
+    """Data set of role ``name`` (``saev.paper.profile.DATA_ROLES``) and a fingerprint of its source:
+    the generated world set, or for a profile without a world its ``data.<name>`` path read by
+    the loader of that role."""
+    if profile.world is not None:
+        from saev.paper.world import world_dataset
+
+        return world_dataset(profile, name)
+    profile.check_inputs(models=(), data=(name,))
+    path = profile.data_path(name)
+    return _LOADERS[name](path), path_fingerprint(path)
+
+
+def data_slice(profile: Profile, name: str, part: Literal["train", "eval"], cfg: PipelineConfig) -> DataSlice:
+    """The training rows (the first ones, at most ``train_docs``, never the held-out ones) or
+    the held-out rows (the last ``eval_docs``) of data set ``name``."""
+    ds, source = load_role(profile, name)
+    n = len(ds)
+    if cfg.eval_docs >= n:
+        raise ValueError(
+            f"{name} has {n} rows, not more than pipeline.eval_docs ({cfg.eval_docs}) of profile {profile.name!r}"
+        )
+    start, stop = (0, min(cfg.train_docs, n - cfg.eval_docs)) if part == "train" else (n - cfg.eval_docs, n)
+    key = params_hash({"data": source, "rows": [start, stop], "format": SAMPLE_FORMAT})
+    return DataSlice(name, ds.select(range(start, stop)), key)

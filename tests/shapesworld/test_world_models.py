@@ -21,8 +21,9 @@ import torch
 from conftest import CIWorld  # the session's ci world (fixture ``ci_world``, shared with test_align)
 from safetensors.torch import load_file
 
-from saev.config import load_profile
-from saev.models import Modality, chat_sample, load_model
+from saev.models import Modality, chat_sample, greedy_answers, load_model, pad_token_id
+from saev.paper.profile import load_profile
+from saev.paper.world import train_world_models  # the world's trainer, fed a profile's sections
 from saev.shapesworld import models as world_models
 from saev.shapesworld.models import (
     FAMILIES,
@@ -30,7 +31,6 @@ from saev.shapesworld.models import (
     StageConfig,
     TrainingInterrupted,
     fit_codebook,
-    train_world_models,
 )
 from saev.shapesworld.resumable import lr_at, run_resumable, step_generator
 
@@ -181,7 +181,7 @@ def test_cached_greedy_decoding_answers_as_the_uncached(ci_world: CIWorld, name:
     samples = world_models.benchmark_samples(loaded, rows)
     lengths = {len(loaded.build_inputs([s], context_size=4096)["input_ids"][0]) for s in samples}
     assert len(lengths) > 1, "the batch must mix prompt lengths"
-    answers = [world_models._greedy_answers(loaded, samples, 12, 10, False, desc="", kv_cache=kv_cache)
+    answers = [greedy_answers(loaded, samples, 12, batch_size=10, kv_cache=kv_cache)
                for kv_cache in (False, True)]  # fmt: skip
     assert answers[1] == answers[0]
     assert any(answers[0])
@@ -232,7 +232,7 @@ def test_independent_turns_score_as_single_turn_samples(ci_world: CIWorld, name:
     vqa = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "vqa"))
     rows = list(vqa.select(range(4)))
     extra = world_models._extra_turns(rows, 4, {"color": 1.0, "shape": 1.0, "description": 1.0}, seed=0)
-    pad = world_models._pad_id(loaded)
+    pad = pad_token_id(loaded.processor)
 
     def answer_losses(seqs: world_models._Seqs) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -408,7 +408,8 @@ def test_tile_labels_follow_the_anyres_tiles() -> None:
     import numpy as np
 
     from saev.shapesworld.models import _patch_labels, _tile_labels
-    from saev.shapesworld.world import COLORS, SHAPES, SIZES, Scene, WorldConfig, sample_scene
+    from saev.shapesworld.config import WorldConfig
+    from saev.shapesworld.world import COLORS, SHAPES, SIZES, Scene, sample_scene
 
     cfg = WorldConfig(image_size=32, patch_size=4)
     rng = np.random.default_rng(0)
@@ -440,7 +441,8 @@ def test_distinct_extra_turns_go_round_the_objects() -> None:
     before any repeats, every answer is the oracle's; ``"random"`` keeps the former draws."""
     import numpy as np
 
-    from saev.shapesworld.world import Scene, WorldConfig, answer_question, ask, sample_scene
+    from saev.shapesworld.config import WorldConfig
+    from saev.shapesworld.world import Scene, answer_question, ask, sample_scene
 
     cfg = WorldConfig(image_size=32, patch_size=4)
     rng = np.random.default_rng(1)
@@ -471,13 +473,13 @@ def test_distinct_extra_turns_go_round_the_objects() -> None:
 def test_projector_alignment_trains_only_the_projector(ci_world: CIWorld, tmp_path: Path) -> None:
     """LLaVA's stage 1 (``projector_pretrain``): the projector and ``image_newline`` move, the
     tower and the language model do not, and every parameter's ``requires_grad`` is restored."""
-    from saev.shapesworld.model_config import StageConfig
+    from saev.shapesworld.config import StageConfig
 
     profile = ci_world.profile
     cfg = load_profile("ci").world_models
     artifacts = profile.artifacts_path
     ctx = world_models._Context(
-        profile=profile, cfg=cfg, world=world_models._world_config(profile), data_dir=artifacts / "data",
+        profile_seed=profile.seed, cfg=cfg, world=profile.world, data_dir=artifacts / "data",
         models_dir=artifacts / "models", stop_after=None, progress=False,
     )  # fmt: skip
     loaded = load_model("llava_next", ci_world.paths["llava-next"])
@@ -522,7 +524,7 @@ def test_train_seed_retrains_the_recipe_with_other_randomness(
 
     def ctx(seed: int | None) -> Any:
         return world_models._Context(
-            profile=profile, cfg=dataclasses.replace(cfg, train_seed=seed), world=world_models._world_config(profile),
+            profile_seed=profile.seed, cfg=dataclasses.replace(cfg, train_seed=seed), world=profile.world,
             data_dir=profile.artifacts_path / "data", models_dir=profile.artifacts_path / "models",
             stop_after=None, progress=False,
         )  # fmt: skip
@@ -532,7 +534,7 @@ def test_train_seed_retrains_the_recipe_with_other_randomness(
 
     def digest(seed: int | None, name: str) -> str:
         c = dataclasses.replace(cfg, train_seed=seed)
-        return world_models._hash(world_models._train_spec(name, c, world_models.train_seed(profile, c), data_hashes, None))
+        return world_models._hash(world_models._train_spec(name, c, world_models.train_seed(profile.seed, c), data_hashes, None))
 
     for name in MODEL_NAMES:
         assert digest(None, name) == digest(profile.seed, name) != digest(profile.seed + 1, name)
@@ -573,7 +575,7 @@ def test_llava_worker_waits_for_text_lm_and_stops_when_it_fails(tmp_path: Path) 
     models = tmp_path / "models"
     (models / "text-lm").mkdir(parents=True)
     ctx = world_models._Context(
-        profile=load_profile("ci"), cfg=load_profile("ci").world_models, world=None, data_dir=tmp_path,
+        profile_seed=0, cfg=load_profile("ci").world_models, world=None, data_dir=tmp_path,
         models_dir=models, stop_after=None, progress=False, hashes={"text-lm": "h1"},
     )  # fmt: skip
     (models / "text-lm" / "train_config.json").write_text(json.dumps({"hash": "old"}))  # a stale model
@@ -594,11 +596,11 @@ def test_llava_worker_waits_for_text_lm_and_stops_when_it_fails(tmp_path: Path) 
 
 @pytest.mark.parametrize("name", ["llava-next", "chameleon"])
 def test_patch_filtering_generation_answers_as_the_benchmark_decoder(ci_world: CIWorld, name: str) -> None:
-    """``pipeline.generate_answer_fn`` (Fig. 6 with ``answer_mode: generate``) decodes through the
+    """``saev.paper.patch_filtering.generate_answer_fn`` (Fig. 6 with ``answer_mode: generate``) decodes through the
     benchmark's decoder: the same answers as its uncached reference path."""
     import datasets
 
-    from saev.pipeline import generate_answer_fn
+    from saev.paper.patch_filtering import generate_answer_fn
     from saev.shapesworld.world import CLASSIFICATION_QUESTION
 
     loaded = load_model(FAMILIES[name], ci_world.paths[name])
@@ -606,5 +608,5 @@ def test_patch_filtering_generation_answers_as_the_benchmark_decoder(ci_world: C
     images = datasets.load_from_disk(str(ci_world.profile.artifacts_path / "data" / "benchmark"))["image"][:12]
     got = generate_answer_fn(loaded, CLASSIFICATION_QUESTION, max_new_tokens=4)(images)
     samples = [chat_sample(loaded.family, CLASSIFICATION_QUESTION, "", (im,)) for im in images]
-    assert got == world_models._greedy_answers(loaded, samples, 4, 12, False, desc="", kv_cache=False)
+    assert got == greedy_answers(loaded, samples, 4, batch_size=12, kv_cache=False)
     assert len(got) == 12 and any(got)

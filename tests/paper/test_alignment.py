@@ -1,4 +1,4 @@
-"""Stage functions of notebooks 04-06 (``saev.pipeline_align``): defect detection, Fig. 8's correlation,
+"""Section 4's stages (``saev.paper.alignment``, notebooks 04-06): defect detection, Fig. 8's correlation,
 caching, and a small end-to-end run on the ci world."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from saev import pipeline_align as pa
+from saev.paper import alignment as pa
 
 # ----------------------------------------------------------------------------- defect detection
 
@@ -136,7 +136,7 @@ def small_world(ci_world, tmp_path_factory):
     a few optimiser steps; artifacts in a folder of its own."""
     import dataclasses
 
-    from saev.pipeline import SAERun
+    from saev.paper.sae_training import SAERun
     from saev.sae import SparseAutoencoder
 
     root = tmp_path_factory.mktemp("align_e2e")
@@ -200,7 +200,7 @@ def test_filter_sweep_end_to_end_and_resume(patched, monkeypatch) -> None:
     def no_finetune(*args, **kwargs):
         raise AssertionError("finished cells must be read back, not fine-tuned again")
 
-    monkeypatch.setattr("saev.align.finetune", no_finetune)
+    monkeypatch.setattr("saev.paper.benchmark.finetune", no_finetune)
     again = pa.filter_sweep(patched, "llava-next", "a", ("cosine", "random"), cosine_metric=True)
     pd.testing.assert_frame_equal(result.cells, again.cells)
 
@@ -243,24 +243,3 @@ def test_filter_verdicts_follow_the_numbers() -> None:
         and table.loc["full data set", "100%"] == "10.0 ± 0.0"
     )
     assert table.loc["base model", "0%"] == "8.0 ± 0.0" and table.loc["base model", "25%"] == ""
-
-
-def test_cli_runs_the_requested_sweep(monkeypatch, capsys) -> None:
-    calls = []
-    sweep = _sweep({"cosine": [12, 12, 13, 13], "random": [10, 10, 10, 10]})
-
-    def fake(name):
-        def run(profile, progress=False):
-            calls.append((name, profile.name, progress))
-            return sweep
-
-        return run
-
-    for name in ("fig07", "fig09", "fig10", "fig11"):
-        monkeypatch.setattr(pa, f"{name}_sweep", fake(name))
-    assert pa.main(["fig09", "--profile", "ci", "--quiet"]) == 0
-    assert calls == [("fig09", "ci", False)]
-    out = capsys.readouterr().out
-    assert out.startswith("fig09:\n") and "cosine similarity" in out and "12.0 ± 0.0" in out
-    with pytest.raises(SystemExit):
-        pa.main(["fig08", "--profile", "ci"])

@@ -1,4 +1,4 @@
-"""saev.tiny: tokenizer trained in code, tiny models of the real HF classes."""
+"""saev.shapesworld.tiny: tokenizer trained in code, tiny models of the real HF classes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from saev.tiny import (
+from saev.shapesworld.tiny import (
     BOS_TOKEN,
     IMAGE_TOKEN,
     build_tiny_model,

@@ -1,4 +1,4 @@
-"""saev.config: profiles load into frozen dataclasses; bad keys and types are named."""
+"""saev.paper.profile (and the core's saev.config): profiles load into frozen dataclasses; bad keys and types are named."""
 
 from __future__ import annotations
 
@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from saev.config import (
-    PARAMS_DIR,
-    ConfigError,
-    ModelSpec,
-    Profile,
-    SAEConfig,
-    TrainConfig,
-    build_dataclass,
-    load_profile,
-)
+from saev.config import ConfigError, ModelSpec, SAEConfig, TrainConfig, build_dataclass
+from saev.paper.profile import PARAMS_DIR, Profile, load_profile
 
 PROFILES = sorted(p.stem for p in PARAMS_DIR.glob("*.yaml"))
 
@@ -50,12 +42,13 @@ def test_dataclasses_are_frozen():
         profile.train.lr = 1.0  # type: ignore[misc]
 
 
-def test_every_field_has_a_docstring():
+@pytest.mark.parametrize("module", ["saev.config", "saev.paper.profile", "saev.shapesworld.config"])
+def test_every_field_has_a_docstring(module):
     import ast
+    import importlib
     import inspect
 
-    import saev.config as mod
-
+    mod = importlib.import_module(module)
     tree = ast.parse(inspect.getsource(mod))
     for cls in [c for c in tree.body if isinstance(c, ast.ClassDef) and c.name != "ConfigError"]:
         body = cls.body
@@ -167,7 +160,7 @@ def test_paper_table2_defaults():
 
 
 def test_world_profiles_carry_their_world_and_paper_like_profiles_demand_paths(tmp_path):
-    from saev.shapesworld.world import world_config_for
+    from saev.shapesworld.config import world_config_for
 
     for name in ("ci", "mini"):
         profile = load_profile(name)

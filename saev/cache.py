@@ -1,0 +1,191 @@
+"""Atomic writes and content fingerprints: the one place every layer writes files and keys caches.
+
+* Writers (:func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_json`,
+  :func:`atomic_save_safetensors`, :func:`atomic_write_with`) write to a temporary file in the
+  target's folder and ``os.replace`` it into place: a reader sees the old file or the new one,
+  never a partial one, and a run killed mid-write leaves the old artifact intact.
+* Keys: :func:`params_hash` (sha256 of the canonical JSON of a params record, the name of a
+  cached artifact), :func:`cached_json` (a JSON result served from disk when its key matches).
+* Fingerprints: :func:`model_fingerprint` (the identity of a checkpoint folder, its weights
+  included), :func:`path_fingerprint` (a local data set), :func:`dataset_fingerprint` (the
+  Arrow buffers of an in-memory ``datasets.Dataset``), :func:`code_fingerprint` (the source of
+  the modules that compute a result, so that a change of code recomputes it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import datasets
+    from torch import Tensor
+
+__all__ = [
+    "KEY_VERSION",
+    "atomic_save_safetensors",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_write_with",
+    "cached_json",
+    "code_fingerprint",
+    "dataset_fingerprint",
+    "json_default",
+    "model_fingerprint",
+    "params_hash",
+    "path_fingerprint",
+]
+
+KEY_VERSION = 1
+"""Part of every :func:`params_hash`; bumped when a cached result changes for the same params."""
+
+_HASHED_WEIGHT_BYTES = 1 << 27
+"""Weight files up to this size (128 MiB) are fingerprinted by their bytes; larger ones (real 7B
+checkpoints) by name, size and modification time, so that keying a cache costs no full read."""
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path`` (its folder is created),
+    then move it into place; on any error the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(fd)
+    try:
+        write(tmp_path)
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+        os.replace(tmp_path, path)
+    except BaseException:
+        Path(tmp_path).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode())
+
+
+def json_default(obj: Any) -> Any:
+    """JSON form of the values a params record may hold: dataclasses, paths and tuples."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON (in a cache key or record)")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented, key-sorted JSON (dataclasses, paths and tuples allowed) atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=json_default) + "\n")
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor],
+                            metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    """``safetensors.torch.save_file`` of ``tensors`` (made contiguous) to ``path``, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def params_hash(params: Any) -> str:
+    """sha256 of the canonical JSON of ``params`` (dataclasses, paths and tuples allowed): a cache key."""
+    record = {"pipeline_version": KEY_VERSION, "params": params}
+    text = json.dumps(record, sort_keys=True, default=json_default)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cached_json(path: Path, compute: Callable[[], Any], params: Any) -> Any:
+    """The ``result`` stored in JSON file ``path`` if it was made from the same ``params``,
+    else ``compute()``, written there atomically with its params first."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == params_hash(params):
+            return stored["result"]
+    result = compute()
+    atomic_write_json(path, {"key": params_hash(params), "params": params, "result": result})
+    return result
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """Identity of a checkpoint folder: its ``config.json`` (and a world model's ``train_config.json``)
+    and every ``*.safetensors`` file, by content up to 128 MiB, else by name, size and mtime.
+
+    Replacing the weights in place changes it, so no cache keyed by it serves the old model's results.
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a save_pretrained checkpoint folder")
+    h = hashlib.sha256()
+    for p in sorted(model_dir.iterdir()):
+        if p.suffix == ".safetensors":
+            size = p.stat().st_size
+            h.update(f"{p.name}:{size}".encode())
+            if size <= _HASHED_WEIGHT_BYTES:
+                h.update(hashlib.sha256(p.read_bytes()).digest())
+            else:
+                h.update(str(p.stat().st_mtime_ns).encode())
+        elif p.name in ("config.json", "train_config.json"):
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def path_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a local data set (file or folder): its path and every file's size and mtime."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return params_hash([str(path.resolve())] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def dataset_fingerprint(ds: datasets.Dataset, columns: Sequence[str]) -> str:
+    """sha256 of the rows of ``columns`` of an in-memory data set: its length and Arrow buffers."""
+    h = hashlib.sha256(str(len(ds)).encode())
+    flat = ds.select_columns(list(columns))
+    if flat._indices is not None:
+        flat = flat.flatten_indices()
+    for column in columns:
+        for chunk in flat.data.column(column).chunks:
+            h.update(f"{column}:{chunk.offset}:{len(chunk)}".encode())
+            for child in [chunk, *getattr(chunk, "flatten", lambda: [])()]:
+                for buf in child.buffers():
+                    if buf is not None:
+                        h.update(memoryview(buf))
+    return h.hexdigest()
+
+
+def code_fingerprint(*modules: str) -> str:
+    """sha256 of the source files of ``modules`` (e.g. "saev.train"): part of a cache key, so that a
+    result is recomputed when the code that made it changes (a numerics change in the trainer would
+    otherwise leave stale SAEs in a developer's cache)."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None or not Path(spec.origin).is_file():
+            raise ValueError(f"no source file for module {name!r}")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,113 @@
+"""``python -m saev.paper <stage> --profile NAME``: the one command line of the paper's experiments.
+
+| stage | what it does | notebook |
+|---|---|---|
+| ``check`` | load the profile and check every local input a full run needs | ``run_all.sh`` |
+| ``world-data`` | generate every data set of the profile's world (``--force`` rebuilds) | |
+| ``world`` | the world's data sets and its trained models (with their held-out metrics) | 01 |
+| ``saes`` | SAE and SAE-V of every model | 01 |
+| ``reconstruction`` | Table 1, Figs. 3-4 | 02 |
+| ``weights`` | omega_k of Alg. 1 | 03 |
+| ``patch-filter`` | Fig. 6 | 03 |
+| ``scores`` | per-pair scores of the preference pools | 04 |
+| ``defects`` | defect detection | 04 |
+| ``fig07`` ``fig09`` ``fig10`` ``fig11`` | the alignment sweeps | 04-06 |
+| ``all`` | every stage from ``world`` on, in order | |
+
+Every stage caches its result under ``artifacts/<profile>/``; a rerun reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+STAGES = (
+    "check", "world-data", "world", "saes", "reconstruction", "weights", "patch-filter",
+    "scores", "defects", "fig07", "fig09", "fig10", "fig11", "all",
+)  # fmt: skip
+"""Stages of ``python -m saev.paper``; ``all`` runs those from ``world`` on."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one stage of a profile (``all``: every stage in order); returns the exit status."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="python -m saev.paper", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--profile", default="mini", help="profile name in params/ or YAML path (default: mini)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--force", action="store_true", help="world-data: rebuild data sets even when their hash matches")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="world-data: the data sets to build; world: the models to train (default: all)")  # fmt: skip
+    args = parser.parse_args(argv)
+    progress = not args.quiet
+
+    from saev.config import ConfigError
+    from saev.paper.profile import check_profile, load_profile
+
+    if args.stage == "check":
+        try:
+            check_profile(args.profile)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    profile = load_profile(args.profile)
+    todo = STAGES[2:-1] if args.stage == "all" else (args.stage,)
+    start = time.perf_counter()
+
+    if "world-data" in todo:
+        from saev.paper.world import generate_world_data
+
+        print("\n".join(generate_world_data(profile, names=args.only, force=args.force, progress=progress)))
+    if "world" in todo:
+        from saev.paper.world import prepare_world, train_world_models, world_model_report
+
+        if args.only and profile.world is not None:
+            paths = train_world_models(profile, names=args.only, progress=progress)
+        else:
+            paths = prepare_world(profile, progress=progress)
+        if profile.world is not None:
+            print("\n".join(world_model_report(paths)))
+        else:
+            for name, path in paths.items():
+                print(f"model {name}: {path}")
+    if set(todo) & {"saes", "reconstruction", "weights", "patch-filter"}:
+        from saev.paper import patch_filtering, sae_training
+
+        runs = sae_training.train_saes(profile, progress=progress)
+        for run in runs.values():
+            print(f"{run.label}: {run.path}")
+        if "reconstruction" in todo:
+            print(sae_training.evaluate_reconstruction(profile, runs, progress=progress).to_string())
+        if "weights" in todo:
+            stats = patch_filtering.cross_modal_stats(profile, runs, progress=progress)
+            n_scored = int((stats.weights != 0).sum())
+            print(f"omega: {n_scored} features with omega != 0, max {float(stats.weights.max()):.3f}")
+        if "patch-filter" in todo:
+            result = patch_filtering.patch_filter_experiment(profile, runs, progress=progress)
+            print(patch_filtering.fig06_table(result.accuracy).to_string())
+    if set(todo) & {"scores", "defects", "fig07", "fig09", "fig10", "fig11"}:
+        from saev.paper import alignment
+
+        if "scores" in todo:
+            for model, pref_set in alignment.DEFECT_RUNS:
+                scores = alignment.preference_scores(profile, model, pref_set, progress=progress)
+                print(f"scores {model} set {pref_set}: {len(scores)} pairs")
+        if "defects" in todo:
+            detection = alignment.defect_detection_runs(profile, progress=progress)
+            print(detection[detection["defect"] == "any"][["model", "set", "score", "auc", "precision"]].to_string())
+        sweeps = {"fig07": alignment.fig07_sweep, "fig09": alignment.fig09_sweep,
+                  "fig10": alignment.fig10_sweep, "fig11": alignment.fig11_sweep}  # fmt: skip
+        for stage, sweep in sweeps.items():
+            if stage in todo:
+                print(f"{stage}:\n{alignment.sweep_table(sweep(profile, progress=progress)).to_string()}")
+    print(f"total {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The benchmark of Section 4 (LLaVA-Bench's role) and the sweep that fine-tunes and benchmarks every cell.
+
+:func:`evaluate_benchmark` scores a model's greedy answers (``saev.models.greedy_answers``):
+on a generated ShapesWorld benchmark each answer is scored against the world's ground truth
+(``saev.paper.world.world_scores``: exact match, vocabulary F1 for descriptions), as is the
+reference answer, and the relative score is ``100 * sum(answer) / sum(reference)``, the shape
+of LLaVA-Bench's GPT-4 review. On a real benchmark a judge model does the scoring
+(``saev.paper.judge``, configured by ``align.judge``); without one the run stops before any compute.
+
+:func:`run_sweep` runs every (filter, fraction, seed) cell of Figs. 7-11 (``saev.paper.finetune``
+on the top x% of the pool, then the benchmark) plus the base model and the full-data level,
+one JSON per finished cell, so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from saev.cache import atomic_write_json, dataset_fingerprint, model_fingerprint
+from saev.metrics import normalize_answer
+from saev.models import LoadedModel, chat_sample, greedy_answers, model_family, tokenizer_of
+from saev.paper.common import torch_threads
+from saev.paper.finetune import (
+    BENCHMARK_COLUMNS,
+    PREFERENCE_COLUMNS,
+    EncodeCache,
+    as_scores,
+    check_preference,
+    config_dict,
+    finetune,
+    load_aligned,
+    random_scores,
+    require_columns,
+    select_subset,
+)
+from saev.paper.profile import AlignConfig
+
+__all__ = [
+    "BenchmarkResult",
+    "SweepCell",
+    "benchmark_rows",
+    "evaluate_benchmark",
+    "run_sweep",
+    "scorer_kind",
+    "summarize_sweep",
+]
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """Benchmark metrics of one model (LLaVA-Bench's relative score plus exact-match accuracy)."""
+
+    n: dict[str, int]
+    """Questions per category."""
+    exact_match: dict[str, float]
+    """Per category: fraction of answers equal to the reference after ``normalize_answer``."""
+    score: dict[str, float]
+    """Per category: mean score of the model's answers (world scorer: 0-1; judge: 1-10)."""
+    reference_score: dict[str, float]
+    """Per category: mean score of the reference answers, on the same scale."""
+    relative: dict[str, float]
+    """Per category: 100 * mean(answer score) / mean(reference score) (LLaVA-Bench's relative score)."""
+    overall: float
+    """Relative score over all questions pooled (LLaVA-Bench's headline number)."""
+    accuracy: float
+    """Exact-match accuracy over all questions."""
+    scorer: str
+    """"world" (ground-truth scorer) or "judge:<model>"."""
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    """The model's answers per category, in benchmark order."""
+
+    def as_row(self) -> dict[str, float]:
+        """Flat metrics for a table: overall, accuracy, relative_<category>, exact_<category>."""
+        row = {"overall": self.overall, "accuracy": self.accuracy}
+        row.update({f"relative_{c}": v for c, v in self.relative.items()})
+        row.update({f"exact_{c}": v for c, v in self.exact_match.items()})
+        return row
+
+
+def benchmark_rows(benchmark: datasets.Dataset, config: AlignConfig) -> dict[str, list[int]]:
+    require_columns(benchmark, BENCHMARK_COLUMNS, "benchmark", "the benchmark", "load_benchmark")
+    by_cat: dict[str, list[int]] = {}
+    for i, (c, q, a) in enumerate(zip(benchmark["category"], benchmark["question"], benchmark["answer"])):
+        for column, v in (("category", c), ("question", q), ("answer", a)):
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"benchmark: sample {i}: column {column!r} is empty or not text ({v!r})")
+        by_cat.setdefault(c, []).append(i)
+    if config.benchmark_per_category is not None:
+        by_cat = {c: idx[: config.benchmark_per_category] for c, idx in by_cat.items()}
+    return by_cat
+
+
+def scorer_kind(config: AlignConfig, benchmark: datasets.Dataset) -> str:
+    """"judge" when align.judge is set, "world" for a generated benchmark, else a clear error."""
+    if config.judge is not None:
+        return "judge"
+    if "scene" in benchmark.column_names:
+        return "world"
+    raise ValueError(
+        "benchmark has no ground truth (no 'scene' column: not a generated ShapesWorld benchmark), so it "
+        "must be scored by a judge model as LLaVA-Bench is: set align.judge.base_url (an OpenAI-compatible "
+        "endpoint, e.g. http://127.0.0.1:8000/v1) and align.judge.model in the profile, and the API key in "
+        "the environment variable named by align.judge.api_key_env"
+    )
+
+
+def evaluate_benchmark(
+    model: LoadedModel | str | os.PathLike,
+    benchmark: datasets.Dataset,
+    *,
+    config: AlignConfig,
+    family: str | None = None,
+    progress: bool = False,
+) -> BenchmarkResult:
+    """Greedy answers of ``model`` to the benchmark and their scores, per category and overall.
+
+    Answers come from ``saev.models.greedy_answers`` (the decoder that evaluated the world
+    models too), to ``chat_sample(family, question)`` with the image, for at most
+    ``config.benchmark_per_category`` questions per category, stopped at EOS or after the
+    category's longest reference + 2 tokens (capped by ``config.benchmark_max_new_tokens``).
+    Scoring: see the module docstring; ``config.judge`` selects the judge.
+    """
+    kind = scorer_kind(config, benchmark)
+    by_cat = benchmark_rows(benchmark, config)
+    loaded = load_aligned(model, family)
+    was_training = loaded.model.training
+    loaded.model.eval()
+    tok = tokenizer_of(loaded.processor)  # a LoadedModel or a stand-in with model, processor and family
+    ref_scores: dict[str, list[float]] = {}
+    ans_scores: dict[str, list[float]] = {}
+    exact: dict[str, float] = {}
+    answers: dict[str, list[str]] = {}
+    judge = None
+    if kind == "judge":
+        from saev.paper.judge import Judge
+
+        judge = Judge(config.judge)
+    with torch_threads(config.num_threads):
+        for category, idx in by_cat.items():
+            rows = benchmark.select(idx)
+            questions, refs, images = rows["question"], rows["answer"], rows["image"]
+            max_new = max(len(tok(" " + r, add_special_tokens=False)["input_ids"]) for r in refs) + 2
+            if config.benchmark_max_new_tokens is not None:
+                max_new = min(max_new, config.benchmark_max_new_tokens)
+            samples = [chat_sample(loaded.family, q, "", (im,)) for q, im in zip(questions, images)]
+            got = greedy_answers(loaded, samples, max_new, batch_size=config.eval_batch_size, progress=progress,
+                                 desc=f"bench {category}")
+            answers[category] = got
+            exact[category] = float(np.mean([normalize_answer(a) == normalize_answer(r) for a, r in zip(got, refs)]))
+            if judge is not None:
+                contexts = _contexts(rows)
+                reviews = judge.review_all(questions, refs, got, contexts)
+                ref_scores[category] = [r.reference_score for r in reviews]
+                ans_scores[category] = [r.answer_score for r in reviews]
+            else:
+                from saev.paper.world import world_scores
+
+                pairs = world_scores(rows["scene"], questions, refs, got, category)
+                ref_scores[category] = [p[0] for p in pairs]
+                ans_scores[category] = [p[1] for p in pairs]
+    loaded.model.train(was_training)
+    all_ref = [s for c in by_cat for s in ref_scores[c]]
+    all_ans = [s for c in by_cat for s in ans_scores[c]]
+    n = {c: len(idx) for c, idx in by_cat.items()}
+    return BenchmarkResult(
+        n=n,
+        exact_match=exact,
+        score={c: float(np.mean(ans_scores[c])) for c in by_cat},
+        reference_score={c: float(np.mean(ref_scores[c])) for c in by_cat},
+        relative={c: _relative(ans_scores[c], ref_scores[c]) for c in by_cat},
+        overall=_relative(all_ans, all_ref),
+        accuracy=float(sum(exact[c] * n[c] for c in by_cat) / sum(n.values())),
+        scorer="world" if judge is None else f"judge:{config.judge.model}",
+        answers=answers,
+    )
+
+
+def _relative(answer_scores: Sequence[float], reference_scores: Sequence[float]) -> float:
+    ref = float(np.sum(reference_scores))
+    if ref <= 0:
+        raise ValueError("every reference answer scored 0: the relative score is undefined")
+    return 100.0 * float(np.sum(answer_scores)) / ref
+
+
+def _contexts(rows: datasets.Dataset) -> list[str]:
+    for column in ("context", "caption"):
+        if column in rows.column_names:
+            return [c if isinstance(c, str) else "\n".join(c) for c in rows[column]]
+    return [""] * len(rows)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class SweepCell:
+    """One point of a sweep: a filter (or "base" / "full"), a kept fraction and a seed."""
+
+    filter: str
+    fraction: float
+    seed: int | None
+
+    @property
+    def name(self) -> str:
+        """File-name stem of the cell."""
+        seed = "none" if self.seed is None else str(self.seed)
+        return f"{self.filter}__f{self.fraction:g}__s{seed}"
+
+
+def _sweep_cells(filters: Sequence[str], fractions: Sequence[float], seeds: Sequence[int],
+                 include_base: bool, include_full: bool) -> list[SweepCell]:  # fmt: skip
+    cells = [SweepCell("base", 0.0, None)] if include_base else []
+    if include_full or 1.0 in fractions:
+        cells += [SweepCell("full", 1.0, s) for s in seeds]
+    cells += [SweepCell(f, fr, s) for fr in fractions if fr < 1.0 for f in filters for s in seeds]
+    return cells
+
+
+def run_sweep(
+    model_dir: str | os.PathLike,
+    dataset: datasets.Dataset,
+    rankings: Mapping[str, Any],
+    *,
+    config: AlignConfig,
+    benchmark: datasets.Dataset,
+    out_dir: str | os.PathLike,
+    fractions: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    include_base: bool = True,
+    include_full: bool = True,
+    keep_models: bool = False,
+    extra_metrics: Callable[[Path, SweepCell], Mapping[str, float]] | None = None,
+    family: str | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Fine-tune and benchmark every (filter, fraction, seed) cell; resumable, one JSON per cell.
+
+    ``rankings`` maps a filter name to one score per row of ``dataset`` (higher = kept first);
+    ``None`` for ``"random"`` draws :func:`random_scores` from each cell's seed. When
+    ``config.pool_size`` is smaller than ``dataset``, the sweep uses its first ``pool_size`` rows
+    (scores may be given for the pool or for the whole set). Cells: the base model ("base",
+    fraction 0, no fine-tuning), the full pool ("full", fraction 1.0, once per seed: at 1.0 every
+    filter keeps the same rows) and every filter at every fraction below 1 and every seed
+    (``fractions``/``seeds`` default to the config's). A cell's result is written atomically to
+    ``out_dir/<cell>.json`` with a hash of everything it depends on (model, data, ranking,
+    config, benchmark); a rerun loads finished cells with the same hash instead of recomputing
+    them. ``extra_metrics(model_dir, cell)`` adds metrics of each fine-tuned model (e.g. its
+    average cosine score, Fig. 8) before the model folder is deleted (``keep_models`` keeps it
+    under ``out_dir/models/``). Returns one row per cell: filter, fraction, seed, n_train,
+    overall, accuracy, relative_<category>, exact_<category>, train_loss, seconds and extras.
+    """
+    model_dir = Path(model_dir)
+    family = family or model_family(model_dir)
+    check_preference(dataset, where="run_sweep: dataset")
+    scorer_kind(config, benchmark)  # stop before any compute when a paper benchmark has no judge
+    benchmark_rows(benchmark, config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_all = len(dataset)
+    pool = dataset
+    if config.pool_size is not None and n_all > config.pool_size:
+        pool = dataset.select(range(config.pool_size))
+    n = len(pool)
+    scores: dict[str, np.ndarray | None] = {}
+    for name, value in rankings.items():
+        if name in ("base", "full"):
+            raise ValueError(f"run_sweep: {name!r} is a reserved level, not a filter name")
+        if value is None:
+            if name != "random":
+                raise ValueError(f"run_sweep: ranking {name!r} is None; only 'random' may be drawn from the seed")
+            scores[name] = None
+            continue
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim == 1 and len(arr) == n_all and n != n_all:
+            arr = arr[:n]
+        as_scores(arr, n, name=f"run_sweep: ranking {name!r}")
+        scores[name] = arr
+    fractions = tuple(config.fractions if fractions is None else fractions)
+    seeds = tuple(config.seeds if seeds is None else seeds)
+    cells = _sweep_cells(list(scores), fractions, seeds, include_base, include_full)
+
+    train_cfg = {k: v for k, v in config_dict(config).items() if k not in ("fractions", "seeds", "filters")}
+    judge = train_cfg.pop("judge")
+    common = {
+        "model": model_fingerprint(model_dir),
+        "pool": dataset_fingerprint(pool, PREFERENCE_COLUMNS),
+        "benchmark": dataset_fingerprint(benchmark, [c for c in benchmark.column_names]),
+        "config": train_cfg,
+        "judge": None if judge is None else {k: judge[k] for k in ("base_url", "model", "temperature")},
+        "version": 1,
+    }
+    ranking_digest = {
+        k: None if v is None else hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+        for k, v in scores.items()
+    }
+    rows = []
+    cache: EncodeCache = {}
+    bar = tqdm(cells, desc=f"sweep {out_dir.name}", disable=not progress)
+    for cell in bar:
+        bar.set_postfix_str(cell.name)
+        ranking = ranking_digest.get(cell.filter)
+        key = {**common, "cell": dataclasses.asdict(cell), "ranking": ranking,
+               "extras": extra_metrics is not None}  # fmt: skip
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        path = out_dir / f"{cell.name}.json"
+        if path.is_file():
+            done = json.loads(path.read_text())
+            if done.get("hash") == digest:
+                rows.append(done["row"])
+                continue
+        rows.append(_run_cell(cell, digest, path, model_dir=model_dir, family=family, pool=pool, scores=scores,
+                              config=config, benchmark=benchmark, out_dir=out_dir, keep_models=keep_models,
+                              extra_metrics=extra_metrics, cache=cache))  # fmt: skip
+    df = pd.DataFrame(rows)
+    df["seed"] = df["seed"].astype("Int64")
+    return df
+
+
+def _run_cell(
+    cell: SweepCell,
+    digest: str,
+    path: Path,
+    *,
+    model_dir: Path,
+    family: str,
+    pool: datasets.Dataset,
+    scores: Mapping[str, np.ndarray | None],
+    config: AlignConfig,
+    benchmark: datasets.Dataset,
+    out_dir: Path,
+    keep_models: bool,
+    extra_metrics: Callable[[Path, SweepCell], Mapping[str, float]] | None,
+    cache: EncodeCache,
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    row: dict[str, Any] = {"filter": cell.filter, "fraction": cell.fraction, "seed": cell.seed}
+    extras: Mapping[str, float] = {}
+    if cell.filter == "base":
+        result = evaluate_benchmark(model_dir, benchmark, config=config, family=family)
+        row.update(n_train=0, train_loss=float("nan"), seconds_train=0.0)
+        if extra_metrics is not None:
+            extras = extra_metrics(model_dir, cell)
+    else:
+        if cell.filter == "full":
+            subset = pool
+        else:
+            s = scores[cell.filter]
+            s = random_scores(len(pool), cell.seed) if s is None else s
+            subset = select_subset(pool, s, cell.fraction)
+        tuned = out_dir / "models" / cell.name
+        finetune(model_dir, subset, config=config, seed=cell.seed, out_dir=tuned, progress=False, family=family,
+                 cache=cache)  # fmt: skip
+        record = json.loads((tuned / "align.json").read_text())
+        seconds_train = time.perf_counter() - start
+        result = evaluate_benchmark(tuned, benchmark, config=config, family=family)
+        if extra_metrics is not None:
+            extras = extra_metrics(tuned, cell)
+        if not keep_models:
+            shutil.rmtree(tuned)
+        row.update(n_train=len(subset), train_loss=record["train_loss"], seconds_train=round(seconds_train, 3))
+    row.update(result.as_row())
+    row.update({k: float(v) for k, v in extras.items()})
+    row["seconds"] = round(time.perf_counter() - start, 3)
+    atomic_write_json(path, {"hash": digest, "row": row, "answers": result.answers, "scorer": result.scorer})
+    return row
+
+
+def summarize_sweep(df: pd.DataFrame, metric: str = "overall") -> pd.DataFrame:
+    """Mean, standard deviation and seed count of ``metric`` per (filter, fraction): the Fig. 7 table."""
+    grouped = df.groupby(["filter", "fraction"], sort=True)[metric]
+    out = grouped.agg(["mean", "std", "count"]).reset_index()
+    return out.rename(columns={"count": "n_seeds"})

@@ -1,0 +1,482 @@
+"""Fine-tuning on filtered preference data (Section 4): select the top x%, then DPO or SFT.
+
+The first half of the experiment of Figs. 7-11: rank a preference set (Align-Anything's or
+RLAIF-V's role) by an SAE-V score (Alg. 1-3), IFD or at random, keep the top x%
+(:func:`select_subset`) and fine-tune the MLLM on it (:func:`finetune`: TRL's ``DPOTrainer``
+with an explicit frozen reference copy, Table 4 scaled by the profile's ``align:`` section, or
+``SFTTrainer`` on the chosen answers). ``saev.paper.benchmark`` scores the result and runs the
+sweep of every (filter, fraction, seed) cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import datasets
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saev.models import (
+    IMAGE_PLACEHOLDER,
+    LoadedModel,
+    chat_sample,
+    load_model,
+    model_family,
+    pad_token_id,
+    tokenizer_of,
+)
+from saev.paper.common import torch_threads  # one fixed-thread context for every stage
+from saev.paper.profile import AlignConfig
+from saev.scoring import select_top
+
+__all__ = [
+    "EncodeCache",
+    "PairCollator",
+    "PairLogProbs",
+    "BENCHMARK_COLUMNS",
+    "PREFERENCE_COLUMNS",
+    "as_scores",
+    "check_preference",
+    "config_dict",
+    "require_columns",
+    "finetune",
+    "load_aligned",
+    "model_family",
+    "pair_logprobs",
+    "random_scores",
+    "reward_margins",
+    "select_subset",
+]
+
+PREFERENCE_COLUMNS = ("image", "question", "chosen", "rejected")
+BENCHMARK_COLUMNS = ("image", "question", "answer", "category")
+_BIG_CONTEXT = 1 << 20
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def require_columns(
+    dataset: datasets.Dataset, columns: Sequence[str], where: str, what: str, loader: str
+) -> None:
+    """Raise ValueError naming ``where`` when ``dataset`` lacks one of ``columns`` or has no rows."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"{where}: missing column(s) {missing}; {what} needs {list(columns)} "
+            f"(load it with saev.paper.data.{loader}); has {dataset.column_names}"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{where}: no rows")
+
+
+def check_preference(dataset: datasets.Dataset, *, where: str = "preference data") -> None:
+    """Raise ValueError naming the column or sample when ``dataset`` is not usable preference data.
+
+    Needs columns ``image``, ``question``, ``chosen``, ``rejected`` (``saev.paper.data.load_preference``
+    produces them), at least one row, non-empty strings and an image in every row.
+    """
+    require_columns(dataset, PREFERENCE_COLUMNS, where, "preference data", "load_preference")
+    texts = dataset.select_columns(["question", "chosen", "rejected"]).to_dict()
+    for column, values in texts.items():
+        for i, v in enumerate(values):
+            if not isinstance(v, str) or not v.strip():
+                raise ValueError(f"{where}: sample {i}: column {column!r} is empty or not text ({v!r})")
+            if IMAGE_PLACEHOLDER in v:
+                raise ValueError(
+                    f"{where}: sample {i}: column {column!r} contains the image placeholder {IMAGE_PLACEHOLDER!r}; "
+                    "the image goes in the 'image' column"
+                )
+    images = dataset.data.column("image")
+    if images.null_count:
+        first = next(i for i, v in enumerate(images.is_null().to_pylist()) if v)
+        raise ValueError(f"{where}: sample {first}: column 'image' is empty")
+
+
+def as_scores(scores: Any, n: int, *, name: str = "scores") -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+    if t.ndim != 1 or len(t) != n:
+        raise ValueError(f"{name}: expected one score per sample ({n}), got shape {tuple(t.shape)}")
+    if torch.isnan(t).any():
+        raise ValueError(f"{name}: sample {int(torch.isnan(t).nonzero()[0])} has a NaN score")
+    return t
+
+
+def select_subset(dataset: datasets.Dataset, scores: Any, fraction: float) -> datasets.Dataset:
+    """The top ``fraction`` of ``dataset`` by ``scores`` (``saev.scoring.select_top``: floor(fraction * n),
+    at least one row, ties to the lower index), its rows kept in dataset order."""
+    t = as_scores(scores, len(dataset))
+    keep = sorted(select_top(t, fraction).tolist())
+    return dataset.select(keep)
+
+
+def random_scores(n: int, seed: int) -> np.ndarray:
+    """The random filter's ranking: a seeded permutation of 0..n-1 as scores (no ties)."""
+    return np.random.default_rng(seed).permutation(n).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+class _Encoded(NamedTuple):
+    """One (prompt, answer, image) row as the model reads it."""
+
+    ids: torch.Tensor
+    """Token ids: prompt, answer, EOS (Chameleon: VQ code ids in place of the image placeholders)."""
+    start: int
+    """Position of the first answer token."""
+    pixels: dict[str, torch.Tensor]
+    """The family's per-image tensors (first dim 1), e.g. LLaVA-NeXT's pixel_values and image_sizes."""
+
+
+EncodeCache = dict[tuple, _Encoded]
+"""Cache of encoded rows shared by the fine-tunes of one sweep: key (model, prompt, answer, image) -> row."""
+
+
+@dataclass
+class PairCollator:
+    """Batches (prompt, answer, image) rows exactly as the world models were trained and are evaluated.
+
+    TRL's ``DataCollatorForVisionPreference`` tokenises with ``add_special_tokens=False`` (no BOS)
+    and, for Chameleon, without ``return_for_text_completion`` (a separator token after the prompt),
+    so its sequences differ from what these models saw. This collator (TRL's documented
+    ``data_collator`` extension point) builds every sequence with ``saev.models.chat_sample`` and
+    the adapter: ``prompt answer EOS``, the answer tokens + EOS marked in ``completion_mask``
+    (``labels`` for SFT), cut at ``max_length``. Chameleon images become their VQ code ids here
+    with the frozen reference model's VQ encoder: the ids the model's forward would compute from
+    pixels, without encoding every image twice per step (policy and reference). Encoded rows are
+    memoised in ``cache`` (pass one dict to every fine-tune of a sweep: each row is processed once).
+
+    ``mode="dpo"``: rows ``prompt``, ``chosen``, ``rejected``, ``image``; output chosen rows then
+    rejected rows (TRL's layout). ``mode="sft"``: rows ``prompt``, ``completion``, ``image``.
+    Images may be PIL images or ``{"bytes", "path"}`` dicts (an ``Image(decode=False)`` column).
+    """
+
+    loaded: LoadedModel
+    max_length: int
+    mode: Literal["dpo", "sft"] = "dpo"
+    cache: EncodeCache | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.mode == "dpo":
+            rows = [(e["prompt"], e["chosen"], e["image"]) for e in examples]
+            rows += [(e["prompt"], e["rejected"], e["image"]) for e in examples]
+        else:
+            rows = [(e["prompt"], e["completion"], e["image"]) for e in examples]
+        encoded = [self.encode(*row) for row in rows]
+        pad = pad_token_id(self.loaded.processor)
+        T = max(len(e.ids) for e in encoded)
+        input_ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), T), dtype=torch.long)
+        completion_mask = torch.zeros((len(encoded), T), dtype=torch.long)
+        for b, e in enumerate(encoded):
+            input_ids[b, : len(e.ids)] = e.ids
+            attention_mask[b, : len(e.ids)] = 1
+            completion_mask[b, e.start : len(e.ids)] = 1
+        out = {"input_ids": input_ids, "attention_mask": attention_mask}
+        for key in encoded[0].pixels:
+            out[key] = _cat_padded([e.pixels[key] for e in encoded])
+        if self.mode == "dpo":
+            out["completion_mask"] = completion_mask
+        else:
+            out["labels"] = input_ids.masked_fill(completion_mask == 0, -100)
+        return out
+
+    def encode(self, question: str, answer: str, image: Any) -> _Encoded:
+        """One row: ``prompt answer EOS`` cut at ``max_length`` (memoised in ``cache``)."""
+        key = None
+        if self.cache is not None:
+            key = (str(self.loaded.model_dir), self.loaded.family, self.max_length, question, answer,
+                   _image_key(image))  # fmt: skip
+            if key in self.cache:
+                return self.cache[key]
+        loaded = self.loaded
+        tok = tokenizer_of(loaded.processor)
+        pil = _pil(image)
+        enc = loaded.adapter.build_inputs(
+            loaded.processor, [chat_sample(loaded.family, question, answer, (pil,))], context_size=_BIG_CONTEXT
+        )
+        row = enc["input_ids"][0]
+        start = self._answer_start(row, question, answer, pil)
+        if start >= self.max_length:
+            raise ValueError(
+                f"align.max_length={self.max_length} leaves no answer token: the prompt of question "
+                f"{question!r} alone takes {start} tokens; raise align.max_length"
+            )
+        pixels: dict[str, torch.Tensor] = {}
+        if loaded.family == "chameleon":
+            model = loaded.model.model
+            with torch.no_grad():
+                codes = model.get_image_tokens(enc["pixel_values"].to(loaded.model.dtype))
+            row = row.clone()
+            row[row == model.vocabulary_mapping.image_token_id] = codes.flatten().to(row.dtype)
+        else:
+            dtype = loaded.model.dtype
+            pixels = {k: v.to(dtype) if k == "pixel_values" else v for k, v in enc.items()
+                      if k not in ("input_ids", "attention_mask")}  # fmt: skip
+        row = torch.cat([row, torch.tensor([tok.eos_token_id])])[: self.max_length]
+        out = _Encoded(row, start, pixels)
+        if key is not None:
+            self.cache[key] = out
+        return out
+
+    def _answer_start(self, row: torch.Tensor, question: str, answer: str, image: Any) -> int:
+        """First position of the answer's tokens in ``row`` (prompt + answer)."""
+        tok = tokenizer_of(self.loaded.processor)
+        answer_ids = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        if row[-len(answer_ids) :].tolist() == answer_ids:
+            return len(row) - len(answer_ids)
+        # Tokens merged across the prompt/answer boundary: the answer starts where the prompt alone ends.
+        prompt = chat_sample(self.loaded.family, question, "", (image,))
+        prompt_ids = self.loaded.adapter.build_inputs(self.loaded.processor, [prompt], context_size=_BIG_CONTEXT)
+        p = prompt_ids["input_ids"][0].tolist()
+        n = 0
+        while n < min(len(p), len(row)) and p[n] == int(row[n]):
+            n += 1
+        return n
+
+
+def _image_key(image: Any) -> str:
+    if isinstance(image, dict):
+        data = image.get("bytes") or Path(image["path"]).read_bytes()
+        return hashlib.sha1(data).hexdigest()
+    return hashlib.sha1(image.tobytes() + repr((image.size, image.mode)).encode()).hexdigest()
+
+
+def _pil(image: Any) -> Any:
+    if isinstance(image, dict):
+        from PIL import Image
+
+        data = image.get("bytes")
+        pil = Image.open(io.BytesIO(data)) if data else Image.open(image["path"])
+        return pil.convert("RGB")
+    return image
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding dim 1 (LLaVA-NeXT's per-image view count) to the longest."""
+    if parts[0].dim() >= 2 and len({p.shape[1:] for p in parts}) > 1:
+        n = max(p.shape[1] for p in parts)
+        parts = [torch.cat([p, p.new_zeros((p.shape[0], n - p.shape[1], *p.shape[2:]))], 1) for p in parts]
+    return torch.cat(parts, 0)
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+
+@dataclass(frozen=True)
+class PairLogProbs:
+    """Summed log-probabilities of each pair's chosen and rejected answer (+ EOS) under one model."""
+
+    chosen: np.ndarray
+    """(n,) log p(chosen | prompt, image)."""
+    rejected: np.ndarray
+    """(n,) log p(rejected | prompt, image)."""
+
+
+@torch.no_grad()
+def pair_logprobs(
+    model: LoadedModel | str | os.PathLike,
+    dataset: datasets.Dataset,
+    *,
+    config: AlignConfig,
+    family: str | None = None,
+    cache: EncodeCache | None = None,
+) -> PairLogProbs:
+    """Log-probabilities of the chosen and rejected answers (+ EOS) of every pair under the model's own
+    forward (the DPO sequence terms), in ``config.eval_batch_size`` pairs per forward pass."""
+    loaded = load_aligned(model, family)
+    check_preference(dataset)
+    was_training = loaded.model.training
+    loaded.model.eval()
+    collator = PairCollator(loaded, config.max_length, "dpo", cache)
+    chosen, rejected = [], []
+    rows = dataset.select_columns(list(PREFERENCE_COLUMNS)).rename_column("question", "prompt")
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    with torch_threads(config.num_threads):
+        for start in range(0, len(rows), config.eval_batch_size):
+            batch = collator([rows[i] for i in range(start, min(start + config.eval_batch_size, len(rows)))])
+            mask = batch.pop("completion_mask")
+            logits = loaded.model(**batch).logits[:, :-1].float()
+            targets = batch["input_ids"][:, 1:]
+            logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+            total = (logp * mask[:, 1:]).sum(1)
+            c, r = total.chunk(2)
+            chosen.append(c)
+            rejected.append(r)
+    loaded.model.train(was_training)
+    return PairLogProbs(torch.cat(chosen).numpy(), torch.cat(rejected).numpy())
+
+
+def reward_margins(policy: PairLogProbs, reference: PairLogProbs, beta: float) -> np.ndarray:
+    """DPO's implicit reward margin per pair: beta * ((pi_c - ref_c) - (pi_r - ref_r))."""
+    return beta * ((policy.chosen - reference.chosen) - (policy.rejected - reference.rejected))
+
+
+def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = None) -> LoadedModel:
+    """``model`` itself if loaded, else the checkpoint folder loaded in its family (read from ``config.json``)."""
+    if not isinstance(model, str | os.PathLike):
+        return model  # a LoadedModel (or a stand-in with model, processor and family)
+    return load_model(family or model_family(model), model)
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _trainer_args(config: AlignConfig, seed: int, output_dir: str, n_rows: int) -> dict[str, Any]:
+    """Table 4 -> transformers/TRL arguments (no evaluation split during training: the sweep
+    scores every model on the benchmark instead)."""
+    return {
+        "output_dir": output_dir,
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.epochs,
+        "max_steps": config.max_steps if config.max_steps is not None else -1,
+        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "lr_scheduler_type": config.lr_scheduler_type,
+        "warmup_steps": config.warmup_steps,
+        "weight_decay": config.weight_decay,
+        "max_length": config.max_length,
+        "seed": seed,
+        "data_seed": seed,
+        "bf16": config.bf16,
+        "activation_checkpointing": False,  # TRL turns it on by default; these models are tiny
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": False,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "logging_steps": max(1, n_rows),  # no per-step logs; the mean training loss comes with the TrainOutput
+        "disable_tqdm": True,
+    }
+
+
+def _progress_callback(desc: str) -> Any:
+    from transformers import TrainerCallback
+
+    class _Bar(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.bar = tqdm(total=state.max_steps, desc=desc, leave=False)
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.bar.update(1)
+
+        def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.bar.close()
+
+    return _Bar()
+
+
+def finetune(
+    model_dir: str | os.PathLike,
+    train_dataset: datasets.Dataset,
+    *,
+    config: AlignConfig,
+    seed: int,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    family: str | None = None,
+    cache: EncodeCache | None = None,
+) -> Path:
+    """Fine-tune the checkpoint in ``model_dir`` on ``train_dataset`` and save it to ``out_dir``.
+
+    ``config.method == "dpo"``: TRL's ``DPOTrainer`` (sigmoid loss, ``config.beta``) against an
+    explicit reference model, a second copy loaded from ``model_dir`` and frozen
+    (``requires_grad=False``, eval mode). ``"sft"``: TRL's ``SFTTrainer`` on the chosen answers
+    (loss on answer tokens only). Chameleon's VQ image tokenizer stays frozen, as in its training;
+    TRL's fused LM head normalises over the whole vocabulary while Chameleon's forward masks the
+    image-code logits, so only the normaliser differs (no answer holds an image code).
+    Deterministic given ``seed`` (it fixes the data order; nothing is initialised at random)
+    with ``config.num_threads`` torch threads. The result is a ``save_pretrained`` folder (safetensors,
+    processor, ``align.json`` with the config, seed, rows and training loss) written to a temporary
+    folder and renamed to ``out_dir``; an existing ``out_dir`` is replaced. ``cache``: see
+    :class:`PairCollator`.
+    """
+    from transformers.trainer_callback import PrinterCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    check_preference(train_dataset, where="finetune: train_dataset")
+    family = family or model_family(model_dir)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with (
+        torch_threads(config.num_threads),
+        tempfile.TemporaryDirectory(dir=out_dir.parent) as work,
+        warnings.catch_warnings(),
+    ):
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        torch.manual_seed(seed)
+        policy = load_model(family, model_dir)
+        if family == "chameleon":
+            policy.model.model.vqmodel.requires_grad_(False)
+        policy.model.train()
+        args = _trainer_args(config, seed, str(Path(work) / "trainer"), len(train_dataset))
+        rows = train_dataset.select_columns(list(PREFERENCE_COLUMNS)).rename_column("question", "prompt")
+        rows = rows.cast_column("image", datasets.Image(decode=False))  # the collator decodes on a cache miss
+        # TRL is used through its extension points only, no subclass: an explicit frozen ref_model
+        # and our data_collator (PairCollator: TRL's vision collator drops BOS and appends
+        # Chameleon's separator token, so its sequences are not the ones these models learned).
+        if config.method == "dpo":
+            reference = load_model(family, model_dir)
+            reference.model.requires_grad_(False)
+            reference.model.eval()
+            trainer = DPOTrainer(
+                model=policy.model,
+                ref_model=reference.model,
+                args=DPOConfig(**args, beta=config.beta, loss_type=["sigmoid"], precompute_ref_log_probs=False),
+                data_collator=PairCollator(reference, config.max_length, "dpo", cache),
+                train_dataset=rows,
+                processing_class=policy.processor,
+            )
+        else:
+            rows = rows.remove_columns("rejected").rename_column("chosen", "completion")
+            trainer = SFTTrainer(
+                model=policy.model,
+                args=SFTConfig(**args, packing=False, completion_only_loss=True),
+                data_collator=PairCollator(policy, config.max_length, "sft", cache),  # VQ encoder frozen
+                train_dataset=rows,
+                processing_class=policy.processor,
+            )
+        trainer.remove_callback(PrinterCallback)
+        if progress:
+            trainer.add_callback(_progress_callback(f"{config.method} {out_dir.name}"))
+        output = trainer.train()
+        tmp_dir = Path(work) / "model"
+        policy.model.eval()
+        policy.model.save_pretrained(tmp_dir)
+        policy.processor.save_pretrained(tmp_dir)
+        record = {
+            "method": config.method,
+            "seed": seed,
+            "n_train": len(train_dataset),
+            "steps": trainer.state.global_step,
+            "train_loss": float(output.training_loss),
+            "seconds": round(time.perf_counter() - start, 3),
+            "base_model": str(model_dir),
+            "config": config_dict(config),
+        }
+        (tmp_dir / "align.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    return out_dir
+
+
+def config_dict(config: AlignConfig) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    return json.loads(json.dumps(data))

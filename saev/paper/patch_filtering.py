@@ -1,0 +1,517 @@
+"""Section 3.2 of the paper and Appendix C: image patch filtering with SAE-V (notebook 03; Figs. 5, 6,
+12, 13 and the feature gallery).
+
+| stage (``python -m saev.paper``) | function | result |
+|---|---|---|
+| ``weights`` | :func:`cross_modal_stats` | omega_k (Alg. 1) and every feature's top tokens |
+| ``patch-filter`` | :func:`patch_filter_experiment` | Fig. 6 accuracies, Fig. 5/12/13 case images |
+
+Patch scores are Alg. 4-7 (``saev.patches``); where a token sits on the image comes from the
+model's adapter (``LoadedModel.image_layout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor
+
+from saev.cache import atomic_save_safetensors, atomic_write_text, code_fingerprint, model_fingerprint, params_hash
+from saev.config import ActivationConfig, ConfigError
+from saev.metrics import normalize_answer
+from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads
+from saev.paper.data import DataSlice, data_slice, interleaved_sample, load_role
+from saev.paper.profile import PipelineConfig, Profile, as_profile
+from saev.paper.sae_training import SAERun, make_store
+from saev.patches import PatchMethod, mask_image, patch_scores, views_to_patch_scores
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from PIL import Image
+
+    from saev.models import LoadedModel
+    from saev.sae import SparseAutoencoder
+    from saev.scoring import KeptTokens
+
+__all__ = [
+    "METHOD_LABELS",
+    "PATCH_METHODS",
+    "AnswerFn",
+    "CaseImages",
+    "ClassificationTask",
+    "CrossModalStats",
+    "GalleryFeature",
+    "PatchFilterResult",
+    "accuracy_under_masking",
+    "classification_patch_scores",
+    "classification_task",
+    "cross_modal_stats",
+    "feature_gallery",
+    "fig06_table",
+    "generate_answer_fn",
+    "patch_cases",
+    "patch_filter_experiment",
+    "rank_answer_fn",
+]
+
+PATCH_METHODS: tuple[PatchMethod, ...] = ("l0", "l1", "cooccurrence", "cosine")
+"""Alg. 4-7, in the order of Fig. 6 and Fig. 12."""
+
+METHOD_LABELS: dict[str, str] = {
+    "l0": "L0",
+    "l1": "L1",
+    "cooccurrence": "co-occurring L0",
+    "cosine": "cosine similarity score",
+    "random": "random",
+}
+"""Legend labels of Figs. 6 and 12 (the paper's method names)."""
+
+
+# ----------------------------------------------------------------------------- omega_k (notebook 03)
+
+
+@dataclass(frozen=True)
+class CrossModalStats:
+    """Alg. 1 stages 1-2 over D_s: omega_k and the top tokens of every feature, with where they are."""
+
+    weights: Tensor
+    """omega_k of every feature (Eq. 7), float32 (n_features,)."""
+    kept: KeptTokens
+    """Per feature, the top-K text then top-K image tokens (``FeatureStats.kept_tokens``)."""
+    positions: Tensor
+    """Position in its sample's input of every row fed to the accumulator (index with ``kept.rows_FS``)."""
+    sample_rows: Tensor
+    """Row of the interleaved training slice of every sample of D_s (index with ``kept.samples_FS``)."""
+
+
+def cross_modal_stats(
+    profile: str | Path | Profile,
+    runs: dict[str, SAERun],
+    *,
+    model: str | None = None,
+    progress: bool = False,
+) -> CrossModalStats:
+    """omega_k (Alg. 1 stages 1-2) of ``model``'s SAE-V over D_s, ``weight_samples`` seeded random
+    interleaved training documents; cached in ``artifacts/<profile>/weights/<sae>-<hash>.safetensors``."""
+    from safetensors.torch import load_file
+
+    from saev.evaluate import weight_subset
+    from saev.models import Modality
+    from saev.scoring import FeatureStats, KeptTokens
+
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    model = model or cfg.transfer_mllm
+    spec = profile.models[model]
+    run = runs[f"{model}-saev"]
+    data = data_slice(profile, "interleaved", "train", cfg)
+    params = {
+        "sae": run.path.name, "data": data.fingerprint, "n": cfg.weight_samples, "seed": profile.seed,
+        "top_k": cfg.top_k, "delta": cfg.delta, "hook_layer": spec.hook_layer, "context": spec.context_size,
+        "code": code_fingerprint(*EVAL_CODE),
+    }  # fmt: skip
+    path = profile.artifacts_path / "weights" / f"{run.path.name}-{params_hash(params)[:12]}.safetensors"
+    if not path.is_file():
+        with torch_threads(cfg.num_threads), torch.inference_mode():
+            sae = run.load()
+            loaded = load_profile_model(profile, model)
+            subset = weight_subset(len(data.rows), cfg.weight_samples, profile.seed).tolist()
+            sliced = DataSlice(data.name, data.rows.select(subset), params_hash([data.fingerprint, subset]))
+            store = make_store(
+                loaded, sliced, hook_layer=spec.hook_layer, context_size=spec.context_size,
+                act_cfg=ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size), cache_root=None,
+                seed=profile.seed, require_images=True, progress=progress,
+            )  # fmt: skip
+            stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta)
+            positions = []
+            for record in store.iter_token_batches():
+                hidden = record.hidden_ND.float()
+                is_image = record.modality_N == Modality.IMAGE
+                stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N)
+                positions.append(record.position_N)
+            kept = stats.kept_tokens()
+            tensors = {"weights": stats.weights(), "positions": torch.cat(positions),
+                       "sample_rows": torch.tensor(subset),
+                       **{f"kept.{k}": v.contiguous() for k, v in kept._asdict().items()}}  # fmt: skip
+            atomic_save_safetensors(path, tensors)
+    t = load_file(str(path))
+    kept = KeptTokens(*(t[f"kept.{k}"] for k in KeptTokens._fields))
+    return CrossModalStats(t["weights"], kept, t["positions"], t["sample_rows"])
+
+
+# ----------------------------------------------------------------------------- patch filtering (notebook 03)
+
+
+def classification_patch_scores(
+    loaded: LoadedModel,
+    sae: SparseAutoencoder,
+    images: Sequence[Image.Image],
+    *,
+    question: str,
+    hook_layer: int,
+    context_size: int,
+    weights: Tensor,
+    delta: float,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Tensor:
+    """Alg. 4-7 patch scores of every image, mapped onto its patch grid: float32 (n_images, 4, cells).
+
+    Each image goes in with the fixed prompt ``question`` (``chat_sample(family, question, "",
+    (image,))``, H = M(T, V) in Alg. 4-7); the SAE-V encodes its real tokens; every method of
+    ``PATCH_METHODS`` scores the image tokens, and :func:`saev.patches.views_to_patch_scores`
+    maps them onto the grid of :func:`image_layout` (LLaVA-NeXT: base view and tiles averaged).
+    All images must have the same size.
+    """
+    from saev.activations import ActivationStore
+    from saev.models import Modality, chat_sample
+
+    sizes = {(im.height, im.width) for im in images}
+    if len(sizes) != 1:
+        raise ValueError(f"all images must have one size, got {sorted(sizes)}")
+    layout = loaded.image_layout(sizes.pop())
+    samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
+    store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size,
+                            cfg=ActivationConfig(store_batch_size_prompts=batch_size), require_images=True,
+                            progress=progress)  # fmt: skip
+    out = []
+    with torch.inference_mode():
+        for i, record in enumerate(store.iter_samples()):
+            z = sae.encode(record.hidden_ND.float())
+            is_image = record.modality_N == Modality.IMAGE
+            if int(is_image.sum()) != layout.n_tokens:
+                raise RuntimeError(
+                    f"image {i}: {int(is_image.sum())} image tokens, the layout expects {layout.n_tokens}"
+                )
+            per_method = [
+                patch_scores(z, is_image, method=m, weights=weights, delta=delta) for m in PATCH_METHODS
+            ]
+            per_method = [views_to_patch_scores(token_scores, layout) for token_scores in per_method]
+            out.append(torch.stack(per_method))
+    return torch.stack(out)
+
+
+def _random_scores(n_cells: int, seed: int, index: int) -> Tensor:
+    """The random baseline's patch scores of image ``index`` under ``seed`` (independent per pair)."""
+    return torch.rand(n_cells, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+
+
+AnswerFn = Callable[[list["Image.Image"]], list[str]]
+"""Maps images (with the fixed prompt implied) to the model's answers."""
+
+
+def accuracy_under_masking(
+    answer_fn: AnswerFn,
+    images: Sequence[Image.Image],
+    references: Sequence[str],
+    scores: Tensor,
+    *,
+    grid: tuple[int, int],
+    keep_fractions: Sequence[float],
+    methods: Sequence[str] = PATCH_METHODS,
+    random_seeds: int = 3,
+    n_subsets: int = 1,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Fig. 6: exact-match accuracy of ``answer_fn`` on images masked to each kept fraction.
+
+    ``scores`` (n_images, len(methods), rows * cols) are patch scores per method; "random"
+    draws seeded uniform scores (``random_seeds`` seeds). Kept fraction 1.0 is the unmasked
+    image (method "original"). Answers match when their
+    ``normalize_answer`` forms are equal. The images are split into ``n_subsets`` contiguous
+    subsets for error bars. Returns one row per (method, keep_fraction, seed, subset) with
+    ``accuracy`` and ``n``.
+    """
+    import pandas as pd
+
+    n = len(images)
+    if scores.shape[:2] != (n, len(methods)) or len(references) != n:
+        raise ValueError(
+            f"need scores ({n}, {len(methods)}, cells) and {n} references, got {tuple(scores.shape)}"
+        )
+    subset_of = [i * n_subsets // n for i in range(n)]
+    conditions: list[tuple[str, float, int]] = [("original", 1.0, 0)]
+    conditions += [(m, f, 0) for m in methods for f in keep_fractions]
+    conditions += [("random", f, s) for f in keep_fractions for s in range(random_seeds)]
+    queue: list[Image.Image] = []
+    for method, fraction, seed in conditions:
+        for i, image in enumerate(images):
+            if method == "original":
+                queue.append(image)
+                continue
+            if method == "random":
+                ranking = _random_scores(grid[0] * grid[1], seed, i)
+            else:
+                ranking = scores[i, methods.index(method)]
+            queue.append(mask_image(image, ranking, fraction, grid))
+    answers: list[str] = []
+    for start in range(0, len(queue), batch_size):
+        answers += answer_fn(queue[start : start + batch_size])
+    correct = torch.tensor(
+        [normalize_answer(a) == normalize_answer(references[k % n]) for k, a in enumerate(answers)]
+    )
+    rows = []
+    for c, (method, fraction, seed) in enumerate(conditions):
+        hits = correct[c * n : (c + 1) * n]
+        for subset in range(n_subsets):
+            members = torch.tensor([s == subset for s in subset_of])
+            accuracy = float(hits[members].float().mean())
+            rows.append({"method": method, "keep_fraction": fraction, "seed": seed, "subset": subset,
+                         "accuracy": accuracy, "n": int(members.sum())})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def generate_answer_fn(loaded: LoadedModel, question: str, *, max_new_tokens: int) -> AnswerFn:
+    """``answer_fn`` that greedy-decodes the answer to ``question`` about each image, with the
+    benchmark's decoder (``saev.models.greedy_answers``: key-value cache, right padding, each row
+    as if alone)."""
+    from saev.models import chat_sample, greedy_answers
+
+    def answer(images: list[Image.Image]) -> list[str]:
+        samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
+        return greedy_answers(loaded, samples, max_new_tokens, batch_size=max(len(samples), 1))
+
+    return answer
+
+
+def rank_answer_fn(loaded: LoadedModel, question: str, candidates: Sequence[str]) -> AnswerFn:
+    """``answer_fn`` that returns, per image, the candidate answer with the lowest mean per-token
+    loss after ``chat_sample(family, question, "", (image,))`` (closed-set classification)."""
+    from saev.metrics import lm_cross_entropy
+    from saev.models import chat_sample
+
+    @torch.inference_mode()
+    def answer(images: list[Image.Image]) -> list[str]:
+        prompts = loaded.build_inputs([chat_sample(loaded.family, question, "", (im,)) for im in images],
+                                      context_size=1 << 20)  # fmt: skip
+        prompt_len = prompts["attention_mask"].sum(1)
+        losses = torch.empty(len(images), len(candidates))
+        for c, cand in enumerate(candidates):
+            full = loaded.build_inputs([chat_sample(loaded.family, question, cand, (im,)) for im in images],
+                                       context_size=1 << 20)  # fmt: skip
+            length = full["attention_mask"].sum(1)
+            pos = torch.arange(full["input_ids"].shape[1])
+            target = (pos[None, :] >= prompt_len[:, None]) & (pos[None, :] < length[:, None])
+            logits = loaded.model(**full, use_cache=False).logits
+            losses[:, c] = lm_cross_entropy(logits, full["input_ids"], target, reduction="sample").cpu()
+        return [candidates[int(i)] for i in losses.argmin(1)]
+
+    return answer
+
+
+@dataclass(frozen=True)
+class PatchFilterResult:
+    """Fig. 6 and the material of Figs. 5, 12 and 13."""
+
+    accuracy: pd.DataFrame
+    """One row per (method, keep_fraction, seed, subset): accuracy and n (:func:`accuracy_under_masking`)."""
+    scores: Tensor
+    """Patch scores (n_images, len(PATCH_METHODS), cells) on the grid ``grid``."""
+    grid: tuple[int, int]
+    """(rows, cols) of the patch grid the scores live on."""
+    rows: list[int]
+    """Rows of the classification set that were scored."""
+
+
+class ClassificationTask(NamedTuple):
+    """Fig. 6's classification: the fixed prompt, the class answers, and the scored images."""
+
+    question: str
+    candidates: list[str]
+    """The answer of each class, in label order (the closed set of ``answer_mode="rank"``)."""
+    images: list[Image.Image]
+    references: list[str]
+    """The correct answer of each image."""
+    rows: list[int]
+    """Rows of the classification set that were scored."""
+
+
+def classification_task(profile: Profile, cfg: PipelineConfig) -> ClassificationTask:
+    """The world's 10-class task (``CLASSIFICATION_QUESTION``, ``class_answer``), or for a
+    profile without a world its ImageNet subset: class names from the ``label`` ClassLabel,
+    the prompt from ``pipeline.classification_question``."""
+    ds, _ = load_role(profile, "classification")
+    rows = list(range(min(cfg.classification_samples, len(ds))))
+    part = ds.select(rows)
+    if profile.world is not None:
+        from saev.paper.world import classification_prompt
+
+        world_question, candidates = classification_prompt()
+        question = cfg.classification_question or world_question
+    else:
+        if cfg.classification_question is None:
+            raise ConfigError(f"{profile.source}: set pipeline.classification_question (the fixed prompt of Fig. 6)")
+        names = getattr(ds.features["label"], "names", None)
+        if not names:
+            raise ConfigError(f"{profile.data_path('classification')}: 'label' has no class names (need a ClassLabel)")
+        question, candidates = cfg.classification_question, list(names)
+    images = [im.convert("RGB") for im in part["image"]]
+    return ClassificationTask(question, candidates, images, [candidates[y] for y in part["label"]], rows)
+
+
+def patch_filter_experiment(
+    profile: str | Path | Profile, runs: dict[str, SAERun], *, progress: bool = False
+) -> PatchFilterResult:
+    """Section 3.2 (Fig. 6): classify the world's 10-class images with the MLLM after keeping
+    75/50/25% of the patches ranked by each SAE-V method (Alg. 4-7) or at random.
+
+    The MLLM (``transfer_mllm``, LLaVA-NeXT's role) answers ``CLASSIFICATION_QUESTION`` about
+    each masked image (``answer_mode``); an answer is correct when it equals
+    ``class_answer(label)`` after ``normalize_answer``. The cosine method uses omega_k from
+    :func:`cross_modal_stats`. Scores and accuracies are cached under ``artifacts/<profile>/patches``.
+    """
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    model = cfg.transfer_mllm
+    spec = profile.models[model]
+    run = runs[f"{model}-saev"]
+    stats = cross_modal_stats(profile, runs, model=model, progress=progress)
+    task = classification_task(profile, cfg)
+    images, references, rows = task.images, task.references, task.rows
+    params = {
+        "sae": run.path.name, "model": model_fingerprint(profile.model_path(model)),
+        "weights": params_hash(stats.weights.tolist()), "rows": rows, "cfg": cfg,
+        "question": task.question, "candidates": task.candidates, "hook_layer": spec.hook_layer, "context": spec.context_size,
+        "code": code_fingerprint(*EVAL_CODE),
+    }  # fmt: skip
+    key = params_hash(params)[:12]
+    out_dir = profile.artifacts_path / "patches"
+    scores_path, acc_path = out_dir / f"scores-{key}.safetensors", out_dir / f"accuracy-{key}.csv"
+    with torch_threads(cfg.num_threads):
+        loaded = load_profile_model(profile, model)
+        grid = loaded.image_layout((images[0].height, images[0].width)).grid
+        if not scores_path.is_file():
+            scores = classification_patch_scores(
+                loaded, run.load(), images, question=task.question, hook_layer=spec.hook_layer,
+                context_size=spec.context_size, weights=stats.weights, delta=cfg.delta,
+                batch_size=cfg.eval_batch_size, progress=progress,
+            )  # fmt: skip
+            atomic_save_safetensors(scores_path, {"scores": scores})
+        scores = load_file(str(scores_path))["scores"]
+        if not acc_path.is_file():
+            if cfg.answer_mode == "rank":
+                answer_fn = rank_answer_fn(loaded, task.question, task.candidates)
+            else:
+                answer_fn = generate_answer_fn(
+                    loaded, task.question, max_new_tokens=cfg.max_new_tokens
+                )
+            accuracy = accuracy_under_masking(
+                answer_fn, images, references, scores, grid=grid, keep_fractions=cfg.keep_fractions,
+                random_seeds=cfg.random_seeds, n_subsets=cfg.n_subsets, batch_size=cfg.eval_batch_size,
+            )  # fmt: skip
+            atomic_write_text(acc_path, accuracy.to_csv(index=False))
+    return PatchFilterResult(accuracy=pd.read_csv(acc_path), scores=scores, grid=grid, rows=rows)
+
+
+def fig06_table(accuracy: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Fig. 6 as a table: mean accuracy per method (rows) at 100% (the unmasked image) and each
+    kept fraction (columns), rounded."""
+    means = accuracy.groupby(["method", "keep_fraction"])["accuracy"].mean()
+    methods = [*PATCH_METHODS, "random"]
+    table = means.drop("original").unstack("keep_fraction").reindex(methods)
+    table = table[sorted(table.columns, reverse=True)]
+    table.insert(0, 1.0, float(means["original"].iloc[0]))
+    table.columns = [f"{round(100 * f)}%" for f in table.columns]
+    return table.rename(index=METHOD_LABELS).round(digits)
+
+
+class CaseImages(NamedTuple):
+    """One case of Figs. 5, 12 and 13: the original image and its masked versions."""
+
+    row: int
+    """Row of the classification set."""
+    original: Image.Image
+    """The unmasked image."""
+    masked: dict[str, list[Image.Image]]
+    """Per method, the image at each kept fraction (in ``keep_fractions`` order)."""
+
+
+def patch_cases(
+    profile: str | Path | Profile, result: PatchFilterResult, *, n_cases: int | None = None
+) -> list[CaseImages]:
+    """The first ``n_cases`` scored images masked by every method at every kept fraction (Figs. 5, 12, 13)."""
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    images = classification_task(profile, cfg).images
+    cases = []
+    for i in range(min(n_cases or cfg.n_cases, len(images))):
+        masked = {m: [mask_image(images[i], result.scores[i, j], f, result.grid) for f in cfg.keep_fractions]
+                  for j, m in enumerate(PATCH_METHODS)}  # fmt: skip
+        cases.append(CaseImages(row=result.rows[i], original=images[i], masked=masked))
+    return cases
+
+
+# ----------------------------------------------------------------------------- feature gallery (notebook 03)
+
+
+class GalleryFeature(NamedTuple):
+    """One strongly cross-modal feature: its weight and its top text and image tokens."""
+
+    feature: int
+    """Feature index."""
+    omega: float
+    """Its cross-modal weight omega_k (Eq. 7)."""
+    texts: list[tuple[str, str, str, float]]
+    """Top text tokens as (context before, token, context after, activation)."""
+    images: list[tuple[Image.Image, Tensor, tuple[int, int], float]]
+    """Top image tokens as (image, patch heat on the grid (cells,), grid, activation)."""
+
+
+def feature_gallery(
+    profile: str | Path | Profile, runs: dict[str, SAERun], stats: CrossModalStats, *, context_tokens: int = 6
+) -> list[GalleryFeature]:
+    """The ``gallery_features`` features with the largest omega_k, each with its top text tokens in
+    context and its top image tokens located on their images (the patch a token covers; for
+    LLaVA-NeXT, base-view and tile tokens both map onto the image's patch grid)."""
+    from saev.models import Modality
+
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    model = cfg.transfer_mllm
+    spec = profile.models[model]
+    loaded = load_profile_model(profile, model)
+    tokenizer = loaded.tokenizer
+    data = data_slice(profile, "interleaved", "train", cfg)
+    order = torch.sort(stats.weights, descending=True, stable=True).indices[: cfg.gallery_features]
+    k = stats.kept.rows_FS.shape[1] // 2  # text slots, then image slots
+    gallery = []
+    for f in order.tolist():
+        texts, images = [], []
+        for slot in range(2 * k):
+            row = int(stats.kept.rows_FS[f, slot])
+            if row < 0 or len(texts if slot < k else images) >= cfg.gallery_examples:
+                continue
+            data_row = int(stats.sample_rows[int(stats.kept.samples_FS[f, slot])])
+            sample = interleaved_sample(data.rows[data_row])
+            inputs = loaded.build_inputs([sample], context_size=spec.context_size)
+            ids = inputs["input_ids"][0]
+            position = int(stats.positions[row])
+            value = float(stats.kept.values_FS[f, slot])
+            if slot < k:
+                window = ids[max(0, position - context_tokens) : position + 1 + context_tokens].tolist()
+                at = min(position, context_tokens)
+                before = tokenizer.decode(window[:at], skip_special_tokens=True)
+                token = tokenizer.decode(window[at : at + 1])
+                after = tokenizer.decode(window[at + 1 :], skip_special_tokens=True)
+                texts.append((before, token, after, value))
+            else:
+                is_image = loaded.token_modality(inputs)[0] == Modality.IMAGE
+                image_positions = is_image.nonzero().squeeze(1).tolist()
+                index = image_positions.index(position)
+                image = sample.images[0]
+                layout = loaded.image_layout((image.height, image.width))
+                image = sample.images[index // layout.n_tokens]
+                one_hot = torch.zeros(layout.n_tokens)
+                one_hot[index % layout.n_tokens] = 1.0
+                images.append((image, views_to_patch_scores(one_hot, layout), layout.grid, value))
+        gallery.append(GalleryFeature(f, float(stats.weights[f]), texts, images))
+    return gallery
+
+

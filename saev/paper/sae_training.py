@@ -1,0 +1,293 @@
+"""Section 3.1 of the paper: SAE and SAE-V training and their reconstruction (notebooks 01-02;
+Table 1, Figs. 3-4, the training curves).
+
+| stage (``python -m saev.paper``) | function | result |
+|---|---|---|
+| ``saes`` | :func:`train_saes` | SAE (text corpus) and SAE-V (interleaved) per model |
+| ``reconstruction`` | :func:`evaluate_reconstruction` | Table 1, Fig. 3, Fig. 4 numbers |
+
+Results are cached under ``artifacts/<profile>/`` by the hash of everything that made them
+(``saev.paper.common``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from saev.cache import atomic_write_json, cached_json, code_fingerprint, model_fingerprint, params_hash
+from saev.config import ActivationConfig, TrainConfig
+from saev.paper.common import EVAL_CODE, SAE_CODE, load_profile_model, pipeline_config_for, torch_threads
+from saev.paper.data import TO_SAMPLE, DataSlice, data_slice
+from saev.paper.profile import PipelineConfig, Profile, as_profile
+from saev.paper.world import prepare_world
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from saev.models import LoadedModel
+    from saev.sae import SparseAutoencoder
+
+__all__ = [
+    "RECONSTRUCTION_FIELDS",
+    "SAE_KINDS",
+    "SAE_LABELS",
+    "SAERun",
+    "TASK_LABELS",
+    "evaluate_reconstruction",
+    "load_history",
+    "make_store",
+    "table1_l0",
+    "train_one_sae",
+    "train_saes",
+    "training_history",
+]
+
+SAE_KINDS: dict[str, str] = {"sae": "text", "saev": "interleaved"}
+"""SAE kind -> the data set it is trained on: "sae" the text corpus (the Pile's role),
+"saev" the interleaved documents (Obelics' role)."""
+
+SAE_LABELS: dict[str, str] = {"sae": "SAE", "saev": "SAE-V"}
+"""How the paper names each kind."""
+
+
+# ----------------------------------------------------------------------------- SAE training (notebook 01)
+
+
+@dataclass(frozen=True)
+class SAERun:
+    """One trained SAE of a profile: an SAE (text data) or SAE-V (multimodal data) of one model."""
+
+    model: str
+    """Model name in the profile (e.g. "llava-next")."""
+    kind: str
+    """"sae" (trained on the text corpus) or "saev" (trained on interleaved documents)."""
+    path: Path
+    """Folder ``artifacts/<profile>/saes/<model>-<kind>-<hash>``: the SAE, ``history.csv`` and
+    ``pipeline.json`` (its params; written last, so its presence marks a finished run)."""
+
+    @property
+    def name(self) -> str:
+        """``"<model>-<kind>"``, the key of :func:`train_saes`' result."""
+        return f"{self.model}-{self.kind}"
+
+    @property
+    def label(self) -> str:
+        """Legend label, e.g. "llava-next SAE-V"."""
+        return f"{self.model} {SAE_LABELS[self.kind]}"
+
+    def load(self) -> SparseAutoencoder:
+        """The trained autoencoder."""
+        from saev.sae import SparseAutoencoder
+
+        return SparseAutoencoder.from_pretrained(self.path)
+
+
+def make_store(
+    loaded: LoadedModel, data: DataSlice, *, hook_layer: int, context_size: int, act_cfg: ActivationConfig,
+    cache_root: Path | None, seed: int, require_images: bool, progress: bool,
+) -> Any:
+    from saev.activations import ActivationStore
+
+    return ActivationStore(
+        loaded, data.rows, hook_layer=hook_layer, context_size=context_size, cfg=act_cfg,
+        to_sample=TO_SAMPLE[data.name], require_images=require_images, cache_root=cache_root,
+        dataset_fingerprint=data.fingerprint, seed=seed, progress=progress,
+    )  # fmt: skip
+
+
+def train_one_sae(
+    model_dir: Path,
+    data: DataSlice,
+    *,
+    family: str,
+    model: str,
+    kind: str,
+    hook_layer: int,
+    context_size: int,
+    train_cfg: TrainConfig,
+    act_cfg: ActivationConfig,
+    saes_dir: Path,
+    seed: int,
+    dtype: str = "float32",
+    progress: bool = False,
+) -> SAERun:
+    """Train (or reuse) the SAE of the ``family`` checkpoint in ``model_dir`` on ``data`` at
+    ``hook_layer``, in ``saes_dir/<model>-<kind>-<hash>``.
+
+    The hash covers the checkpoint, the data rows, hook layer, context size, the training and
+    activation configs, the seed and the code of the modules that train (:func:`code_fingerprint`).
+    A folder with ``pipeline.json`` is finished and returned without loading the model; an
+    interrupted one resumes from its newest checkpoint (``train_sae(resume=True)``). Activations
+    are cached on disk (``saes_dir/../activations``), so the passes after the first one read
+    shards instead of running the model.
+    """
+    from saev.models import load_model
+    from saev.train import train_sae
+
+    params = {
+        "model": model_fingerprint(Path(model_dir)), "family": family, "dtype": dtype, "kind": kind,
+        "data": data.fingerprint, "hook_layer": hook_layer, "context_size": context_size, "train": train_cfg,
+        "store": {"n_batches_in_buffer": act_cfg.n_batches_in_buffer,
+                  "store_batch_size_prompts": act_cfg.store_batch_size_prompts},
+        "seed": seed, "code": code_fingerprint(*SAE_CODE),
+    }  # fmt: skip
+    key = params_hash(params)
+    out_dir = saes_dir / f"{model}-{kind}-{key[:12]}"
+    run = SAERun(model=model, kind=kind, path=out_dir)
+    if (out_dir / "pipeline.json").is_file():
+        return run
+    loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device)
+    store = make_store(
+        loaded, data, hook_layer=hook_layer, context_size=context_size,
+        act_cfg=dataclasses.replace(act_cfg, cache_activations=True),
+        cache_root=saes_dir.parent / "activations", seed=seed, require_images=kind == "saev",
+        progress=progress,
+    )  # fmt: skip
+    batches = store.training_batches(train_cfg.train_batch_size_tokens, n_passes=None)
+    train_sae(batches, train_cfg, out_dir=out_dir, resume=True, progress=progress)
+    atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params})
+    return run
+
+
+def _sae_plan(profile: Profile) -> list[tuple[str, str]]:
+    """(model, kind) pairs of notebook 01: every model gets an SAE; every multimodal one also an SAE-V."""
+    plan = []
+    for model, spec in profile.models.items():
+        plan.append((model, "sae"))
+        if spec.family != "causal_lm":
+            plan.append((model, "saev"))
+    return plan
+
+
+def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict[str, SAERun]:
+    """Notebook 01: train (or reuse) the SAE and SAE-V of every model of the profile (Section 3.1.1).
+
+    SAEs read the ``text`` corpus (the Pile's role), SAE-Vs the ``interleaved`` documents
+    (Obelics' role), both their first ``train_docs`` rows; the text LLM gets an SAE only.
+    Returns ``{"<model>-<kind>": SAERun}`` in the profile's model order.
+    """
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    prepare_world(profile, progress=progress)
+    runs: dict[str, SAERun] = {}
+    train_cfg = dataclasses.replace(profile.train, seed=profile.seed)
+    with torch_threads(cfg.num_threads):
+        for model, kind in _sae_plan(profile):
+            spec = profile.models[model]
+            data = data_slice(profile, SAE_KINDS[kind], "train", cfg)
+            run = train_one_sae(
+                profile.model_path(model), data, family=spec.family, model=model, kind=kind,
+                hook_layer=spec.hook_layer, context_size=spec.context_size,
+                train_cfg=train_cfg, act_cfg=profile.activations, saes_dir=profile.artifacts_path / "saes",
+                seed=profile.seed, dtype=spec.dtype, progress=progress,
+            )  # fmt: skip
+            runs[run.name] = run
+    return runs
+
+
+def load_history(run: SAERun) -> pd.DataFrame:
+    """The training history (``history.csv``: one row per step) of ``run``."""
+    import pandas as pd
+
+    return pd.read_csv(run.path / "history.csv")
+
+
+def training_history(runs: dict[str, SAERun]) -> pd.DataFrame:
+    """Long-form training curves of all runs: the ``history.csv`` columns plus ``sae`` (the run's label)."""
+    import pandas as pd
+
+    frames = [
+        load_history(run).assign(sae=run.label, model=run.model, kind=SAE_LABELS[run.kind])
+        for run in runs.values()
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------- reconstruction (notebook 02)
+
+
+RECONSTRUCTION_FIELDS = ("original", "spliced", "zero", "l0", "mse", "explained_variance", "n_tokens")
+
+
+def _reconstruction(
+    profile: Profile, cfg: PipelineConfig, runs: dict[str, SAERun], model: str, sae_name: str, data_name: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """``reconstruction_losses`` of SAE ``sae_name`` spliced into ``model`` on held-out ``data_name``."""
+    from saev.evaluate import reconstruction_losses
+
+    spec = profile.models[model]
+    run = runs[sae_name]
+    data = data_slice(profile, data_name, "eval", cfg)
+    params = {
+        "model": model_fingerprint(profile.model_path(model)), "sae": run.path.name, "data": data.fingerprint,
+        "hook_layer": spec.hook_layer, "context_size": spec.context_size, "batch_size": cfg.eval_batch_size,
+        "code": code_fingerprint(*EVAL_CODE),
+    }  # fmt: skip
+    path = profile.artifacts_path / "reconstruction" / f"{model}--{run.path.name}--{data_name}.json"
+
+    def compute() -> dict[str, Any]:
+        loaded = load_profile_model(profile, model)
+        result = reconstruction_losses(
+            loaded, run.load(), data.rows, hook_layer=spec.hook_layer, context_size=spec.context_size,
+            batch_size=cfg.eval_batch_size, to_sample=TO_SAMPLE[data_name], progress=progress,
+        )  # fmt: skip
+        return {f: getattr(result, f) for f in RECONSTRUCTION_FIELDS}
+
+    with torch_threads(cfg.num_threads):
+        return cached_json(path, compute, params)
+
+
+TASK_LABELS = {"text": "text", "interleaved": "text & vision"}
+"""Fig. 4's task names of the two data sets."""
+
+
+def evaluate_reconstruction(
+    profile: str | Path | Profile, runs: dict[str, SAERun], *, progress: bool = False
+) -> pd.DataFrame:
+    """Notebook 02: LM loss with each SAE spliced in, zero-ablated and unchanged, and L0 (Table 1, Figs. 3-4).
+
+    Rows with ``figure="fig03"``: every multimodal model with its own SAE and SAE-V on held-out
+    interleaved documents (Table 1 and Fig. 3). Rows with ``figure="fig04"``: the SAE of the
+    base LLM, the MLLM's SAE (text corpus) and its SAE-V, each spliced into the base LLM on
+    text and into the MLLM on text and on text & vision (transferability).
+    Columns: figure, model, sae (source label), method, task, then ``RECONSTRUCTION_FIELDS``.
+    """
+    import pandas as pd
+
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    rows = []
+
+    def add(figure: str, model: str, sae_name: str, method: str, data_name: str) -> None:
+        result = _reconstruction(profile, cfg, runs, model, sae_name, data_name, progress)
+        rows.append({"figure": figure, "model": model, "sae": runs[sae_name].label, "method": method,
+                     "task": TASK_LABELS[data_name], **result})  # fmt: skip
+
+    for model, spec in profile.models.items():
+        if spec.family == "causal_lm":
+            continue
+        for kind in ("sae", "saev"):
+            add("fig03", model, f"{model}-{kind}", SAE_LABELS[kind], "interleaved")
+    llm, mllm = cfg.transfer_llm, cfg.transfer_mllm
+    if llm is None:  # no base LLM in this profile: no Fig. 4
+        return pd.DataFrame(rows)
+    sources = [
+        (f"{llm}-sae", f"SAE ({llm})"),
+        (f"{mllm}-sae", f"SAE ({mllm}, text)"),
+        (f"{mllm}-saev", f"SAE-V ({mllm})"),
+    ]
+    for model, data_name in ((llm, "text"), (mllm, "text"), (mllm, "interleaved")):
+        for sae_name, method in sources:
+            add("fig04", model, sae_name, method, data_name)
+    return pd.DataFrame(rows)
+
+
+def table1_l0(reconstruction: pd.DataFrame, digits: int = 1) -> pd.DataFrame:
+    """Table 1: L0 of the SAE and SAE-V of every multimodal model on held-out multimodal data, rounded."""
+    fig3 = reconstruction[reconstruction["figure"] == "fig03"]
+    table = fig3[["model", "method", "l0"]].rename(columns={"model": "Model", "method": "Method", "l0": "L0"})
+    return table.assign(L0=table["L0"].round(digits)).reset_index(drop=True)

@@ -1,0 +1,85 @@
+"""saev.cache: cache keys, fingerprints and atomic writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from saev.cache import (
+    atomic_write_json,
+    atomic_write_text,
+    cached_json,
+    code_fingerprint,
+    model_fingerprint,
+    params_hash,
+)
+from saev.config import SAEConfig, TrainConfig
+
+
+def test_params_hash_is_stable_and_changes_with_params() -> None:
+    cfg = TrainConfig(sae=SAEConfig(d_in=8), lr_warm_up_steps=0, lr_decay_steps=0, total_training_steps=4)
+    a = {"train": cfg, "rows": (0, 10), "name": "text"}
+    b = {"name": "text", "rows": [0, 10], "train": cfg}  # same content, other order and sequence type
+    assert params_hash(a) == params_hash(b)
+    assert params_hash(a) != params_hash({**a, "rows": (0, 11)})
+    assert params_hash(a) != params_hash({**a, "train": dataclasses.replace(cfg, lr=1e-3)})
+
+
+def test_code_fingerprint_follows_the_source(tmp_path, monkeypatch) -> None:
+    module = tmp_path / "fingerprinted_module.py"
+    module.write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = code_fingerprint("fingerprinted_module", "saev.sae")
+    assert first == code_fingerprint("saev.sae", "fingerprinted_module")  # order-free
+    module.write_text("X = 2\n")
+    assert code_fingerprint("fingerprinted_module", "saev.sae") != first
+    with pytest.raises(ValueError, match="no source"):
+        code_fingerprint("sys")
+
+
+def test_cached_json_serves_second_call_from_disk(tmp_path) -> None:
+    calls = []
+
+    def compute() -> dict:
+        calls.append(1)
+        return {"loss": 1.5 + len(calls)}
+
+    path = tmp_path / "result.json"
+    first = cached_json(path, compute, {"a": 1})
+    second = cached_json(path, compute, {"a": 1})
+    assert first == second == {"loss": 2.5} and len(calls) == 1
+    third = cached_json(path, compute, {"a": 2})  # other params: computed afresh, file replaced
+    assert third == {"loss": 3.5} and len(calls) == 2
+    assert json.loads(path.read_text())["params"] == {"a": 2}
+
+
+def test_model_fingerprint_follows_the_weights_replaced_in_place(tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("causal_lm"), model_dir)
+    first = model_fingerprint(model_dir)
+    assert model_fingerprint(model_dir) == first  # stable while nothing changes
+    weights = next(model_dir.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, same name: only the content differs
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(0, 0))  # and an old modification time
+    assert model_fingerprint(model_dir) != first
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        model_fingerprint(tmp_path / "nowhere")
+
+
+def test_atomic_writes_leave_the_old_file_when_the_write_fails(tmp_path) -> None:
+    path = tmp_path / "sub" / "a.json"
+    atomic_write_json(path, {"b": 1, "a": (2, 3), "p": tmp_path})
+    assert json.loads(path.read_text()) == {"a": [2, 3], "b": 1, "p": str(tmp_path)}
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"bad": object()})
+    assert json.loads(path.read_text())["b"] == 1  # untouched
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]  # no temporary file left behind
+    atomic_write_text(path, "x")
+    assert path.read_text() == "x"

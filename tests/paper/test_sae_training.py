@@ -1,0 +1,80 @@
+"""Section 3.1's stages (``saev.paper.sae_training``) on tiny models and hand-made data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from saev.config import ActivationConfig, SAEConfig, TrainConfig
+from saev.paper.common import pipeline_config_for, write_table
+from saev.paper.data import DataSlice
+from saev.paper.profile import load_profile
+from saev.paper.sae_training import load_history, table1_l0, train_one_sae
+
+
+def _tiny_train_cfg(**changes) -> TrainConfig:
+    base = TrainConfig(
+        sae=SAEConfig(d_in=64, expansion_factor=2, l1_coefficient=1.0), lr=1e-3, lr_warm_up_steps=0,
+        lr_decay_steps=0, train_batch_size_tokens=16, total_training_steps=5, checkpoint_every=0,
+        feature_sampling_window=5, dead_feature_window=5,
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)
+
+
+def test_train_one_sae_caches_by_params(tmp_path, tiny_model_dir, monkeypatch) -> None:
+    rows = [{"text": "a red circle on the left of a blue square"}, {"text": "two small yellow stars"}] * 2
+    data = DataSlice("text", rows, "tiny-text-v1")
+    kwargs = dict(
+        family="causal_lm", model="lm", kind="sae", hook_layer=1, context_size=32,
+        act_cfg=ActivationConfig(n_batches_in_buffer=2, store_batch_size_prompts=2),
+        saes_dir=tmp_path / "saes", seed=0,
+    )  # fmt: skip
+    run = train_one_sae(tiny_model_dir("causal_lm"), data, train_cfg=_tiny_train_cfg(), **kwargs)
+    assert run.path.parent == tmp_path / "saes" and run.path.name.startswith("lm-sae-")
+    assert (run.path / "pipeline.json").is_file() and len(load_history(run)) == 5
+    assert run.load().d_sae == 128
+
+    def no_compute(*args, **kw):
+        raise AssertionError("a cached SAE must not load the model or train")
+
+    monkeypatch.setattr("saev.train.train_sae", no_compute)
+    monkeypatch.setattr("saev.models.load_model", no_compute)
+    again = train_one_sae(tiny_model_dir("causal_lm"), data, train_cfg=_tiny_train_cfg(), **kwargs)
+    assert again == run
+    with pytest.raises(AssertionError, match="must not"):  # other params: a new key, so it computes
+        train_one_sae(tiny_model_dir("causal_lm"), data, train_cfg=_tiny_train_cfg(lr=2e-3), **kwargs)
+    with pytest.raises(AssertionError, match="must not"):
+        train_one_sae(tiny_model_dir("causal_lm"), data._replace(fingerprint="other rows"),
+                      train_cfg=_tiny_train_cfg(), **kwargs)  # fmt: skip
+
+
+def test_table1_and_write_table(tmp_path) -> None:
+    import pandas as pd
+
+    rec = pd.DataFrame([
+        {"figure": "fig03", "model": "m", "method": "SAE", "l0": 12.345},
+        {"figure": "fig03", "model": "m", "method": "SAE-V", "l0": 7.0},
+        {"figure": "fig04", "model": "m", "method": "SAE", "l0": 99.0},
+    ])  # fmt: skip
+    table = table1_l0(rec)
+    assert table.to_dict("records") == [{"Model": "m", "Method": "SAE", "L0": 12.3},
+                                        {"Model": "m", "Method": "SAE-V", "L0": 7.0}]  # fmt: skip
+    profile = dataclasses.replace(load_profile("ci"), figures_dir=str(tmp_path / "figs"))
+    csv_path, md_path = write_table(table, profile, "table01_l0")
+    assert csv_path.read_text().splitlines() == ["Model,Method,L0", "m,SAE,12.3", "m,SAE-V,7.0"]
+    assert md_path.read_text().splitlines() == [
+        "| Model | Method | L0 |", "|---|---|---|", "| m | SAE | 12.3 |", "| m | SAE-V | 7.0 |",
+    ]  # fmt: skip
+
+
+def test_pipeline_config_comes_from_the_profile_and_is_validated() -> None:
+    ci = pipeline_config_for(load_profile("ci"))
+    assert (ci.train_docs, ci.weight_samples, ci.delta) == (180, 40, 0.1)  # params/ci.yaml's pipeline section
+    assert pipeline_config_for(load_profile("mini")).keep_fractions == (0.75, 0.5, 0.25)
+    with pytest.raises(ValueError, match="keep_fractions"):
+        dataclasses.replace(ci, keep_fractions=(1.5,))
+    with pytest.raises(ValueError, match="answer_mode"):
+        dataclasses.replace(ci, answer_mode="guess")
+    with pytest.raises(ValueError, match="add a 'pipeline:' section"):
+        pipeline_config_for(dataclasses.replace(load_profile("ci"), pipeline=None))
