@@ -39,6 +39,13 @@ def test_torch_is_pinned_everywhere():
     assert "torch==2.13.0" in constraints
 
 
+def test_jupyterlab_is_installed_to_open_the_notebooks():
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jupyterlab", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and int(out.stdout.strip().split(".")[0]) >= 4, out.stdout + out.stderr
+
+
 def test_installed_torch_is_the_pinned_one():
     import torch
 
@@ -113,3 +120,15 @@ def test_run_all_runs_notebooks_side_by_side_in_dependency_order(tmp_path: Path)
     jobs = subprocess.run(["bash", "run_all.sh", "--profile", "fake", "--jobs", "0"], cwd=tmp_path,
                           capture_output=True, text=True)  # fmt: skip
     assert jobs.returncode == 2 and "--jobs must be a positive number" in jobs.stderr
+
+
+def test_readme_example_uses_names_that_saev_exports():
+    import importlib.util
+
+    import saev
+
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"## Using `saev` directly\n+```python\n(.*?)```", readme, re.S).group(1)
+    used = {n for n in re.findall(r"\bsaev\.([A-Za-z_]+)\b", example) if importlib.util.find_spec(f"saev.{n}") is None}
+    assert {"load_model", "train_sae", "cross_modal_weights"} <= used
+    assert all(hasattr(saev, name) for name in used), sorted(n for n in used if not hasattr(saev, n))
