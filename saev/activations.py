@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from saev.cache import atomic_save_safetensors, atomic_write_json
+from saev.cache import atomic_save_safetensors, atomic_write_json, model_fingerprint
 from saev.config import ActivationConfig, ModelSpec
 from saev.models import LoadedModel, Modality, Sample
 
@@ -274,6 +274,8 @@ class ActivationStore:
         return {
             "version": CACHE_VERSION,
             "model_dir": str(Path(self.loaded.model_dir).resolve()),
+            # the weights too: a checkpoint replaced in place must not be served its predecessor's shards
+            "model": model_fingerprint(self.loaded.model_dir),
             "family": self.loaded.family,
             "hook_layer": self.hook_layer,
             "context_size": self.context_size,

@@ -100,7 +100,7 @@ FILTER_LABELS: dict[str, str] = {
 """Legend labels of Figs. 7, 9-11 (the paper's filter names)."""
 
 _ALIGN_DATA = ("preference_a", "preference_b", "benchmark")
-_SCORES_FORMAT = "saev.pipeline_align/scores-v1"  # how a pair becomes a Sample; part of the scores key
+_SCORES_FORMAT = "saev.pipeline_align/scores-v1"  # how a pair becomes a Sample; part of the scores key (not a module name)
 
 
 # ----------------------------------------------------------------------------- data

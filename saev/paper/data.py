@@ -371,7 +371,7 @@ def load_benchmark(path: str | os.PathLike) -> datasets.Dataset:
 # ----------------------------------------------------------------------------- a profile's data by role
 
 
-SAMPLE_FORMAT = "saev.pipeline/v1"  # how rows become Samples; part of every data fingerprint
+SAMPLE_FORMAT = "saev.pipeline/v1"  # how rows become Samples; part of every data fingerprint (a key, not a module name)
 
 
 def text_sample(row: dict[str, Any]) -> Sample:

@@ -298,6 +298,26 @@ def test_cache_key_depends_on_params(tiny_loaded, tmp_path):
     assert a.cache_dir != cache_dir(dataset_fingerprint="y")
 
 
+def test_cache_key_follows_the_weights_of_a_checkpoint_replaced_in_place(tiny_model_dir, make_image, tmp_path):
+    """Retraining a model into the same folder must not serve the old model's activations."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("causal_lm"), model_dir)
+    samples = _samples("causal_lm", make_image)
+    old = _store(load_model("causal_lm", model_dir), samples, cache_root=tmp_path / "cache", dataset_fingerprint="x")
+    old_rows = _cat(list(old.iter_token_batches())).hidden_ND
+    weights = next(model_dir.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    save_file({k: v * 1.5 if v.is_floating_point() else v for k, v in tensors.items()}, str(weights),
+              metadata={"format": "pt"})  # fmt: skip
+    new = _store(load_model("causal_lm", model_dir), samples, cache_root=tmp_path / "cache", dataset_fingerprint="x")
+    assert new.cache_dir != old.cache_dir
+    assert not torch.equal(_cat(list(new.iter_token_batches())).hidden_ND, old_rows)
+
+
 def test_cache_needs_root_and_fingerprint(tiny_loaded):
     lm = tiny_loaded("causal_lm")
     cfg = ActivationConfig(cache_activations=True)

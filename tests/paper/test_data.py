@@ -1,4 +1,4 @@
-"""saev.data loaders: the generated ShapesWorld branch and each real layout, on tiny fake folders."""
+"""saev.paper.data loaders: the generated ShapesWorld branch and each real layout, on tiny fake folders."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The LLaVA-Bench judge client (``saev.judge``) against a stub OpenAI-compatible server on loopback."""
+"""The LLaVA-Bench judge client (``saev.paper.judge``) against a stub OpenAI-compatible server on loopback."""
 
 from __future__ import annotations
 

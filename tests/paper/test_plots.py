@@ -1,4 +1,4 @@
-"""Figures of ``saev.plots``: what they draw (bar heights, groups, legends) and where they are written."""
+"""Figures of ``saev.paper.plots``: what they draw (bar heights, groups, legends) and where they are written."""
 
 from __future__ import annotations
 
