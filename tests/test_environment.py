@@ -91,10 +91,10 @@ def test_run_all_runs_notebooks_side_by_side_in_dependency_order(tmp_path: Path)
     venv.mkdir(parents=True)
     (tmp_path / ".venv" / ".saev-install-stamp").write_text(hashlib.sha256(b"extras=\n").hexdigest() + "\n")
     log = tmp_path / "events.log"
-    # A stand-in python: "-m saev.config" succeeds; "-m papermill ... NB OUT" logs start/end around a sleep.
+    # A stand-in python: "-m saev.paper check" succeeds; "-m papermill ... NB OUT" logs start/end around a sleep.
     (venv / "python").write_text(
         "#!/usr/bin/env bash\n"
-        '[ "$2" = saev.config ] && exit 0\n'
+        '[ "$2" = saev.paper ] && [ "$3" = check ] && exit 0\n'
         'nb=$(basename "$7" .ipynb); echo "start $nb" >> ' + str(log) + "\n"
         'case $nb in 04_d) sleep 1.5 ;; *) sleep 0.3 ;; esac\n'
         '[ "$nb" = "$FAIL_AT" ] && { echo "boom in $nb"; exit 3; }\n'
