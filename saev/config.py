@@ -26,6 +26,8 @@ __all__ = [
     "SAEConfig",
     "TrainConfig",
     "build_dataclass",
+    "check_non_negative",
+    "check_positive",
 ]
 
 DTypeName = Literal["float32", "float64", "float16", "bfloat16"]
@@ -65,7 +67,7 @@ class SAEConfig:
         return self.d_in * self.expansion_factor
 
     def __post_init__(self) -> None:
-        _check_positive(self, "d_in", "expansion_factor", "k")
+        check_positive(self, "d_in", "expansion_factor", "k")
         if self.l1_coefficient < 0:
             raise ConfigError(f"SAEConfig.l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if self.architecture == "topk" and self.k > self.d_sae:
@@ -110,8 +112,8 @@ class TrainConfig:
     """Torch device for the SAE."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "train_batch_size_tokens", "total_training_steps")
-        _check_non_negative(
+        check_positive(self, "lr", "train_batch_size_tokens", "total_training_steps")
+        check_non_negative(
             self,
             "lr_warm_up_steps",
             "lr_decay_steps",
@@ -144,8 +146,8 @@ class ModelSpec:
     """Dtype the model is loaded in."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "context_size")
-        _check_non_negative(self, "hook_layer")
+        check_positive(self, "context_size")
+        check_non_negative(self, "hook_layer")
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class ActivationConfig:
     """Torch device for the model forward passes."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "n_batches_in_buffer", "store_batch_size_prompts")
+        check_positive(self, "n_batches_in_buffer", "store_batch_size_prompts")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -269,13 +271,15 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _check_positive(obj: Any, *names: str) -> None:
+def check_positive(obj: Any, *names: str) -> None:
+    """Raise ``ConfigError`` naming the field of ``obj`` among ``names`` that is not > 0."""
     for n in names:
         if getattr(obj, n) <= 0:
             raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)}")
 
 
-def _check_non_negative(obj: Any, *names: str) -> None:
+def check_non_negative(obj: Any, *names: str) -> None:
+    """Raise ``ConfigError`` naming the field of ``obj`` among ``names`` that is < 0."""
     for n in names:
         if getattr(obj, n) < 0:
             raise ConfigError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)}")

@@ -27,9 +27,9 @@ from saev.config import (
     ConfigError,
     ModelSpec,
     TrainConfig,
-    _check_non_negative,
-    _check_positive,
     build_dataclass,
+    check_non_negative,
+    check_positive,
 )
 
 __all__ = [
@@ -255,10 +255,10 @@ class PipelineConfig:
     """Torch intra-op threads in every stage (fixed, so that CPU results are bit-reproducible)."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "train_docs", "eval_docs", "eval_batch_size", "weight_samples",
+        check_positive(self, "train_docs", "eval_docs", "eval_batch_size", "weight_samples",
                         "classification_samples", "n_subsets", "random_seeds", "top_k", "max_new_tokens",
                         "n_cases", "gallery_features", "gallery_examples", "num_threads")  # fmt: skip
-        _check_non_negative(self, "delta")
+        check_non_negative(self, "delta")
         if not all(0 < f < 1 for f in self.keep_fractions):
             raise ConfigError(f"PipelineConfig.keep_fractions must lie in (0, 1), got {self.keep_fractions}")
         if self.answer_mode not in ("rank", "generate"):
