@@ -111,16 +111,29 @@ def align_config_for(profile: Profile) -> AlignConfig:
     return profile.section("align")
 
 
-def _role(profile: Profile, name: str) -> tuple[datasets.Dataset, str]:
-    """Data set ``name`` of the alignment experiment and its fingerprint: the world's (generated with
-    the other alignment sets on first use) or the profile's local copy (``saev.paper.data.load_role``)."""
+def _role(profile: Profile, name: str) -> datasets.Dataset:
+    """Data set ``name`` of the alignment experiment: the world's (generated with the other alignment
+    sets on first use) or the profile's local copy (``saev.paper.data.load_role``)."""
     if profile.world is not None:
         from saev.paper.world import world_preference_set
 
-        return world_preference_set(profile, name, also=_ALIGN_DATA)
+        return world_preference_set(profile, name, also=_ALIGN_DATA)[0]
     from saev.paper.data import load_role
 
-    return load_role(profile, name)
+    return load_role(profile, name)[0]
+
+
+def _role_key(profile: Profile, name: str) -> str:
+    """The fingerprint of data set ``name`` without loading it: the world set's ``dataset_hash``
+    or the local copy's ``path_fingerprint``."""
+    if profile.world is not None:
+        from saev.paper.world import world_dataset_key
+
+        return world_dataset_key(profile, name)
+    from saev.cache import path_fingerprint
+
+    profile.check_inputs(models=(), data=(name,))
+    return path_fingerprint(profile.data_path(name))
 
 
 def preference_data(profile: str | Path | Profile, pref_set: str) -> datasets.Dataset:
@@ -128,7 +141,7 @@ def preference_data(profile: str | Path | Profile, pref_set: str) -> datasets.Da
     profile = as_profile(profile)
     if pref_set not in PREFERENCE_SETS:
         raise ValueError(f"pref_set must be one of {sorted(PREFERENCE_SETS)}, got {pref_set!r}")
-    return _role(profile, PREFERENCE_SETS[pref_set])[0]
+    return _role(profile, PREFERENCE_SETS[pref_set])
 
 
 def preference_sample(family: str, row: dict[str, Any]) -> Sample:
@@ -143,7 +156,7 @@ def preference_sample(family: str, row: dict[str, Any]) -> Sample:
 
 
 def _data_fingerprint(profile: Profile, pref_set: str, rows: Sequence[int]) -> str:
-    source = _role(profile, PREFERENCE_SETS[pref_set])[1]
+    source = _role_key(profile, PREFERENCE_SETS[pref_set])
     return params_hash({"data": source, "rows": list(rows), "format": _SCORES_FORMAT})
 
 
@@ -456,7 +469,7 @@ def _align_code(profile: Profile) -> tuple[str, ...]:
 
 
 def _benchmark(profile: Profile) -> datasets.Dataset:
-    return _role(profile, "benchmark")[0]
+    return _role(profile, "benchmark")
 
 
 def filter_sweep(

@@ -32,6 +32,7 @@ __all__ = [
     "prepare_world",
     "train_world_models",
     "world_dataset",
+    "world_dataset_key",
     "world_preference_set",
     "world_model_report",
     "world_scores",
@@ -106,16 +107,21 @@ def prepare_world(profile: str | Path | Profile, *, progress: bool = False) -> d
     return train_world_models(profile, names=models, progress=progress)
 
 
-def world_dataset(profile: Profile, name: str) -> tuple[datasets.Dataset, str]:
-    """The generated world set ``name`` and its cache key (``dataset_hash``: the world config's fields it depends on)."""
-    import datasets
-
+def world_dataset_key(profile: Profile, name: str) -> str:
+    """The cache key of the world set ``name`` (``dataset_hash``: the world config's fields it depends on)."""
     from saev.shapesworld.datasets import dataset_hash
+
+    return dataset_hash(_world(profile), name)
+
+
+def world_dataset(profile: Profile, name: str) -> tuple[datasets.Dataset, str]:
+    """The generated world set ``name`` and its cache key (:func:`world_dataset_key`)."""
+    import datasets
 
     path = profile.data_path(name)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: the world's {name!r} set was not generated; run prepare_world first")
-    return datasets.load_from_disk(str(path)), dataset_hash(_world(profile), name)
+    return datasets.load_from_disk(str(path)), world_dataset_key(profile, name)
 
 
 def world_preference_set(profile: Profile, name: str, *, also: Sequence[str] = ()) -> tuple[datasets.Dataset, str]:
