@@ -71,6 +71,8 @@ __all__ = [
     "chat_sample",
     "check_sae_matches",
     "get_adapter",
+    "NO_TRUNCATION",
+    "cat_padded",
     "greedy_answers",
     "load_model",
     "model_family",
@@ -367,7 +369,7 @@ class Adapter:
         for key in sorted(keys):
             parts = [e.pixels[key] for e in encoded if key in e.pixels and len(e.pixels[key])]
             if parts:
-                data[key] = _cat_padded(parts)
+                data[key] = cat_padded(parts)
         return BatchFeature(data)
 
     def token_modality(self, inputs: BatchFeature, *, model: nn.Module, processor: Any) -> torch.Tensor:
@@ -643,7 +645,7 @@ def _truncate(e: _Encoded, context_size: int) -> _Encoded:
     return _Encoded(e.input_ids[:keep], e.image_spans[: len(kept)], pixels)
 
 
-def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along dim 0, zero-padding dim 1 (LLaVA-NeXT's per-image tile count) to the max."""
     if parts[0].dim() >= 2 and len({p.shape[1:] for p in parts}) > 1:
         n = max(p.shape[1] for p in parts)
@@ -656,7 +658,8 @@ def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- greedy decoding
 
 
-_BIG_CONTEXT = 1 << 20  # decoding never truncates a prompt
+NO_TRUNCATION = 1 << 20
+"""A ``context_size`` that truncates no prompt (decoding, fine-tuning, the world's training rows)."""
 
 
 @torch.no_grad()
@@ -688,7 +691,7 @@ def greedy_answers(
     out: list[str] = []
     batches = range(0, len(samples), max(batch_size, 1))
     for start in tqdm(batches, desc=desc, disable=not progress, **(bar or {})):
-        inputs = loaded.build_inputs(list(samples[start : start + batch_size]), context_size=_BIG_CONTEXT)
+        inputs = loaded.build_inputs(list(samples[start : start + batch_size]), context_size=NO_TRUNCATION)
         for new in decode(loaded, dict(inputs), max_new_tokens, eos=eos, pad=pad):
             out.append(tok.decode([t for t in new if t != eos], skip_special_tokens=True).strip())
     return out

@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 
 from saev.models import (
     IMAGE_PLACEHOLDER,
+    NO_TRUNCATION,
     LoadedModel,
+    cat_padded,
     chat_sample,
     load_model,
     model_family,
@@ -63,7 +65,6 @@ __all__ = [
 
 PREFERENCE_COLUMNS = ("image", "question", "chosen", "rejected")
 BENCHMARK_COLUMNS = ("image", "question", "answer", "category")
-_BIG_CONTEXT = 1 << 20
 
 
 # ----------------------------------------------------------------------------- data
@@ -188,7 +189,7 @@ class PairCollator:
             completion_mask[b, e.start : len(e.ids)] = 1
         out = {"input_ids": input_ids, "attention_mask": attention_mask}
         for key in encoded[0].pixels:
-            out[key] = _cat_padded([e.pixels[key] for e in encoded])
+            out[key] = cat_padded([e.pixels[key] for e in encoded])
         if self.mode == "dpo":
             out["completion_mask"] = completion_mask
         else:
@@ -207,7 +208,7 @@ class PairCollator:
         tok = tokenizer_of(loaded.processor)
         pil = _pil(image)
         enc = loaded.adapter.build_inputs(
-            loaded.processor, [chat_sample(loaded.family, question, answer, (pil,))], context_size=_BIG_CONTEXT
+            loaded.processor, [chat_sample(loaded.family, question, answer, (pil,))], context_size=NO_TRUNCATION
         )
         row = enc["input_ids"][0]
         start = self._answer_start(row, question, answer, pil)
@@ -241,7 +242,7 @@ class PairCollator:
             return len(row) - len(answer_ids)
         # Tokens merged across the prompt/answer boundary: the answer starts where the prompt alone ends.
         prompt = chat_sample(self.loaded.family, question, "", (image,))
-        prompt_ids = self.loaded.adapter.build_inputs(self.loaded.processor, [prompt], context_size=_BIG_CONTEXT)
+        prompt_ids = self.loaded.adapter.build_inputs(self.loaded.processor, [prompt], context_size=NO_TRUNCATION)
         p = prompt_ids["input_ids"][0].tolist()
         n = 0
         while n < min(len(p), len(row)) and p[n] == int(row[n]):
@@ -264,14 +265,6 @@ def _pil(image: Any) -> Any:
         pil = Image.open(io.BytesIO(data)) if data else Image.open(image["path"])
         return pil.convert("RGB")
     return image
-
-
-def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Concatenate along dim 0, zero-padding dim 1 (LLaVA-NeXT's per-image view count) to the longest."""
-    if parts[0].dim() >= 2 and len({p.shape[1:] for p in parts}) > 1:
-        n = max(p.shape[1] for p in parts)
-        parts = [torch.cat([p, p.new_zeros((p.shape[0], n - p.shape[1], *p.shape[2:]))], 1) for p in parts]
-    return torch.cat(parts, 0)
 
 
 # ----------------------------------------------------------------------------- log-probabilities

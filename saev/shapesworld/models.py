@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from saev.cache import atomic_write_json
-from saev.models import greedy_answers, pad_token_id
+from saev.models import NO_TRUNCATION, greedy_answers, pad_token_id
 from saev.shapesworld.config import StageConfig, WorldConfig, WorldModelsConfig
 from saev.shapesworld.resumable import (
     TrainingInterrupted,
@@ -103,7 +103,6 @@ DEPENDENCIES: dict[str, str] = {"llava-next": "text-lm", "anole": "chameleon"}
 """Model whose weights each model starts from."""
 
 _DATA_SETS = ("text", "captions", "vqa", "benchmark")
-_BIG_CONTEXT = 1 << 20
 
 
 # ----------------------------------------------------------------------------- config
@@ -940,7 +939,7 @@ def _encode_qa(
     ids, weights, pixels, sizes, turn_starts = [], [], [], [], []
     for c, chunk in enumerate(progress_bar(_chunks(rows, 256), desc=desc, disable=not progress)):
         samples = [chat_sample(loaded.family, r["question"], r["answer"], (r["image"],)) for r in chunk]
-        enc = loaded.adapter.build_inputs(loaded.processor, samples, context_size=_BIG_CONTEXT)
+        enc = loaded.adapter.build_inputs(loaded.processor, samples, context_size=NO_TRUNCATION)
         if loaded.family == "chameleon":
             codes = _image_codes(loaded.model, enc["pixel_values"])
         for b, r in enumerate(chunk):
@@ -997,7 +996,7 @@ def _encode_generation(loaded: Any, rows: Sequence[dict[str, Any]], progress: bo
     ids, weights = [], []
     for chunk in progress_bar(_chunks(rows, 256), desc="anole: encode images", disable=not progress):
         samples = [Sample(text=r["answer"] + IMAGE_PLACEHOLDER, images=(r["image"],)) for r in chunk]
-        enc = loaded.adapter.build_inputs(loaded.processor, samples, context_size=_BIG_CONTEXT)
+        enc = loaded.adapter.build_inputs(loaded.processor, samples, context_size=NO_TRUNCATION)
         codes = _image_codes(loaded.model, enc["pixel_values"])
         for b in range(len(chunk)):
             row = _fill_codes(enc["input_ids"][b][enc["attention_mask"][b].bool()], codes[b], loaded.model)

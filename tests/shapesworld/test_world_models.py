@@ -580,9 +580,11 @@ def test_llava_worker_waits_for_text_lm_and_stops_when_it_fails(tmp_path: Path) 
     )  # fmt: skip
     (models / "text-lm" / "train_config.json").write_text(json.dumps({"hash": "old"}))  # a stale model
 
-    def finish() -> None:
-        (models / "text-lm" / "eval.json").write_text("{}")
-        (models / "text-lm" / "train_config.json").write_text(json.dumps({"hash": "h1"}))
+    def finish() -> None:  # as the real worker does: each file appears whole (an atomic write)
+        from saev.cache import atomic_write_json
+
+        atomic_write_json(models / "text-lm" / "eval.json", {})
+        atomic_write_json(models / "text-lm" / "train_config.json", {"hash": "h1"})
 
     timer = threading.Timer(0.2, finish)
     timer.start()
