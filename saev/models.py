@@ -15,7 +15,8 @@ entry of ``output_hidden_states`` is after the final norm, the hook sees it befo
 
 Every token gets a ``Modality``: IMAGE tokens are
 - llava / llava_next: positions where ``input_ids == config.image_token_id`` (the processor
-  expands each ``<image>`` into one id per image feature, LLaVA-NeXT's newline features included);
+  expands each ``<image>`` into one id per image feature), except LLaVA-NeXT's ``image_newline``
+  row separators, which carry no patch and are SPECIAL (the paper semantics of DESIGN.md "Token sets");
 - chameleon: positions holding the ``<image>`` placeholder (the model swaps in VQ code
   embeddings there) or, for inputs that already hold VQ codes, ids in
   ``model.model.vocabulary_mapping.image_tokens``;
@@ -496,6 +497,36 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def _model_class(self) -> Any:
         return LlavaNextForConditionalGeneration
+
+    def token_modality(self, inputs: BatchFeature, *, model: nn.Module, processor: Any) -> torch.Tensor:
+        """As every family, but the ``image_newline`` token after each row of the high-resolution view is
+        SPECIAL: a learnt separator that carries no patch, not an image token of Alg. 1-7 (paper
+        semantics; the released scripts count it as image, DESIGN.md "Token sets")."""
+        modality_BT = super().token_modality(inputs, model=model, processor=processor)
+        sizes = inputs.get("image_sizes")
+        if sizes is None:
+            return modality_BT
+        layouts: dict[tuple[int, int], torch.Tensor] = {}
+        image = 0
+        for b in range(modality_BT.shape[0]):
+            positions = (modality_BT[b] == int(Modality.IMAGE)).nonzero().squeeze(1)
+            start = 0
+            while start < len(positions):
+                if image >= len(sizes):
+                    raise RuntimeError(f"row {b}: more image tokens than the {len(sizes)} images of the batch")
+                size = (int(sizes[image][0]), int(sizes[image][1]))
+                if size not in layouts:
+                    layouts[size] = self.image_layout(model, processor, size).separator_mask()
+                separators = layouts[size]
+                span = positions[start : start + len(separators)]
+                if len(span) != len(separators):
+                    raise RuntimeError(
+                        f"row {b}: image {image} has {len(span)} image tokens, its layout {len(separators)}"
+                    )
+                modality_BT[b, span[separators.to(span.device)]] = int(Modality.SPECIAL)
+                start += len(separators)
+                image += 1
+        return modality_BT
 
     def image_layout(self, model: nn.Module, processor: Any, image_size: tuple[int, int]) -> ImageLayout:
         """The base view ((s/p) x (s/p) patches of the resized whole image), then the high-resolution

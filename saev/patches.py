@@ -14,7 +14,7 @@ No dependency on ``transformers`` here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -26,10 +26,14 @@ from saev.scoring import keep_count
 __all__ = [
     "ImageLayout",
     "PatchMethod",
+    "TieBreak",
+    "TieReport",
     "ViewLayout",
+    "cooccurring_features",
     "mask_image",
     "patch_keep_mask",
     "patch_scores",
+    "tie_report",
     "views_to_patch_scores",
 ]
 
@@ -69,19 +73,75 @@ def patch_scores(
     return (counted.double() @ weights.to(z.device).double()).float()
 
 
-def patch_keep_mask(scores: Tensor, keep_fraction: float) -> Tensor:
+def cooccurring_features(z: Tensor, is_image: Tensor, *, delta: float = 1.0) -> Tensor:
+    """Bool (n_features,): the set F of Alg. 6 and 7, features active (> delta) on at least one text
+    and at least one image token of this input. Its size is what Figs. 6, 12 and 13 rest on: with
+    F empty every co-occurring and cosine patch score is 0."""
+    if z.ndim != 2 or is_image.shape != (z.shape[0],) or is_image.dtype != torch.bool:
+        raise ValueError(f"need z (N, n_features) and a bool is_image (N,), got {tuple(z.shape)}, "
+                         f"{tuple(is_image.shape)} {is_image.dtype}")
+    active_NF = z > delta
+    return active_NF[~is_image].any(0) & active_NF[is_image].any(0)
+
+
+TieBreak = Literal["random", "index"]
+"""How :func:`patch_keep_mask` orders equal scores: "random" (a seeded permutation; the default)
+or "index" (lower patch index first, as before; it turns a tie into a top-rows crop)."""
+
+
+def patch_keep_mask(
+    scores: Tensor, keep_fraction: float, *, seed: int = 0, ties: TieBreak = "random"
+) -> Tensor:
     """Bool mask of the floor(keep_fraction * n) best patches (Alg. 4-7's K = floor(gamma |I|)).
 
-    Ties go to the lower patch index; unlike ``select_top`` the count may be 0.
+    Patches with equal scores are ordered by a random permutation drawn from ``seed`` (the cell's
+    seed), so a tie never becomes a systematic crop (the paper leaves ties unspecified; the index
+    order of ``ties="index"`` kept the top rows of every all-zero image). Unlike ``select_top`` the
+    count may be 0. :func:`tie_report` says how many scores were tied at the cut.
     """
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
     if scores.is_floating_point() and torch.isnan(scores).any():
         raise ValueError("scores contain NaN")
-    count = keep_count(keep_fraction, scores.numel(), at_least_one=False)
-    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[torch.sort(scores, descending=True, stable=True).indices[:count]] = True
+    if ties not in ("random", "index"):
+        raise ValueError(f"ties must be 'random' or 'index', got {ties!r}")
+    n = scores.numel()
+    count = keep_count(keep_fraction, n, at_least_one=False)
+    keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if ties == "index":
+        keep[torch.sort(scores, descending=True, stable=True).indices[:count]] = True
+        return keep
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).to(scores.device)
+    order = perm[torch.sort(scores[perm], descending=True, stable=True).indices]
+    keep[order[:count]] = True
     return keep
+
+
+class TieReport(NamedTuple):
+    """How much of one image's ranking a tie decided (:func:`tie_report`)."""
+
+    all_equal: bool
+    """Every patch has the same score: the kept patches are a random draw."""
+    tied_at_cut: int
+    """Patches whose score equals the score at the cut (the K-th best), kept or not."""
+    decided_by_tie: int
+    """Kept patches chosen among those tied at the cut (0 when the cut falls between two scores)."""
+
+
+def tie_report(scores: Tensor, keep_fraction: float) -> TieReport:
+    """Whether :func:`patch_keep_mask`'s choice at ``keep_fraction`` was made by the scores or by the tie-break."""
+    if scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"scores must be 1-D and non-empty, got shape {tuple(scores.shape)}")
+    n = scores.numel()
+    count = keep_count(keep_fraction, n, at_least_one=False)
+    all_equal = bool((scores == scores[0]).all())
+    if count == 0:
+        return TieReport(all_equal, 0, 0)
+    cut = torch.sort(scores, descending=True).values[count - 1]
+    tied = int((scores == cut).sum())
+    above = int((scores > cut).sum())
+    decided = count - above if tied > count - above else 0  # all of the tied kept: the scores decided
+    return TieReport(all_equal, tied, decided)
 
 
 def mask_image(
@@ -91,6 +151,8 @@ def mask_image(
     grid: tuple[int, int],
     *,
     channels_first: bool | None = None,
+    seed: int = 0,
+    ties: TieBreak = "random",
 ) -> ImageLike:
     """Keep the best patches of ``image`` and set every other pixel to 0 in every channel.
 
@@ -100,14 +162,14 @@ def mask_image(
     come back as RGB), or an ndarray / tensor of shape (H, W), (H, W, C) or (C, H, W); the
     result has the same kind, dtype and layout.
     ``channels_first`` settles an ambiguous 3-D shape (default: the one dim of size 1/3/4,
-    else tensors are (C, H, W) and arrays (H, W, C)).
+    else tensors are (C, H, W) and arrays (H, W, C)). ``seed``/``ties``: :func:`patch_keep_mask`.
     """
     rows, cols = grid
     if scores.shape != (rows * cols,):
         raise ValueError(
             f"scores must have shape ({rows * cols},) for grid {grid}, got {tuple(scores.shape)}"
         )
-    keep_RC = patch_keep_mask(scores, keep_fraction).cpu().reshape(rows, cols)
+    keep_RC = patch_keep_mask(scores, keep_fraction, seed=seed, ties=ties).cpu().reshape(rows, cols)
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "RGB", "RGBA"):
             image = image.convert("RGB")  # e.g. a palette image, whose index 0 need not be black
@@ -177,6 +239,11 @@ class ViewLayout:
         rows, cols = self.grid
         return rows * (cols + int(self.newline_per_row))
 
+    @property
+    def n_patch_tokens(self) -> int:
+        """Tokens that carry a patch (``n_tokens`` without the row separators)."""
+        return self.grid[0] * self.grid[1]
+
 
 @dataclass(frozen=True)
 class ImageLayout:
@@ -195,7 +262,23 @@ class ImageLayout:
 
     @property
     def n_tokens(self) -> int:
+        """Every token of the image span, row separators included (what the processor writes)."""
         return sum(view.n_tokens for view in self.views)
+
+    @property
+    def n_patch_tokens(self) -> int:
+        """The tokens that carry a patch: the image tokens of Alg. 1-7 in the paper semantics."""
+        return sum(view.n_patch_tokens for view in self.views)
+
+    def separator_mask(self) -> Tensor:
+        """Bool (n_tokens,): True at the row separators (LLaVA-NeXT's image-newline tokens) of the span."""
+        parts = []
+        for view in self.views:
+            rows, cols = view.grid
+            row = torch.zeros(cols + int(view.newline_per_row), dtype=torch.bool)
+            row[cols:] = True
+            parts.append(row.repeat(rows))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def _overlap_matrix(n_out: int, n_view: int, lo: float, hi: float) -> Tensor:
@@ -213,12 +296,19 @@ def views_to_patch_scores(token_scores: Tensor, layout: ImageLayout) -> Tensor:
     Each view is resampled onto the common grid by area: an output cell takes the
     overlap-weighted mean of the view cells it overlaps. Views are then averaged per cell,
     each weighted by the fraction of the cell it covers (a plain mean where all views cover
-    the whole image). Returns float32 (rows * cols,) in row-major order, ready for
+    the whole image). ``token_scores`` hold one score per token of the span (``layout.n_tokens``,
+    separators included, their scores ignored) or per patch token (``layout.n_patch_tokens``, the
+    paper-semantics image tokens). Returns float32 (rows * cols,) in row-major order, ready for
     :func:`mask_image`; raises if some cell is covered by no view.
     """
+    if token_scores.shape == (layout.n_patch_tokens,) and layout.n_patch_tokens != layout.n_tokens:
+        full = torch.zeros(layout.n_tokens, dtype=token_scores.dtype, device=token_scores.device)
+        full[~layout.separator_mask().to(token_scores.device)] = token_scores
+        token_scores = full
     if token_scores.shape != (layout.n_tokens,):
         raise ValueError(
-            f"layout has {layout.n_tokens} image tokens, got scores of shape {tuple(token_scores.shape)}"
+            f"layout has {layout.n_tokens} image tokens ({layout.n_patch_tokens} without separators), "
+            f"got scores of shape {tuple(token_scores.shape)}"
         )
     out_rows, out_cols = layout.grid
     total = torch.zeros(out_rows, out_cols, dtype=torch.float64)

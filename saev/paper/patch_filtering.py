@@ -27,7 +27,7 @@ from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for
 from saev.paper.data import DataSlice, data_slice, interleaved_sample, load_role
 from saev.paper.profile import PipelineConfig, Profile, as_profile
 from saev.paper.sae_training import SAERun, make_store
-from saev.patches import PatchMethod, mask_image, patch_scores, views_to_patch_scores
+from saev.patches import PatchMethod, TieBreak, cooccurring_features, mask_image, patch_scores, tie_report, views_to_patch_scores
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,12 +46,15 @@ __all__ = [
     "CrossModalStats",
     "GalleryFeature",
     "PatchFilterResult",
+    "PatchScores",
     "accuracy_under_masking",
     "classification_patch_scores",
     "classification_task",
     "cross_modal_stats",
     "feature_gallery",
     "fig06_table",
+    "oracle_patch_scores",
+    "tie_table",
     "generate_answer_fn",
     "patch_cases",
     "patch_filter_experiment",
@@ -67,8 +70,10 @@ METHOD_LABELS: dict[str, str] = {
     "cooccurrence": "co-occurring L0",
     "cosine": "cosine similarity score",
     "random": "random",
+    "oracle": "object patches (oracle)",
 }
-"""Legend labels of Figs. 6 and 12 (the paper's method names)."""
+"""Legend labels of Figs. 6 and 12 (the paper's method names; "oracle" keeps the patches the class
+object covers first, the ceiling every filter is read against; not in the paper)."""
 
 
 # ----------------------------------------------------------------------------- omega_k (notebook 03)
@@ -146,6 +151,16 @@ def cross_modal_stats(
 # ----------------------------------------------------------------------------- patch filtering (notebook 03)
 
 
+class PatchScores(NamedTuple):
+    """Alg. 4-7 patch scores of a set of images and how many features Alg. 6 and 7 rest on."""
+
+    scores: Tensor
+    """float32 (n_images, len(PATCH_METHODS), cells): per method, the scores on the image's patch grid."""
+    n_cooccurring: Tensor
+    """int64 (n_images,): |F|, the features active on a text and an image token of each input (Alg. 6);
+    0 makes every co-occurring and cosine score of that image 0 (an all-equal ranking)."""
+
+
 def classification_patch_scores(
     loaded: LoadedModel,
     sae: SparseAutoencoder,
@@ -158,8 +173,8 @@ def classification_patch_scores(
     delta: float,
     batch_size: int = 8,
     progress: bool = False,
-) -> Tensor:
-    """Alg. 4-7 patch scores of every image, mapped onto its patch grid: float32 (n_images, 4, cells).
+) -> PatchScores:
+    """Alg. 4-7 patch scores of every image, mapped onto its patch grid (:class:`PatchScores`).
 
     Each image goes in with the fixed prompt ``question`` (``chat_sample(family, question, "",
     (image,))``, H = M(T, V) in Alg. 4-7); the SAE-V encodes its real tokens; every method of
@@ -178,21 +193,27 @@ def classification_patch_scores(
     store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size,
                             cfg=ActivationConfig(store_batch_size_prompts=batch_size), require_images=True,
                             progress=progress)  # fmt: skip
-    out = []
+    out, n_cooccurring = [], []
     with torch.inference_mode():
         for i, record in enumerate(store.iter_samples()):
             z = sae.encode(record.hidden_ND.float())
             is_image = record.modality_N == Modality.IMAGE
-            if int(is_image.sum()) != layout.n_tokens:
+            if int(is_image.sum()) not in (layout.n_tokens, layout.n_patch_tokens):
                 raise RuntimeError(
-                    f"image {i}: {int(is_image.sum())} image tokens, the layout expects {layout.n_tokens}"
+                    f"image {i}: {int(is_image.sum())} image tokens, the layout expects {layout.n_patch_tokens}"
                 )
+            n_cooccurring.append(int(cooccurring_features(z, is_image, delta=delta).sum()))
             per_method = [
                 patch_scores(z, is_image, method=m, weights=weights, delta=delta) for m in PATCH_METHODS
             ]
             per_method = [views_to_patch_scores(token_scores, layout) for token_scores in per_method]
             out.append(torch.stack(per_method))
-    return torch.stack(out)
+    return PatchScores(torch.stack(out), torch.tensor(n_cooccurring, dtype=torch.long))
+
+
+def _tie_seed(seed: int, index: int) -> int:
+    """The tie-break seed of image ``index`` in a run seeded ``seed`` (not the random baseline's draw)."""
+    return (seed * 1_000_003 + index) * 2 + 1
 
 
 def _random_scores(n_cells: int, seed: int, index: int) -> Tensor:
@@ -216,11 +237,15 @@ def accuracy_under_masking(
     random_seeds: int = 3,
     n_subsets: int = 1,
     batch_size: int = 64,
+    seed: int = 0,
+    ties: TieBreak = "random",
 ) -> pd.DataFrame:
     """Fig. 6: exact-match accuracy of ``answer_fn`` on images masked to each kept fraction.
 
     ``scores`` (n_images, len(methods), rows * cols) are patch scores per method; "random"
-    draws seeded uniform scores (``random_seeds`` seeds). Kept fraction 1.0 is the unmasked
+    draws seeded uniform scores (``random_seeds`` seeds). Equal scores of a method are ordered
+    at random, with image i's seed ``(seed, i)`` (``saev.patches.patch_keep_mask``; ``ties="index"``
+    keeps the lower patch index, the old top-rows crop). Kept fraction 1.0 is the unmasked
     image (method "original"). Answers match when their
     ``normalize_answer`` forms are equal. The images are split into ``n_subsets`` contiguous
     subsets for error bars. Returns one row per (method, keep_fraction, seed, subset) with
@@ -238,16 +263,16 @@ def accuracy_under_masking(
     conditions += [(m, f, 0) for m in methods for f in keep_fractions]
     conditions += [("random", f, s) for f in keep_fractions for s in range(random_seeds)]
     queue: list[Image.Image] = []
-    for method, fraction, seed in conditions:
+    for method, fraction, seed_ in conditions:
         for i, image in enumerate(images):
             if method == "original":
                 queue.append(image)
                 continue
             if method == "random":
-                ranking = _random_scores(grid[0] * grid[1], seed, i)
+                ranking = _random_scores(grid[0] * grid[1], seed_, i)
             else:
                 ranking = scores[i, methods.index(method)]
-            queue.append(mask_image(image, ranking, fraction, grid))
+            queue.append(mask_image(image, ranking, fraction, grid, seed=_tie_seed(seed, i), ties=ties))
     answers: list[str] = []
     for start in range(0, len(queue), batch_size):
         answers += answer_fn(queue[start : start + batch_size])
@@ -255,12 +280,12 @@ def accuracy_under_masking(
         [normalize_answer(a) == normalize_answer(references[k % n]) for k, a in enumerate(answers)]
     )
     rows = []
-    for c, (method, fraction, seed) in enumerate(conditions):
+    for c, (method, fraction, seed_) in enumerate(conditions):
         hits = correct[c * n : (c + 1) * n]
         for subset in range(n_subsets):
             members = torch.tensor([s == subset for s in subset_of])
             accuracy = float(hits[members].float().mean())
-            rows.append({"method": method, "keep_fraction": fraction, "seed": seed, "subset": subset,
+            rows.append({"method": method, "keep_fraction": fraction, "seed": seed_, "subset": subset,
                          "accuracy": accuracy, "n": int(members.sum())})  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -310,11 +335,17 @@ class PatchFilterResult:
     accuracy: pd.DataFrame
     """One row per (method, keep_fraction, seed, subset): accuracy and n (:func:`accuracy_under_masking`)."""
     scores: Tensor
-    """Patch scores (n_images, len(PATCH_METHODS), cells) on the grid ``grid``."""
+    """Patch scores (n_images, len(methods), cells) on the grid ``grid``."""
     grid: tuple[int, int]
     """(rows, cols) of the patch grid the scores live on."""
     rows: list[int]
     """Rows of the classification set that were scored."""
+    methods: tuple[str, ...] = PATCH_METHODS
+    """The methods of ``scores``: ``PATCH_METHODS``, then "oracle" where the data marks the object."""
+    n_cooccurring: Tensor | None = None
+    """|F| of Alg. 6 per image (:class:`PatchScores`)."""
+    seed: int = 0
+    """The run's seed: image i's ties are broken with ``_tie_seed(seed, i)``."""
 
 
 class ClassificationTask(NamedTuple):
@@ -328,6 +359,27 @@ class ClassificationTask(NamedTuple):
     """The correct answer of each image."""
     rows: list[int]
     """Rows of the classification set that were scored."""
+    object_cells: list[list[int]] | None = None
+    """Per image, the row-major cells of the patch grid that the class object covers (the world's
+    ``object_patches``); None for data that does not mark the object (ImageNet)."""
+
+
+def oracle_patch_scores(task: ClassificationTask, grid: tuple[int, int]) -> Tensor | None:
+    """The ceiling of Fig. 6: score 1 on the patches the class object covers, 0 elsewhere (n_images, cells);
+    ties among object patches and among background patches are broken at random like every method's.
+    None when the data does not mark the object."""
+    if task.object_cells is None:
+        return None
+    n_cells = grid[0] * grid[1]
+    out = torch.zeros(len(task.object_cells), n_cells)
+    for i, cells in enumerate(task.object_cells):
+        if cells and (min(cells) < 0 or max(cells) >= n_cells):
+            raise ValueError(
+                f"classification row {task.rows[i]}: object_patches {cells} do not fit the {grid[0]}x{grid[1]} "
+                "patch grid of the model's layout (set world.patch_size to the finest view's patch size)"
+            )
+        out[i, cells] = 1.0
+    return out
 
 
 def classification_task(profile: Profile, cfg: PipelineConfig) -> ClassificationTask:
@@ -350,7 +402,8 @@ def classification_task(profile: Profile, cfg: PipelineConfig) -> Classification
             raise ConfigError(f"{profile.data_path('classification')}: 'label' has no class names (need a ClassLabel)")
         question, candidates = cfg.classification_question, list(names)
     images = [im.convert("RGB") for im in part["image"]]
-    return ClassificationTask(question, candidates, images, [candidates[y] for y in part["label"]], rows)
+    cells = [list(c) for c in part["object_patches"]] if "object_patches" in part.column_names else None
+    return ClassificationTask(question, candidates, images, [candidates[y] for y in part["label"]], rows, cells)
 
 
 def patch_filter_experiment(
@@ -377,9 +430,9 @@ def patch_filter_experiment(
     images, references, rows = task.images, task.references, task.rows
     params = {
         "sae": run.path.name, "model": model_fingerprint(profile.model_path(model)),
-        "weights": params_hash(stats.weights.tolist()), "rows": rows, "cfg": cfg,
+        "weights": params_hash(stats.weights.tolist()), "rows": rows, "cfg": cfg, "seed": profile.seed,
         "question": task.question, "candidates": task.candidates, "hook_layer": spec.hook_layer, "context": spec.context_size,
-        "code": code_fingerprint(*EVAL_CODE),
+        "code": code_fingerprint(*EVAL_CODE, "saev.paper.patch_filtering"),
     }  # fmt: skip
     key = params_hash(params)[:12]
     out_dir = profile.artifacts_path / "patches"
@@ -388,13 +441,17 @@ def patch_filter_experiment(
         loaded = load_profile_model(profile, model)
         grid = loaded.image_layout((images[0].height, images[0].width)).grid
         if not scores_path.is_file():
-            scores = classification_patch_scores(
+            computed = classification_patch_scores(
                 loaded, run.load(), images, question=task.question, hook_layer=spec.hook_layer,
                 context_size=spec.context_size, weights=stats.weights, delta=cfg.delta,
                 batch_size=cfg.eval_batch_size, progress=progress,
             )  # fmt: skip
-            atomic_save_safetensors(scores_path, {"scores": scores})
-        scores = load_file(str(scores_path))["scores"]
+            atomic_save_safetensors(scores_path, computed._asdict())
+        saved = load_file(str(scores_path))
+        scores, methods = saved["scores"], PATCH_METHODS
+        oracle = oracle_patch_scores(task, grid)
+        if oracle is not None:
+            scores, methods = torch.cat([scores, oracle[:, None]], 1), (*PATCH_METHODS, "oracle")
         if not acc_path.is_file():
             if cfg.answer_mode == "rank":
                 answer_fn = rank_answer_fn(loaded, task.question, task.candidates)
@@ -404,17 +461,39 @@ def patch_filter_experiment(
                 )
             accuracy = accuracy_under_masking(
                 answer_fn, images, references, scores, grid=grid, keep_fractions=cfg.keep_fractions,
-                random_seeds=cfg.random_seeds, n_subsets=cfg.n_subsets, batch_size=cfg.eval_batch_size,
+                methods=methods, random_seeds=cfg.random_seeds, n_subsets=cfg.n_subsets,
+                batch_size=cfg.eval_batch_size, seed=profile.seed,
             )  # fmt: skip
             atomic_write_text(acc_path, accuracy.to_csv(index=False))
-    return PatchFilterResult(accuracy=pd.read_csv(acc_path), scores=scores, grid=grid, rows=rows)
+    return PatchFilterResult(accuracy=pd.read_csv(acc_path), scores=scores, grid=grid, rows=rows, methods=methods,
+                             n_cooccurring=saved["n_cooccurring"], seed=profile.seed)  # fmt: skip
+
+
+def tie_table(result: PatchFilterResult, keep_fractions: Sequence[float]) -> pd.DataFrame:
+    """How often the tie-break, not the scores, chose the kept patches: per method, the share of images
+    whose scores are all equal, and at each kept fraction the mean share of kept patches that were
+    drawn among patches tied at the cut (``saev.patches.tie_report``)."""
+    import pandas as pd
+
+    from saev.scoring import keep_count
+
+    rows = {}
+    for j, method in enumerate(result.methods):
+        reports = {f: [tie_report(result.scores[i, j], f) for i in range(len(result.scores))] for f in keep_fractions}
+        first = next(iter(reports.values()))
+        row = {"all-equal images": sum(r.all_equal for r in first) / len(first)}
+        for f, reps in reports.items():
+            kept = max(1, keep_count(f, result.scores.shape[2], at_least_one=False))
+            row[f"tie-drawn at {round(100 * f)}%"] = sum(r.decided_by_tie for r in reps) / (kept * len(reps))
+        rows[METHOD_LABELS.get(method, method)] = row
+    return pd.DataFrame.from_dict(rows, orient="index").round(3)
 
 
 def fig06_table(accuracy: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """Fig. 6 as a table: mean accuracy per method (rows) at 100% (the unmasked image) and each
     kept fraction (columns), rounded."""
     means = accuracy.groupby(["method", "keep_fraction"])["accuracy"].mean()
-    methods = [*PATCH_METHODS, "random"]
+    methods = [m for m in (*PATCH_METHODS, "random", "oracle") if m in set(accuracy["method"])]
     table = means.drop("original").unstack("keep_fraction").reindex(methods)
     table = table[sorted(table.columns, reverse=True)]
     table.insert(0, 1.0, float(means["original"].iloc[0]))
@@ -442,8 +521,9 @@ def patch_cases(
     images = classification_task(profile, cfg).images
     cases = []
     for i in range(min(n_cases or cfg.n_cases, len(images))):
-        masked = {m: [mask_image(images[i], result.scores[i, j], f, result.grid) for f in cfg.keep_fractions]
-                  for j, m in enumerate(PATCH_METHODS)}  # fmt: skip
+        masked = {m: [mask_image(images[i], result.scores[i, j], f, result.grid, seed=_tie_seed(result.seed, i))
+                      for f in cfg.keep_fractions]
+                  for j, m in enumerate(result.methods)}  # fmt: skip
         cases.append(CaseImages(row=result.rows[i], original=images[i], masked=masked))
     return cases
 

@@ -200,7 +200,7 @@ def plot_patch_filtering(accuracy: pd.DataFrame) -> Figure:
     subset, accuracy). Bars: mean over subsets (and seeds for "random"); error bars: one
     standard deviation over them; dashed line: the unmasked image (method "original").
     """
-    methods = [m for m in (*PATCH_METHODS, "random") if m in set(accuracy["method"])]
+    methods = [m for m in (*PATCH_METHODS, "random", "oracle") if m in set(accuracy["method"])]
     fractions = sorted({f for f in accuracy["keep_fraction"] if f < 1.0}, reverse=True)
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     width = 0.8 / len(methods)
@@ -209,7 +209,7 @@ def plot_patch_filtering(accuracy: pd.DataFrame) -> Figure:
         part = accuracy[accuracy["method"] == method]
         stats = part.groupby("keep_fraction")["accuracy"].agg(["mean", "std"]).reindex(fractions)
         x = np.arange(len(fractions)) + (i - (len(methods) - 1) / 2) * width
-        color = "0.6" if method == "random" else colors[i]
+        color = {"random": "0.6", "oracle": "0.25"}.get(method, colors[i])
         ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0.0), capsize=2, label=METHOD_LABELS[method],
                color=color, error_kw={"linewidth": 0.8})  # fmt: skip
     full = accuracy.loc[accuracy["method"] == "original", "accuracy"].mean()

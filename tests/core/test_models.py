@@ -147,10 +147,30 @@ def test_image_token_count_matches_expansion(family, size, tiny_loaded, tiny_spe
     inputs = lm.build_inputs([sample], context_size=1000)
     modality = lm.token_modality(inputs)
     expected = _expected_image_tokens(family, w, h, tiny_spec)
-    assert int((modality == Modality.IMAGE).sum()) == expected
+    layout = lm.image_layout((h, w))
+    assert layout.n_tokens == expected
+    # LLaVA-NeXT's image-newline separators are image ids but not image tokens (paper semantics)
+    assert int((modality == Modality.IMAGE).sum()) == layout.n_patch_tokens
     image_id = lm.model.config.image_token_id
     assert int((inputs["input_ids"] == image_id).sum()) == expected
     lm.model(**inputs)  # the model accepts the expansion (it checks tokens == features)
+
+
+@pytest.mark.parametrize("size", [s for s, _ in LLAVA_NEXT_COUNTS])
+def test_llava_next_newlines_are_special_at_each_row_end(size, tiny_loaded, make_image):
+    lm = tiny_loaded("llava_next")
+    w, h = size
+    inputs = lm.build_inputs([chat_sample("llava_next", "what is it?", "", images=(make_image(w, h),))],
+                             context_size=1000)  # fmt: skip
+    modality = lm.token_modality(inputs)[0]
+    span = (inputs["input_ids"][0] == lm.model.config.image_token_id).nonzero().squeeze(1)
+    layout = lm.image_layout((h, w))
+    base, tiles = layout.views
+    in_span = modality[span]
+    assert (in_span[: base.n_tokens] == Modality.IMAGE).all()  # the base view has no separators
+    rows, cols = tiles.grid
+    by_row = in_span[base.n_tokens :].reshape(rows, cols + 1)
+    assert (by_row[:, :cols] == Modality.IMAGE).all() and (by_row[:, cols] == Modality.SPECIAL).all()
 
 
 def test_llava_next_multi_image_counts(tiny_loaded, make_image):
@@ -159,7 +179,7 @@ def test_llava_next_multi_image_counts(tiny_loaded, make_image):
     images = tuple(make_image(w, h, i) for i, (w, h) in enumerate(sizes))
     sample = chat_sample("llava_next", "compare", "", images=images)
     inputs = lm.build_inputs([sample], context_size=1000)
-    expected = sum(dict(LLAVA_NEXT_COUNTS)[s] for s in sizes)
+    expected = sum(lm.image_layout((h, w)).n_patch_tokens for w, h in sizes)
     assert int((lm.token_modality(inputs) == Modality.IMAGE).sum()) == expected
     assert inputs["pixel_values"].shape[:2] == (2, 5)  # base + up to 4 tiles, padded to the max
 
@@ -287,7 +307,7 @@ def test_llava_next_layout_of_a_square_image_matches_the_model(tiny_loaded, make
     assert layout.grid == (4, 4) and layout.n_tokens == 16 + 4 * 5
     sample = chat_sample("llava_next", "what?", "", (make_image(32, 32),))
     inputs = loaded.build_inputs([sample], context_size=512)
-    assert int((loaded.token_modality(inputs) == Modality.IMAGE).sum()) == layout.n_tokens
+    assert int((loaded.token_modality(inputs) == Modality.IMAGE).sum()) == layout.n_patch_tokens == 16 + 4 * 4
 
 
 def test_llava_next_layout_of_a_wide_image(tiny_loaded, make_image) -> None:
@@ -296,7 +316,8 @@ def test_llava_next_layout_of_a_wide_image(tiny_loaded, make_image) -> None:
     assert [v.grid for v in layout.views] == [(4, 4), (4, 8)] and layout.grid == (4, 8)
     sample = chat_sample("llava_next", "what?", "", (make_image(64, 32),))  # PIL size is (width, height)
     inputs = loaded.build_inputs([sample], context_size=512)
-    assert int((loaded.token_modality(inputs) == Modality.IMAGE).sum()) == layout.n_tokens == 16 + 4 * 9
+    assert layout.n_tokens == 16 + 4 * 9
+    assert int((loaded.token_modality(inputs) == Modality.IMAGE).sum()) == layout.n_patch_tokens == 16 + 4 * 8
 
 
 def test_views_to_patch_scores_on_the_llava_next_layout(tiny_loaded) -> None:
@@ -306,6 +327,8 @@ def test_views_to_patch_scores_on_the_llava_next_layout(tiny_loaded) -> None:
     tiles = torch.cat([2 * a.reshape(4, 4), torch.full((4, 1), 1000.0)], dim=1).reshape(-1)  # newlines: 1000
     mapped = views_to_patch_scores(torch.cat([a, tiles]), layout)
     assert torch.allclose(mapped, 1.5 * a)  # mean of the two views; newline tokens ignored
+    # the same scores without the separators (paper-semantics image tokens) map identically
+    assert torch.equal(views_to_patch_scores(torch.cat([a, 2 * a]), layout), mapped)
     wide = loaded.image_layout((32, 64))
     base = torch.zeros(16)
     base[0] = 2.0  # base-view cell (0, 0) covers the two left-most high-resolution cells of row 0

@@ -13,9 +13,11 @@ from PIL import Image
 from saev.patches import (
     ImageLayout,
     ViewLayout,
+    cooccurring_features,
     mask_image,
     patch_keep_mask,
     patch_scores,
+    tie_report,
     views_to_patch_scores,
 )
 
@@ -62,8 +64,50 @@ def test_patch_scores_hand_case():
 @given(st.lists(st.sampled_from([0.0, 1.0, 1.0, 2.5, -1.0]), max_size=40),
        st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]))
 def test_patch_keep_mask_keeps_floor_count_with_ties_to_lower_index(scores, fraction):
-    keep = patch_keep_mask(torch.tensor(scores), fraction)
+    keep = patch_keep_mask(torch.tensor(scores), fraction, ties="index")
     assert keep.nonzero().squeeze(1).tolist() == ref.kept_patches(scores, fraction)
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from([0.0, 1.0, 1.0, 2.5, -1.0]), max_size=40),
+       st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 1.0]), st.integers(0, 50))
+def test_patch_keep_mask_random_ties_keep_the_same_scores(scores, fraction, seed):
+    # Random tie-breaking changes which of the tied patches are kept, never how many or which scores.
+    t = torch.tensor(scores)
+    keep = patch_keep_mask(t, fraction, seed=seed)
+    by_index = patch_keep_mask(t, fraction, ties="index")
+    assert int(keep.sum()) == int(by_index.sum())
+    assert sorted(t[keep].tolist()) == sorted(t[by_index].tolist())
+    assert torch.equal(keep, patch_keep_mask(t, fraction, seed=seed))  # seeded: reproducible
+
+
+def test_patch_keep_mask_breaks_an_all_equal_image_at_random_not_by_rows():
+    zeros = torch.zeros(64)
+    kept = [patch_keep_mask(zeros, 0.25, seed=s) for s in range(20)]
+    assert all(int(k.sum()) == 16 for k in kept)
+    top_rows = patch_keep_mask(zeros, 0.25, ties="index")
+    assert top_rows.nonzero().squeeze(1).tolist() == list(range(16))  # the old behaviour: a crop
+    assert sum(torch.equal(k, top_rows) for k in kept) == 0
+    # every patch is kept about a quarter of the time over seeds (mean 5 of 20; none never or always)
+    counts = torch.stack(kept).sum(0)
+    assert counts.max() < 20 and float(counts.float().mean()) == 5.0
+    with pytest.raises(ValueError, match="ties"):
+        patch_keep_mask(zeros, 0.5, ties="lowest")
+
+
+def test_tie_report_counts_ties_at_the_cut():
+    assert tie_report(torch.zeros(8), 0.5) == (True, 8, 4)
+    assert tie_report(torch.tensor([3.0, 2, 2, 2, 1, 0]), 0.5) == (False, 3, 2)  # 3 kept: 3.0 and 2 of the 2s
+    assert tie_report(torch.tensor([3.0, 2, 2, 1]), 0.75) == (False, 2, 0)  # both 2s kept: no tie decided
+    assert tie_report(torch.tensor([3.0, 2, 1, 0]), 0.0) == (False, 0, 0)
+
+
+def test_cooccurring_features_is_the_set_of_alg_6():
+    z = torch.tensor([[2.0, 0, 0], [3, 1.0, 0.5], [1.5, 4, 0]])
+    is_image = torch.tensor([False, True, True])
+    assert cooccurring_features(z, is_image).tolist() == [True, False, False]
+    assert int(cooccurring_features(z, is_image, delta=0.0).sum()) == 1  # f1 is 0 on the text row
+    assert not cooccurring_features(z[1:], is_image[1:]).any()  # no text token: F is empty
 
 
 def expected_masked(pixels_HWC: np.ndarray, keep_RC: np.ndarray) -> np.ndarray:
@@ -90,22 +134,22 @@ def test_mask_image_on_arrays_tensors_and_pil(h, w):
     want = expected_masked(pixels, KEEP_2x3)
     assert (want == 0).all(axis=2).sum() == h * w - (want != 0).all(axis=2).sum()
 
-    got_np = mask_image(pixels, SCORES_2x3, 0.5, (2, 3))
+    got_np = mask_image(pixels, SCORES_2x3, 0.5, (2, 3), ties="index")
     assert isinstance(got_np, np.ndarray) and got_np.dtype == np.uint8
     np.testing.assert_array_equal(got_np, want)
     assert (pixels != 0).all()  # the input is not modified
 
-    got_pil = mask_image(Image.fromarray(pixels), SCORES_2x3, 0.5, (2, 3))
+    got_pil = mask_image(Image.fromarray(pixels), SCORES_2x3, 0.5, (2, 3), ties="index")
     assert isinstance(got_pil, Image.Image) and got_pil.mode == "RGB"
     np.testing.assert_array_equal(np.array(got_pil), want)
 
     chw = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
-    got_t = mask_image(chw, SCORES_2x3, 0.5, (2, 3))
+    got_t = mask_image(chw, SCORES_2x3, 0.5, (2, 3), ties="index")
     assert isinstance(got_t, torch.Tensor) and got_t.shape == chw.shape and got_t.dtype == torch.float32
     np.testing.assert_array_equal((got_t.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), want)
 
     gray = pixels[..., 0]
-    np.testing.assert_array_equal(mask_image(gray, SCORES_2x3, 0.5, (2, 3)), want[..., 0])
+    np.testing.assert_array_equal(mask_image(gray, SCORES_2x3, 0.5, (2, 3), ties="index"), want[..., 0])
 
 
 def test_mask_image_keeps_exactly_floor_fraction_of_patches():

@@ -47,3 +47,33 @@ def test_accuracy_under_masking_checks_shapes() -> None:
     with pytest.raises(ValueError, match="scores"):
         accuracy_under_masking(_stub_answer, _stub_images(2), ["x", "y"], torch.zeros(2, 1, 4), grid=(2, 2),
                                keep_fractions=(0.5,), methods=("l0", "l1"))  # fmt: skip
+
+
+def test_oracle_scores_and_tie_table() -> None:
+    task = patch_filtering.ClassificationTask("q?", ["a", "b"], _stub_images(2), ["a", "b"], [0, 1], [[0], [1, 3]])
+    oracle = patch_filtering.oracle_patch_scores(task, (2, 2))
+    assert oracle.tolist() == [[1, 0, 0, 0], [0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="row 1: object_patches"):
+        patch_filtering.oracle_patch_scores(task._replace(object_cells=[[0], [9]]), (2, 2))
+    assert patch_filtering.oracle_patch_scores(task._replace(object_cells=None), (2, 2)) is None
+    scores = torch.stack([torch.zeros(2, 4), oracle], 1)  # method 0 all-equal, method 1 the oracle
+    result = patch_filtering.PatchFilterResult(None, scores, (2, 2), [0, 1], methods=("l0", "oracle"))
+    table = patch_filtering.tie_table(result, (0.5, 0.25))
+    assert table.loc["L0", "all-equal images"] == 1.0 and table.loc["L0", "tie-drawn at 50%"] == 1.0
+    # the oracle at 50%: image 0 keeps its object patch and draws 1 of 3 background ties; image 1 decides both
+    assert table.loc["object patches (oracle)", "tie-drawn at 50%"] == 0.25
+    assert table.loc["object patches (oracle)", "all-equal images"] == 0.0
+
+
+def test_ties_are_broken_by_the_run_seed_not_by_index() -> None:
+    # All-equal scores (an image with no co-occurring feature): the kept patch is drawn per image and seed.
+    n = 8
+    scores = torch.zeros(n, 1, 4)
+    runs = [accuracy_under_masking(_stub_answer, _stub_images(n), ["red square"] * n, scores, grid=(2, 2),
+                                   keep_fractions=(0.25,), methods=("l0",), random_seeds=1, seed=s)
+            for s in range(3)]  # fmt: skip
+    by_index = accuracy_under_masking(_stub_answer, _stub_images(n), ["red square"] * n, scores, grid=(2, 2),
+                                      keep_fractions=(0.25,), methods=("l0",), random_seeds=1, ties="index")  # fmt: skip
+    l0 = [float(r.loc[r["method"] == "l0", "accuracy"].iloc[0]) for r in runs]
+    assert float(by_index.loc[by_index["method"] == "l0", "accuracy"].iloc[0]) == 1.0  # top-left crop: always right
+    assert all(a < 1.0 for a in l0) and len(set(l0)) > 1  # a random quarter: right about 1 in 4
