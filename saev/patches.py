@@ -34,6 +34,7 @@ __all__ = [
     "patch_keep_mask",
     "patch_scores",
     "tie_report",
+    "token_cell_overlap",
     "views_to_patch_scores",
 ]
 
@@ -331,3 +332,18 @@ def views_to_patch_scores(token_scores: Tensor, layout: ImageLayout) -> Tensor:
     if (weight <= 0).any():
         raise ValueError("some cells of layout.grid are covered by no view")
     return (total / weight).reshape(-1).float().to(token_scores.device)
+
+
+def token_cell_overlap(layout: ImageLayout) -> Tensor:
+    """float32 (n_patch_tokens, rows * cols): the share of each patch token's area (in token order, row
+    separators skipped) that falls in each cell of ``layout.grid``; every row sums to 1. Tells which
+    tokens see a region of the image, e.g. an object's cells (``saev.paper.preconditions``)."""
+    out_rows, out_cols = layout.grid
+    parts = []
+    for view in layout.views:
+        rows, cols = view.grid
+        top, left, bottom, right = view.box
+        over_y = _overlap_matrix(out_rows, rows, top, bottom) / ((bottom - top) / rows)  # (out_rows, rows)
+        over_x = _overlap_matrix(out_cols, cols, left, right) / ((right - left) / cols)
+        parts.append(torch.einsum("Rr,Cc->rcRC", over_y, over_x).reshape(rows * cols, out_rows * out_cols))
+    return torch.cat(parts).float()

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFECT_RUNS",
     "FILTER_LABELS",
+    "ORACLE_FILTERS",
     "PREFERENCE_SETS",
     "SCORE_COLUMNS",
     "SWEEP_FILTERS",
@@ -56,6 +57,7 @@ __all__ = [
     "align_config_for",
     "correlation_summary",
     "defect_detection",
+    "difference",
     "defect_detection_runs",
     "defect_fraction",
     "defect_table",
@@ -96,6 +98,8 @@ FILTER_LABELS: dict[str, str] = {
     "l0_released": "L0 (released)",
     "ifd": "IFD",
     "random": "random",
+    "clean_first": "clean first (oracle)",
+    "defective_first": "defective first",
 }
 """Legend labels of Figs. 7, 9-11 (the paper's filter names)."""
 
@@ -177,8 +181,8 @@ def preference_scores(
 ) -> pd.DataFrame:
     """Per-pair ranking scores of preference set ``pref_set`` under ``model`` and its SAE-V (Section 4.1).
 
-    The pairs are the sweep's pool (the first ``align.pool_size`` rows), the data set D that the
-    filters rank. One row per pair (``row``, with the world's ``defect`` and ``category`` labels) and one column
+    The pairs are the sweeps' pools (the first ``align.pool_size`` rows, or with ``align.pool_per_seed``
+    one block per seed), the data set D that the filters rank. One row per pair (``row``, with the world's ``defect`` and ``category`` labels) and one column
     per :data:`SCORE_COLUMNS`: ``cosine`` (Alg. 1, the weights omega_k computed on a seeded subset
     D_s of ``weight_samples`` pairs of this set, as Alg. 1 samples D_s from the data it ranks),
     ``cooccurrence`` (Alg. 3), ``l0`` (Alg. 2), the same three in the released scripts' reading,
@@ -198,9 +202,11 @@ def preference_scores(
         raise ValueError(f"model {model!r} is a text-only LLM; preference pairs hold images")
     runs = train_saes(profile, progress=progress)
     run = runs[f"{model}-saev"]
+    from saev.paper.benchmark import sweep_pools
+
     data = preference_data(profile, pref_set)
-    pool = align_config_for(profile).pool_size
-    rows = list(range(len(data) if pool is None else min(pool, len(data))))
+    acfg = align_config_for(profile)
+    rows = list(range(max(r[-1] + 1 for r in sweep_pools(len(data), acfg, acfg.seeds).values())))
     data = data.select(rows)
     params = {
         "model": model_fingerprint(profile.model_path(model)), "sae": run.path.name,
@@ -240,7 +246,8 @@ def preference_scores(
 
     with torch_threads(cfg.num_threads):
         result = cached_json(path, compute, params)
-    frame = pd.DataFrame({"row": rows, "defect": data["defect"], "category": data["category"]})
+    labels = {c: data[c] for c in ("defect", "category") if c in data.column_names}  # the world's labels
+    frame = pd.DataFrame({"row": rows, **labels})
     for column in (*SCORE_COLUMNS, "ifd_raw"):
         frame[column] = np.asarray(result[column], dtype=np.float64)
     return frame
@@ -497,9 +504,10 @@ def filter_sweep(
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
     acfg = align_config_for(profile)
-    unknown = [f for f in filters if f not in ("cosine", "cooccurrence", "l0", "ifd", "random")]
+    known = ("cosine", "cooccurrence", "l0", "ifd", "random", *ORACLE_FILTERS)
+    unknown = [f for f in filters if f not in known]
     if unknown:
-        raise ValueError(f"unknown filter(s) {unknown}; known: cosine, cooccurrence, l0, ifd, random")
+        raise ValueError(f"unknown filter(s) {unknown}; known: {', '.join(known)}")
     spec = profile.models[model]
     scores = preference_scores(profile, model, pref_set, progress=progress)
     data = preference_data(profile, pref_set).select(range(len(scores)))
@@ -512,7 +520,12 @@ def filter_sweep(
         "code": code_fingerprint(*_align_code(profile), *EVAL_CODE), "version": _SWEEP_VERSION,
     }  # fmt: skip
     out_dir = profile.artifacts_path / "align" / "sweeps" / f"{model}--{pref_set}--{params_hash(params)[:12]}"
-    rankings = {f: None if f == "random" else scores[f].to_numpy(copy=True) for f in filters}
+    labelled = "defect" in scores.columns and scores["defect"].notna().all()
+    if acfg.oracle_rows and labelled:
+        filters = [*filters, *(f for f in ORACLE_FILTERS if f not in filters)]
+    elif any(f in ORACLE_FILTERS for f in filters) and not labelled:
+        raise ValueError(f"preference set {pref_set!r} has no 'defect' labels: the oracle filters need them")
+    rankings = {f: None if f == "random" else _ranking(scores, f) for f in filters}
     extra = None
     if cosine_metric:
         sae = run.load()
@@ -544,6 +557,18 @@ def filter_sweep(
         base=frame[frame["filter"] == "base"].reset_index(drop=True),
         model=model, pref_set=pref_set,
     )  # fmt: skip
+
+
+ORACLE_FILTERS: tuple[str, ...] = ("clean_first", "defective_first")
+"""Ground-truth rankings (not in the paper): every clean pair before every defective one, and the reverse;
+ties within each group broken with the cell's seed. Added to every sweep of a labelled set (``align.oracle_rows``)."""
+
+
+def _ranking(scores: pd.DataFrame, name: str) -> np.ndarray:
+    if name in ORACLE_FILTERS:
+        defective = (scores["defect"] != "none").to_numpy(dtype=np.float64)
+        return 1.0 - defective if name == "clean_first" else defective
+    return scores[name].to_numpy(copy=True)
 
 
 SWEEP_FILTERS: tuple[str, ...] = ("cosine", "cooccurrence", "l0", "random")
@@ -602,53 +627,95 @@ def sweep_table(result: SweepResult, digits: int = 1) -> pd.DataFrame:
     return table
 
 
+class Difference(NamedTuple):
+    """A filter's mean benchmark score minus the baseline's, averaged over the kept fractions, with its 95% CI."""
+
+    mean: float
+    """Mean over fractions of (filter's mean over seeds - baseline's)."""
+    low: float
+    """Lower end of the 95% confidence interval (t interval of the seed-to-seed variation)."""
+    high: float
+    """Upper end."""
+    wins: int
+    """Fractions at which the filter's mean is higher."""
+    n_fractions: int
+    """Fractions compared."""
+    se: float = float("nan")
+    """Standard error of ``mean`` (nan with one seed per cell)."""
+
+
+def difference(result: SweepResult, name: str, baseline: str = "random") -> Difference:
+    """:class:`Difference` of filter ``name`` against ``baseline`` over the sweep's fractions.
+
+    Per fraction the two means differ by d_f with standard error sqrt(s_a^2/n_a + s_b^2/n_b) over seeds;
+    the mean of the d_f has the root-sum-square of those errors over the number of fractions, and the
+    interval uses Student's t with the pooled degrees of freedom. One seed per cell gives no interval
+    (low = high = nan): the seed-to-seed spread is then unknown, not 0."""
+    from scipy import stats as st
+
+    cells = result.cells
+    if baseline not in set(cells["filter"]) or name not in set(cells["filter"]):
+        raise ValueError(f"the sweep has no cells of {name!r} and {baseline!r} to compare")
+    agg = cells.groupby(["filter", "fraction"])["score"].agg(["mean", "var", "count"])
+    own, ref = agg.loc[name], agg.loc[baseline].reindex(agg.loc[name].index)
+    d = own["mean"] - ref["mean"]
+    n_f = len(d)
+    mean = float(d.mean())
+    if (own["count"] < 2).any() or (ref["count"] < 2).any():
+        return Difference(mean, float("nan"), float("nan"), int((d > 0).sum()), n_f)
+    se = float(np.sqrt((own["var"] / own["count"] + ref["var"] / ref["count"]).sum()) / n_f)
+    dof = float((own["count"] + ref["count"] - 2).sum())
+    half = float(st.t.ppf(0.975, dof)) * se
+    return Difference(mean, mean - half, mean + half, int((d > 0).sum()), n_f, se)
+
+
 def filter_verdicts(
     result: SweepResult,
     baseline: str = "random",
     *,
     names: Sequence[str] | None = None,
     levels: bool = True,
+    failed: Sequence[str] = (),
     digits: int = 1,
 ) -> list[str]:
-    """One sentence per filter, computed from the sweep: does it beat ``baseline`` (higher mean score at
-    most kept fractions *and* on average; "does not consistently beat" when it is ahead on average but
-    not at most fractions), by how much against the spread over seeds, and how its best
-    cell compares with the full-data level (``names``: which filters, default all but ``baseline``);
-    then (``levels``) the full-data level against the base model.
+    """One sentence per filter, computed from the sweep: its mean difference from ``baseline`` over the kept
+    fractions with a 95% confidence interval (:func:`difference`), read as "beats" (interval above 0),
+    "falls below" (interval below 0) or "no difference detectable" (interval holds 0), how many fractions
+    it is ahead at, and how its best cell compares with the full-data level (``names``: which filters,
+    default all but ``baseline``); then (``levels``) the full-data level against the base model.
 
-    The spread is the mean over fractions of the larger of the two filters' standard deviations over
-    seeds; a difference within it is called "within the seed spread"."""
+    ``failed``: names of the preconditions that fail (:mod:`saev.paper.preconditions`); when any does,
+    every verdict reads "inconclusive: <precondition> fails" and the numbers follow as measured."""
     cells = result.cells
-    stats = cells.groupby(["filter", "fraction"])["score"].agg(["mean", "std"]).fillna(0.0)
+    means = cells.groupby(["filter", "fraction"])["score"].mean()
     full = float(result.full["score"].mean())
     base = result.base_score
     if baseline not in set(cells["filter"]):
         raise ValueError(f"the sweep has no {baseline!r} cells to compare with")
-    ref = stats.loc[baseline]
+    b_label = FILTER_LABELS.get(baseline, baseline)
     lines = []
     for name in names or dict.fromkeys(cells["filter"]):
         if name == baseline:
             continue
-        own = stats.loc[name].reindex(ref.index)
-        diff = own["mean"] - ref["mean"]
-        wins, n = int((diff > 0).sum()), len(diff)
-        mean_diff = float(diff.mean())
-        spread = float(np.maximum(own["std"], ref["std"]).mean())
-        if wins > n / 2 and mean_diff > 0:
+        diff = difference(result, name, baseline)
+        if failed:
+            verdict = f"inconclusive ({' and '.join(failed)} {'fails' if len(failed) == 1 else 'fail'}) against"
+        elif np.isnan(diff.low):
+            verdict = "cannot be compared (one seed per cell, no interval) with"
+        elif diff.low > 0:
             verdict = "beats"
-        elif wins and mean_diff > 0:
-            verdict = "does not consistently beat"  # ahead on average, behind at half the fractions or more
+        elif diff.high < 0:
+            verdict = "falls below"
         else:
-            verdict = "does not beat"
-        noise = " (within the seed spread)" if abs(mean_diff) <= spread else ""
-        best_fraction = float(own["mean"].idxmax())
-        best = float(own["mean"].max())
+            verdict = "shows no difference detectable from"
+        interval = "" if np.isnan(diff.low) else f" (95% CI {diff.low:+.{digits}f} to {diff.high:+.{digits}f})"
+        own = means.loc[name]
+        best_fraction, best = float(own.idxmax()), float(own.max())
         lines.append(
-            f"{FILTER_LABELS.get(name, name)} {verdict} "
-            f"{FILTER_LABELS.get(baseline, baseline)}: higher at "
-            f"{wins} of {n} fractions, mean difference {mean_diff:+.{digits}f} points, seed spread "
-            f"{spread:.{digits}f}{noise}; its best, {best:.{digits}f} with {_fraction_label(best_fraction)} "
-            f"of the data, is {100 * best / full:.0f}% of the full-data level ({full:.{digits}f})."
+            f"{FILTER_LABELS.get(name, name)} {verdict} {b_label}: mean difference {diff.mean:+.{digits}f} "
+            f"points{interval}, higher at {diff.wins} of {diff.n_fractions} fractions; its best, "
+            f"{best:.{digits}f} with {_fraction_label(best_fraction)} of the data, is {100 * best / full:.0f}% "
+            f"of the full-data level ({full:.{digits}f})."
         )
     verb = "above" if full > base else "not above"
     if levels:

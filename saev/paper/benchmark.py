@@ -57,6 +57,7 @@ __all__ = [
     "run_sweep",
     "scorer_kind",
     "summarize_sweep",
+    "sweep_pools",
 ]
 
 
@@ -233,6 +234,21 @@ def _sweep_cells(filters: Sequence[str], fractions: Sequence[float], seeds: Sequ
     return cells
 
 
+def sweep_pools(n_rows: int, config: AlignConfig, seeds: Sequence[int]) -> dict[int, list[int]]:
+    """The rows of the set that each seed's cells filter: the first ``pool_size`` rows for every seed, or
+    with ``config.pool_per_seed`` the i-th block of ``pool_size`` rows for the i-th seed (fresh data per seed)."""
+    size = n_rows if config.pool_size is None else min(config.pool_size, n_rows)
+    if not config.pool_per_seed:
+        return {s: list(range(size)) for s in seeds}
+    need = config.pool_size * len(seeds)
+    if n_rows < need:
+        raise ValueError(
+            f"align.pool_per_seed: {len(seeds)} seeds x pool_size {config.pool_size} need {need} pairs, "
+            f"the set has {n_rows}"
+        )
+    return {s: list(range(i * config.pool_size, (i + 1) * config.pool_size)) for i, s in enumerate(seeds)}
+
+
 def run_sweep(
     model_dir: str | os.PathLike,
     dataset: datasets.Dataset,
@@ -254,8 +270,10 @@ def run_sweep(
 
     ``rankings`` maps a filter name to one score per row of ``dataset`` (higher = kept first);
     ``None`` for ``"random"`` draws :func:`random_scores` from each cell's seed. When
-    ``config.pool_size`` is smaller than ``dataset``, the sweep uses its first ``pool_size`` rows
-    (scores may be given for the pool or for the whole set). Cells: the base model ("base",
+    ``config.pool_size`` is smaller than ``dataset``, the sweep uses its first ``pool_size`` rows, or
+    with ``config.pool_per_seed`` one block of rows per seed (:func:`sweep_pools`; scores may be given
+    for the pools' rows or for the whole set). Ties at the cut are broken with the cell's seed
+    (``config.tie_break``). Cells: the base model ("base",
     fraction 0, no fine-tuning), the full pool ("full", fraction 1.0, once per seed: at 1.0 every
     filter keeps the same rows) and every filter at every fraction below 1 and every seed
     (``fractions``/``seeds`` default to the config's). A cell's result is written atomically to
@@ -274,10 +292,10 @@ def run_sweep(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_all = len(dataset)
-    pool = dataset
-    if config.pool_size is not None and n_all > config.pool_size:
-        pool = dataset.select(range(config.pool_size))
-    n = len(pool)
+    fractions = tuple(config.fractions if fractions is None else fractions)
+    seeds = tuple(config.seeds if seeds is None else seeds)
+    pool_rows = sweep_pools(n_all, config, seeds)
+    n_scored = max(rows[-1] + 1 for rows in pool_rows.values())
     scores: dict[str, np.ndarray | None] = {}
     for name, value in rankings.items():
         if name in ("base", "full"):
@@ -288,23 +306,22 @@ def run_sweep(
             scores[name] = None
             continue
         arr = np.asarray(value, dtype=np.float64)
-        if arr.ndim == 1 and len(arr) == n_all and n != n_all:
-            arr = arr[:n]
-        as_scores(arr, n, name=f"run_sweep: ranking {name!r}")
+        if arr.ndim == 1 and len(arr) >= n_scored:
+            arr = arr[:n_scored]
+        as_scores(arr, n_scored, name=f"run_sweep: ranking {name!r} (one score per row of the pools)")
         scores[name] = arr
-    fractions = tuple(config.fractions if fractions is None else fractions)
-    seeds = tuple(config.seeds if seeds is None else seeds)
     cells = _sweep_cells(list(scores), fractions, seeds, include_base, include_full)
 
     train_cfg = {k: v for k, v in config_dict(config).items() if k not in ("fractions", "seeds", "filters")}
     judge = train_cfg.pop("judge")
+    pools = {s: dataset.select(rows) for s, rows in pool_rows.items()}
+    pool_keys = {s: dataset_fingerprint(pools[s], PREFERENCE_COLUMNS) for s in seeds}
     common = {
         "model": model_fingerprint(model_dir),
-        "pool": dataset_fingerprint(pool, PREFERENCE_COLUMNS),
         "benchmark": dataset_fingerprint(benchmark, [c for c in benchmark.column_names]),
         "config": train_cfg,
         "judge": None if judge is None else {k: judge[k] for k in ("base_url", "model", "temperature")},
-        "version": 1,
+        "version": 2,
     }
     ranking_digest = {
         k: None if v is None else hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
@@ -317,6 +334,7 @@ def run_sweep(
         bar.set_postfix_str(cell.name)
         ranking = ranking_digest.get(cell.filter)
         key = {**common, "cell": dataclasses.asdict(cell), "ranking": ranking,
+               "pool": None if cell.seed is None else pool_keys[cell.seed],
                "extras": extra_metrics is not None}  # fmt: skip
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         path = out_dir / f"{cell.name}.json"
@@ -325,7 +343,8 @@ def run_sweep(
             if done.get("hash") == digest:
                 rows.append(done["row"])
                 continue
-        rows.append(_run_cell(cell, digest, path, model_dir=model_dir, family=family, pool=pool, scores=scores,
+        rows.append(_run_cell(cell, digest, path, model_dir=model_dir, family=family, pools=pools, pool_rows=pool_rows,
+                              scores=scores,
                               config=config, benchmark=benchmark, out_dir=out_dir, keep_models=keep_models,
                               extra_metrics=extra_metrics, cache=cache))  # fmt: skip
     df = pd.DataFrame(rows)
@@ -340,7 +359,8 @@ def _run_cell(
     *,
     model_dir: Path,
     family: str,
-    pool: datasets.Dataset,
+    pools: Mapping[int, datasets.Dataset],
+    pool_rows: Mapping[int, list[int]],
     scores: Mapping[str, np.ndarray | None],
     config: AlignConfig,
     benchmark: datasets.Dataset,
@@ -358,12 +378,14 @@ def _run_cell(
         if extra_metrics is not None:
             extras = extra_metrics(model_dir, cell)
     else:
+        pool = pools[cell.seed]
         if cell.filter == "full":
             subset = pool
         else:
             s = scores[cell.filter]
-            s = random_scores(len(pool), cell.seed) if s is None else s
-            subset = select_subset(pool, s, cell.fraction)
+            s = random_scores(len(pool), cell.seed) if s is None else s[pool_rows[cell.seed]]
+            tie_seed = cell.seed if config.tie_break == "random" else None
+            subset = select_subset(pool, s, cell.fraction, seed=tie_seed)
         tuned = out_dir / "models" / cell.name
         finetune(model_dir, subset, config=config, seed=cell.seed, out_dir=tuned, progress=False, family=family,
                  cache=cache)  # fmt: skip

@@ -116,11 +116,18 @@ def as_scores(scores: Any, n: int, *, name: str = "scores") -> torch.Tensor:
     return t
 
 
-def select_subset(dataset: datasets.Dataset, scores: Any, fraction: float) -> datasets.Dataset:
+def select_subset(
+    dataset: datasets.Dataset, scores: Any, fraction: float, *, seed: int | None = None
+) -> datasets.Dataset:
     """The top ``fraction`` of ``dataset`` by ``scores`` (``saev.scoring.select_top``: floor(fraction * n),
-    at least one row, ties to the lower index), its rows kept in dataset order."""
+    at least one row), its rows kept in dataset order. Ties go to the lower index, or with ``seed``
+    to a random order drawn from it (a tie at the cut never becomes "the first rows of the set")."""
     t = as_scores(scores, len(dataset))
-    keep = sorted(select_top(t, fraction).tolist())
+    if seed is None:
+        keep = sorted(select_top(t, fraction).tolist())
+    else:
+        perm = torch.from_numpy(np.random.default_rng(seed).permutation(len(dataset)))
+        keep = sorted(perm[select_top(t[perm], fraction)].tolist())
     return dataset.select(keep)
 
 

@@ -360,26 +360,39 @@ class ClassificationTask(NamedTuple):
     rows: list[int]
     """Rows of the classification set that were scored."""
     object_cells: list[list[int]] | None = None
-    """Per image, the row-major cells of the patch grid that the class object covers (the world's
+    """Per image, the row-major cells of ``object_grid`` that the class object covers (the world's
     ``object_patches``); None for data that does not mark the object (ImageNet)."""
+    object_grid: tuple[int, int] | None = None
+    """(rows, cols) of the grid ``object_cells`` index (the world's image_size / patch_size)."""
+
+
+def object_cover(task: ClassificationTask, grid: tuple[int, int]) -> Tensor | None:
+    """float32 (n_images, rows * cols): the share of each cell of ``grid`` (the model's patch grid) that the
+    class object's cells cover, resampled by area from ``task.object_grid``; None without object marks."""
+    from saev.patches import ImageLayout, ViewLayout, token_cell_overlap
+
+    if task.object_cells is None or task.object_grid is None:
+        return None
+    g_rows, g_cols = task.object_grid
+    # share[w, c]: the part of object-grid cell w that lies in model cell c; area(w) / area(c) rescales it
+    share = token_cell_overlap(ImageLayout(views=(ViewLayout(grid=(g_rows, g_cols)),), grid=grid))
+    scale = (grid[0] * grid[1]) / (g_rows * g_cols)
+    out = torch.zeros(len(task.object_cells), grid[0] * grid[1])
+    for i, cells in enumerate(task.object_cells):
+        if cells and (min(cells) < 0 or max(cells) >= g_rows * g_cols):
+            raise ValueError(f"classification row {task.rows[i]}: object_patches {cells} do not fit the "
+                             f"{g_rows}x{g_cols} grid of image_size / patch_size")  # fmt: skip
+        marks = torch.zeros(g_rows * g_cols)
+        marks[cells] = 1.0
+        out[i] = (marks @ share * scale).clamp(max=1.0)
+    return out
 
 
 def oracle_patch_scores(task: ClassificationTask, grid: tuple[int, int]) -> Tensor | None:
-    """The ceiling of Fig. 6: score 1 on the patches the class object covers, 0 elsewhere (n_images, cells);
-    ties among object patches and among background patches are broken at random like every method's.
-    None when the data does not mark the object."""
-    if task.object_cells is None:
-        return None
-    n_cells = grid[0] * grid[1]
-    out = torch.zeros(len(task.object_cells), n_cells)
-    for i, cells in enumerate(task.object_cells):
-        if cells and (min(cells) < 0 or max(cells) >= n_cells):
-            raise ValueError(
-                f"classification row {task.rows[i]}: object_patches {cells} do not fit the {grid[0]}x{grid[1]} "
-                "patch grid of the model's layout (set world.patch_size to the finest view's patch size)"
-            )
-        out[i, cells] = 1.0
-    return out
+    """The ceiling of Fig. 6: each patch scored by the share of it the class object covers (:func:`object_cover`),
+    so the object's patches go first; ties (the background's zeros) are broken at random like every
+    method's. None when the data does not mark the object."""
+    return object_cover(task, grid)
 
 
 def classification_task(profile: Profile, cfg: PipelineConfig) -> ClassificationTask:
@@ -402,8 +415,12 @@ def classification_task(profile: Profile, cfg: PipelineConfig) -> Classification
             raise ConfigError(f"{profile.data_path('classification')}: 'label' has no class names (need a ClassLabel)")
         question, candidates = cfg.classification_question, list(names)
     images = [im.convert("RGB") for im in part["image"]]
-    cells = [list(c) for c in part["object_patches"]] if "object_patches" in part.column_names else None
-    return ClassificationTask(question, candidates, images, [candidates[y] for y in part["label"]], rows, cells)
+    cells, grid = None, None
+    if "object_patches" in part.column_names and profile.world is not None:
+        cells = [list(c) for c in part["object_patches"]]
+        side = profile.world.image_size // profile.world.patch_size
+        grid = (side, side)
+    return ClassificationTask(question, candidates, images, [candidates[y] for y in part["label"]], rows, cells, grid)
 
 
 def patch_filter_experiment(

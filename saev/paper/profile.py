@@ -123,10 +123,22 @@ class AlignConfig:
     pool_size: int | None = None
     """Preference pairs a sweep filters (the first rows of the set); None: the whole set.
     The paper filters Align-Anything's 40K text-image subset."""
+    pool_per_seed: bool = False
+    """Each seed filters its own pool: seed i of ``seeds`` takes rows [i * pool_size, (i + 1) * pool_size)
+    of the set (needs ``pool_size``), so a seed resamples the data as well as the training and a
+    deterministic filter gets a spread too. False: every seed filters the first ``pool_size`` rows
+    (the paper's setting: one data set, filtered once)."""
+    tie_break: Literal["random", "index"] = "random"
+    """How pairs with equal filter scores are ordered at the cut: "random" (a permutation drawn from the
+    cell's seed) or "index" (the lower row first; ``saev.scoring.select_top``'s order)."""
+    oracle_rows: bool = True
+    """Add the ground-truth filters "clean first (oracle)" and "defective first" to every sweep of a set
+    with a ``defect`` column (the world's): the ceiling and floor every filter is read between."""
     fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     """Kept fractions of the sweeps (Figs. 7, 9-11); 1.0 is the full-dataset level."""
     seeds: tuple[int, ...] = (0,)
-    """Fine-tuning seeds per (filter, fraction) cell (data order and random filter)."""
+    """Fine-tuning seeds per (filter, fraction) cell (data order, random filter, tie-break and, with
+    ``pool_per_seed``, the pool)."""
     filters: tuple[str, ...] = FILTERS
     """Rankings swept, a subset of ``FILTERS``."""
     benchmark_per_category: int | None = None
@@ -157,6 +169,10 @@ class AlignConfig:
                 raise ValueError(f"align.{key} must be > 0 or null, got {value}")
         if self.warmup_steps < 0:
             raise ValueError(f"align.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.pool_per_seed and self.pool_size is None:
+            raise ValueError("align.pool_per_seed needs align.pool_size (the rows of each seed's pool)")
+        if self.tie_break not in ("random", "index"):
+            raise ValueError(f"align.tie_break must be 'random' or 'index', got {self.tie_break!r}")
         if self.weight_decay < 0:
             raise ValueError(f"align.weight_decay must be >= 0, got {self.weight_decay}")
         if not self.fractions or not all(0 < f <= 1 for f in self.fractions):

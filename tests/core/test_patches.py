@@ -221,3 +221,18 @@ def test_views_errors():
         views_to_patch_scores(torch.tensor([1.0]), layout)
     with pytest.raises(ValueError, match="tokens"):
         views_to_patch_scores(torch.tensor([1.0, 2.0]), layout)
+
+
+def test_token_cell_overlap_of_a_base_view_and_tiles():
+    from saev.patches import token_cell_overlap
+
+    layout = ImageLayout(views=(ViewLayout(grid=(2, 2)), ViewLayout(grid=(4, 4), newline_per_row=True)), grid=(4, 4))
+    share = token_cell_overlap(layout)
+    assert share.shape == (4 + 16, 16)
+    torch.testing.assert_close(share.sum(1), torch.ones(20))
+    # base token (0, 0) covers cells (0,0), (0,1), (1,0), (1,1) in quarters; tile tokens are one cell each
+    assert share[0].reshape(4, 4)[:2, :2].tolist() == [[0.25, 0.25], [0.25, 0.25]]
+    assert torch.equal(share[4:], torch.eye(16))
+    # views_to_patch_scores is the transpose at work: scores of all-ones on a cell's tokens give 1 there
+    half = ImageLayout(views=(ViewLayout(grid=(1, 2), box=(0.0, 0.5, 1.0, 1.0)),), grid=(1, 4))
+    assert token_cell_overlap(half).tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]

@@ -225,18 +225,22 @@ def test_filter_verdicts_follow_the_numbers() -> None:
     sweep = _sweep({"cosine": [12, 12, 13, 13], "l0": [9, 9, 9, 9], "random": [10, 10, 10, 10]})
     lines = pa.filter_verdicts(sweep)
     assert lines[0].startswith(
-        "cosine similarity beats random: higher at 2 of 2 fractions, mean difference +2.5"
+        "cosine similarity beats random: mean difference +2.5 points (95% CI +2.5 to +2.5), higher at 2 of 2"
     )
-    assert "within the seed spread" not in lines[0]
     assert "13.0 with 50% of the data, is 130% of the full-data level (10.0)" in lines[0]
-    assert lines[1].startswith("L0 does not beat random: higher at 0 of 2 fractions, mean difference -1.0")
+    assert lines[1].startswith("L0 falls below random: mean difference -1.0 points")
     assert lines[2] == "Fine-tuning on the full data set scores 10.0, above the base model (8.0)."
-    mixed = pa.filter_verdicts(_sweep({"cosine": [9, 9, 14, 14], "random": [10, 10, 10, 10]}), levels=False)
-    assert mixed[0].startswith(
-        "cosine similarity does not consistently beat random: higher at 1 of 2 fractions"
-    )
     noisy = pa.filter_verdicts(_sweep({"cosine": [8, 14, 8, 14], "random": [10, 10, 10, 10]}), levels=False)
-    assert noisy == [noisy[0]] and "(within the seed spread)" in noisy[0]
+    assert noisy == [noisy[0]] and noisy[0].startswith("cosine similarity shows no difference detectable from random")
+    # the interval by hand: per fraction var 18 / 2 seeds; se = sqrt(2 * 9) / 2; t(0.975, 4 dof) = 2.776
+    diff = pa.difference(_sweep({"cosine": [8, 14, 8, 14], "random": [10, 10, 10, 10]}), "cosine")
+    half = 2.7764451051977987 * np.sqrt(18) / 2
+    assert diff.mean == 1.0 and np.isclose(diff.low, 1 - half) and np.isclose(diff.high, 1 + half)
+    failed = pa.filter_verdicts(sweep, failed=["alignment headroom"], levels=False)
+    assert failed[0].startswith("cosine similarity inconclusive (alignment headroom fails) against random: mean")
+    one_seed = _sweep({"cosine": [12, 12, 13, 13], "random": [10, 10, 10, 10]})
+    one_seed = one_seed._replace(cells=one_seed.cells[one_seed.cells["seed"] == 0])
+    assert "cannot be compared (one seed per cell" in pa.filter_verdicts(one_seed, levels=False)[0]
     table = pa.sweep_table(sweep)
     assert (
         table.loc["cosine similarity", "50%"] == "13.0 ± 0.0"

@@ -50,9 +50,15 @@ def test_accuracy_under_masking_checks_shapes() -> None:
 
 
 def test_oracle_scores_and_tie_table() -> None:
-    task = patch_filtering.ClassificationTask("q?", ["a", "b"], _stub_images(2), ["a", "b"], [0, 1], [[0], [1, 3]])
+    task = patch_filtering.ClassificationTask("q?", ["a", "b"], _stub_images(2), ["a", "b"], [0, 1], [[0], [1, 3]],
+                                              (2, 2))  # fmt: skip
     oracle = patch_filtering.oracle_patch_scores(task, (2, 2))
     assert oracle.tolist() == [[1, 0, 0, 0], [0, 1, 0, 1]]
+    # onto a finer model grid: object cell 0 of 2x2 covers the top-left 2x2 block of 4x4
+    fine = patch_filtering.object_cover(task, (4, 4))[0].reshape(4, 4)
+    assert fine[:2, :2].eq(1).all() and fine.sum() == 4
+    coarse = patch_filtering.object_cover(task._replace(object_cells=[[0]] * 2, object_grid=(4, 4)), (2, 2))
+    assert coarse[0].tolist() == [0.25, 0, 0, 0]  # one fine cell is a quarter of a coarse one
     with pytest.raises(ValueError, match="row 1: object_patches"):
         patch_filtering.oracle_patch_scores(task._replace(object_cells=[[0], [9]]), (2, 2))
     assert patch_filtering.oracle_patch_scores(task._replace(object_cells=None), (2, 2)) is None
