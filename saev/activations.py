@@ -36,8 +36,9 @@ from saev.models import LoadedModel, Modality, Sample
 
 __all__ = ["CACHE_VERSION", "ActivationStore", "TokenRecord"]
 
-CACHE_VERSION = 1
-"""Bumped when the shard layout changes; part of the cache hash."""
+CACHE_VERSION = 2
+"""Bumped when the shard layout or the token set changes; part of the cache hash (2: LLaVA-NeXT's
+image-newline tokens are no longer real tokens)."""
 
 
 class TokenRecord(NamedTuple):

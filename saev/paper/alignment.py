@@ -247,7 +247,7 @@ def preference_scores(
     with torch_threads(cfg.num_threads):
         result = cached_json(path, compute, params)
     labels = {c: data[c] for c in ("defect", "category") if c in data.column_names}  # the world's labels
-    frame = pd.DataFrame({"row": rows, **labels})
+    frame = pd.DataFrame({"row": rows, **labels, "length": [float(len(a)) for a in data["chosen"]]})
     for column in (*SCORE_COLUMNS, "ifd_raw"):
         frame[column] = np.asarray(result[column], dtype=np.float64)
     return frame
@@ -268,6 +268,39 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
         return float("nan")
     ranks = rankdata(scores)  # average ranks: ties count one half
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_interval(scores: np.ndarray, positive: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:  # fmt: skip
+    """Percentile bootstrap interval of :func:`roc_auc`, positives and negatives resampled separately
+    (their counts fixed), seeded; (nan, nan) without positives or negatives."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    pos, neg = scores[positive], scores[~positive]
+    if not len(pos) or not len(neg):
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    boots = [roc_auc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], y) for _ in range(n_boot)]
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+
+
+def stratified_auc(scores: np.ndarray, positive: np.ndarray, strata: np.ndarray) -> float:
+    """ROC-AUC with positives compared only to negatives of the same stratum (e.g. an answer-length bin),
+    the within-stratum AUCs weighted by their number of pairs: what a score finds beyond the strata."""
+    scores, positive, strata = np.asarray(scores, np.float64), np.asarray(positive, bool), np.asarray(strata)
+    total, weight = 0.0, 0
+    for s in np.unique(strata):
+        m = strata == s
+        n_pairs = int(positive[m].sum()) * int((~positive[m]).sum())
+        if n_pairs:
+            total += roc_auc(scores[m], positive[m]) * n_pairs
+            weight += n_pairs
+    return total / weight if weight else float("nan")
+
+
+LENGTH_BINS = 4
+"""Quantile bins of the chosen answer's length for :func:`defect_detection`'s length-matched AUC."""
 
 
 def _flag_lowest(scores: np.ndarray, n_flag: int) -> np.ndarray:
@@ -295,11 +328,17 @@ def defect_detection(
 
     * ``auc``: ROC-AUC of -score for "defective" (0.5 = chance, 1 = every defective pair below every
       clean one, < 0.5 = the score prefers defective pairs);
+    * ``auc_low``, ``auc_high``: its 95% bootstrap interval (:func:`auc_interval`);
+    * ``auc_in_length``: the AUC within ``LENGTH_BINS`` quantile bins of the chosen answer's length
+      (:func:`stratified_auc`), when ``scores_df`` has a ``length`` column: a defect that changes the
+      answer's length is found by length alone, and this says what a score finds beyond it;
     * ``precision``: keeping the top ``fraction`` of those pairs, the share of the dropped ones that
       are defective; ``base_rate`` is the share of defective pairs, the precision of a random filter.
 
-    Columns: score, filter (the name without ``_released``), variant ("paper"/"released"), defect,
-    n_defective, n_clean, auc, precision, base_rate, fraction.
+    A ``length`` column is also scored itself (row "length": longer answers kept first), the confound
+    every score is read against. Columns: score, filter (the name without ``_released``), variant
+    ("paper"/"released"), defect, n_defective, n_clean, auc, auc_low, auc_high, auc_in_length,
+    precision, base_rate, fraction.
     """
     import pandas as pd
 
@@ -309,6 +348,13 @@ def defect_detection(
     clean = labels == "none"
     if defects is None:
         defects = [*sorted(set(labels) - {"none"}), "any"]
+    has_length = "length" in scores_df.columns
+    length_bin = None
+    if has_length:
+        length = scores_df["length"].to_numpy(dtype=np.float64)
+        edges = np.quantile(length, np.linspace(0, 1, LENGTH_BINS + 1)[1:-1])
+        length_bin = np.searchsorted(edges, length, side="right")
+        score_columns = [*score_columns, *(["length"] if "length" not in score_columns else [])]
     rows = []
     for column in score_columns:
         values = scores_df[column].to_numpy(dtype=np.float64)
@@ -320,10 +366,13 @@ def defect_detection(
             flagged = _flag_lowest(v, n_flag)
             precision = float(y[flagged].mean()) if n_flag else float("nan")
             released = column.endswith("_released")
+            low, high = auc_interval(-v, y)
+            in_length = stratified_auc(-v, y, length_bin[members]) if has_length else float("nan")
             rows.append({
                 "score": column, "filter": column.removesuffix("_released"),
                 "variant": "released" if released else "paper", "defect": defect,
                 "n_defective": int(y.sum()), "n_clean": int((~y).sum()), "auc": roc_auc(-v, y),
+                "auc_low": low, "auc_high": high, "auc_in_length": in_length,
                 "precision": precision, "base_rate": float(y.mean()) if len(y) else float("nan"),
                 "fraction": fraction,
             })  # fmt: skip
@@ -334,22 +383,23 @@ def defect_verdicts(
     detection: pd.DataFrame, scores: Sequence[str] | None = None, digits: int = 2
 ) -> list[str]:
     """One sentence per score, computed from ``detection``: is its AUC for "any" defect above chance,
-    below it, or not distinguishable from it (beyond two standard errors of the AUC under the null,
-    sqrt((n_d + n_c + 1) / (12 n_d n_c))), and its best and worst defect type."""
+    below it, or not distinguishable from it (its 95% bootstrap interval above, below or around 0.5),
+    its AUC within answer-length bins where measured, and its best and worst defect type."""
     lines = []
     for score in scores or dict.fromkeys(detection["score"]):
         part = detection[detection["score"] == score].set_index("defect")
         row = part.loc["any"]
-        n_d, n_c = row["n_defective"], row["n_clean"]
-        se = math.sqrt((n_d + n_c + 1) / (12 * n_d * n_c)) if n_d and n_c else float("nan")
-        auc = float(row["auc"])
-        verdict = ("finds defective pairs better than chance" if auc > 0.5 + 2 * se
-                   else "ranks defective pairs *above* clean ones" if auc < 0.5 - 2 * se
+        auc, low, high = float(row["auc"]), float(row["auc_low"]), float(row["auc_high"])
+        verdict = ("finds defective pairs better than chance" if low > 0.5
+                   else "ranks defective pairs *above* clean ones" if high < 0.5
                    else "is not distinguishable from chance")  # fmt: skip
+        in_length = float(row.get("auc_in_length", float("nan")))
+        length = "" if np.isnan(in_length) else f", {in_length:.{digits}f} within answer-length bins"
         types = part.drop(index="any")["auc"]
         lines.append(
-            f"{score}: {verdict} (AUC {auc:.{digits}f} for any defect, chance band 0.5 ± {2 * se:.{digits}f}; "
-            f"best on {types.idxmax()} {types.max():.{digits}f}, worst on {types.idxmin()} {types.min():.{digits}f})."
+            f"{score}: {verdict} (AUC {auc:.{digits}f} for any defect, 95% CI [{low:.{digits}f}, {high:.{digits}f}]"
+            f"{length}; best on {types.idxmax()} {types.max():.{digits}f}, worst on {types.idxmin()} "
+            f"{types.min():.{digits}f}; {int(row['n_defective'])} defective, {int(row['n_clean'])} clean pairs)."
         )
     return lines
 
@@ -359,7 +409,7 @@ def defect_table(detection: pd.DataFrame, value: str = "auc", digits: int = 2) -
     table = detection.pivot(index="score", columns="defect", values=value)
     order = [c for c in SCORE_COLUMNS if c in table.index] + [
         c for c in table.index if c not in SCORE_COLUMNS
-    ]
+    ]  # "length" (the confound) last
     columns = [c for c in table.columns if c != "any"] + (["any"] if "any" in table.columns else [])
     table = table.reindex(index=order, columns=columns)
     table.columns.name = None

@@ -322,9 +322,12 @@ _FILTER_LABELS = {
     "l0": "L0",
     "random": "random",
     "ifd": "IFD",
+    "clean_first": "clean first (oracle)",
+    "defective_first": "defective first",
 }
 """Legend labels of Figs. 7, 9-11 (the paper's filter names)."""
-_FILTER_MARKERS = {"cosine": "o", "cooccurrence": "s", "l0": "^", "random": "x", "ifd": "D", "full": "*"}
+_FILTER_MARKERS = {"cosine": "o", "cooccurrence": "s", "l0": "^", "random": "x", "ifd": "D", "full": "*",
+                   "clean_first": "P", "defective_first": "v"}  # fmt: skip
 
 
 def plot_filter_sweep(
@@ -342,7 +345,8 @@ def plot_filter_sweep(
     sweeps). Points: mean over seeds; error bars: one standard deviation over seeds (none with one
     seed). ``full``: the scores of the model fine-tuned on the whole data set (one per seed),
     drawn as a dashed line at their mean; ``base``: the model before fine-tuning, a dotted line.
-    ``filters``: which filters and in what order (default: those in ``cells``); random in grey.
+    ``filters``: which filters and in what order (default: those in ``cells``); random in grey, the
+    oracle rows (clean first, defective first) in black, dotted.
     """
     filters = list(filters or dict.fromkeys(cells["filter"]))
     colors = dict(zip(filters, _palette(len(filters))))
@@ -353,10 +357,11 @@ def plot_filter_sweep(
             continue
         stats = part.groupby("fraction")["score"].agg(["mean", "std", "count"]).sort_index()
         err = stats["std"].where(stats["count"] > 1, 0.0).fillna(0.0)
-        color = "0.5" if name == "random" else colors[name]
+        color = {"random": "0.5", "clean_first": "0.15", "defective_first": "0.15"}.get(name, colors[name])
+        style = {"random": "--", "clean_first": (0, (1, 1)), "defective_first": (0, (3, 1, 1, 1))}.get(name, "-")
         ax.errorbar(100 * stats.index.to_numpy(), stats["mean"], yerr=err, label=_FILTER_LABELS.get(name, name),
                     color=color, marker=_FILTER_MARKERS.get(name, "o"), markersize=4, linewidth=1.3,
-                    capsize=2, linestyle="--" if name == "random" else "-")  # fmt: skip
+                    capsize=2, linestyle=style)  # fmt: skip
     if full is not None and len(full):
         ax.axhline(float(np.mean(full)), color="k", linestyle="--", linewidth=1, label="full data set (100%)")
         ax.plot([100.0], [float(np.mean(full))], marker="*", color="k", markersize=7, linestyle="none")

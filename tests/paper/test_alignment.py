@@ -71,6 +71,35 @@ def test_defect_detection_precision_at_the_kept_fraction() -> None:
         pa.defect_detection(frame, fraction=1.0, score_columns=["perfect"])
 
 
+def test_defect_auc_intervals_and_the_length_confound() -> None:
+    # Defective answers are shorter; "by_length" only reads the length, "perfect" reads the label.
+    rng = np.random.default_rng(5)
+    frame = _hand_built(n_clean=300, n_per_type=150, seed=5)
+    bad = (frame["defect"] != "none").to_numpy()
+    length = np.where(bad, rng.normal(40, 10, len(frame)), rng.normal(60, 10, len(frame)))
+    frame = frame.assign(length=length, by_length=length + rng.normal(0, 1, len(frame)))
+    det = pa.defect_detection(frame, score_columns=["perfect", "by_length", "noise"]).set_index(["score", "defect"])
+    assert ("length", "any") in det.index  # the confound is scored too
+    by_len = det.loc[("by_length", "any")]
+    assert by_len["auc"] > 0.85 and abs(by_len["auc_in_length"] - 0.5) < 0.15 < by_len["auc"] - 0.5
+    perfect = det.loc[("perfect", "any")]
+    assert perfect["auc"] == 1.0 and perfect["auc_in_length"] == 1.0 and perfect["auc_low"] == 1.0
+    noise = det.loc[("noise", "any")]
+    assert noise["auc_low"] < noise["auc"] < noise["auc_high"] and noise["auc_low"] < 0.5 < noise["auc_high"]
+    lines = pa.defect_verdicts(det.reset_index(), ["perfect", "noise", "length"])
+    assert lines[0].startswith("perfect: finds defective pairs better than chance (AUC 1.00 for any defect, 95% CI")
+    assert lines[1].startswith("noise: is not distinguishable from chance")
+    assert "within answer-length bins" in lines[2] and "300 clean pairs" in lines[2]
+
+
+def test_stratified_auc_compares_within_strata_only() -> None:
+    scores = np.array([1.0, 0.0, 3.0, 2.0])
+    positive = np.array([True, False, True, False])
+    assert pa.stratified_auc(scores, positive, np.array([0, 0, 1, 1])) == 1.0
+    assert pa.roc_auc(scores, positive) == 0.75  # across strata the positive 1.0 loses to the negative 2.0
+    assert np.isnan(pa.stratified_auc(scores, positive, np.array([0, 1, 2, 3])))  # no stratum holds both
+
+
 def test_roc_auc_matches_the_pairwise_definition() -> None:
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 5, 40).astype(float)  # many ties
