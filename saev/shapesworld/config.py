@@ -110,6 +110,11 @@ class WorldConfig:
         }  # fmt: skip
     )
     """Relative weights of the defect kinds in ``preference_b`` (RLAIF-V's role: more hallucination)."""
+    ignores_question_answer: str = "caption"
+    """What the chosen answer of an ``ignores_question`` defect says: ``"caption"`` (a caption of the image,
+    several times longer than the one-word answers it replaces, so answer length alone finds the defect;
+    WORLD_VERSION 2's bytes) or ``"other_question"`` (the answer to another exact question about the
+    same image, e.g. a position for a colour question: as long as a clean answer)."""
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -135,6 +140,8 @@ class WorldConfig:
                      "n_preference_a", "n_preference_b", "n_benchmark"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
+        if self.ignores_question_answer not in ("caption", "other_question"):
+            raise bad("ignores_question_answer", "must be 'caption' or 'other_question'")
         for name in ("vqa_categories", "preference_categories", "benchmark_categories"):
             _check_weights(self, name, CATEGORIES)
         for which in ("a", "b"):

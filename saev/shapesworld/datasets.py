@@ -94,7 +94,7 @@ _COMMON_FIELDS = (
     "seed", "image_size", "max_objects", "clutter_min", "clutter_max", "noise_std", "heldout_fraction",
     "listing_order", "caption_order",
 )  # fmt: skip
-_UNHASHED_DEFAULTS = {"listing_order": "reading", "caption_order": None}
+_UNHASHED_DEFAULTS = {"listing_order": "reading", "caption_order": None, "ignores_question_answer": "caption"}
 """Fields added after WORLD_VERSION 2 whose default generates that version's bytes: left out of
 the hash at their default, so that worlds (and the models trained on them) stay cached."""
 DATASET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -105,7 +105,7 @@ DATASET_FIELDS: dict[str, tuple[str, ...]] = {
     "vqa": (*_COMMON_FIELDS, "n_vqa", "vqa_categories"),
     **{
         f"preference_{w}": (*_COMMON_FIELDS, f"n_preference_{w}", "preference_categories",
-                            f"defect_fraction_{w}", f"defect_mix_{w}")
+                            f"defect_fraction_{w}", f"defect_mix_{w}", "ignores_question_answer")
         for w in ("a", "b")
     },  # fmt: skip
     "benchmark": (*_COMMON_FIELDS, "n_benchmark", "benchmark_categories"),
@@ -301,8 +301,9 @@ def build_preference(cfg: WorldConfig, which: str = "a", progress: bool = False)
     - ``flipped``: chosen and rejected exchanged (chosen wrong, rejected correct);
     - ``unanswerable``: the question is about an object the image does not hold; chosen
       and rejected are two different confident answers (hallucination);
-    - ``ignores_question``: chosen is a caption of the image that ignores the question,
-      rejected is the correct answer (exact categories only).
+    - ``ignores_question``: chosen ignores the question, rejected is the correct answer (exact
+      categories only): chosen is a caption of the image, or with ``ignores_question_answer =
+      "other_question"`` the answer to another exact question about it, as long as a clean answer.
     """
     if which not in ("a", "b"):
         raise ValueError(f"build_preference: which must be 'a' or 'b', got {which!r}")
@@ -328,7 +329,12 @@ def build_preference(cfg: WorldConfig, which: str = "a", progress: bool = False)
             if defect == "flipped":
                 chosen, rejected = rejected, chosen
             elif defect == "ignores_question":
-                chosen, rejected = caption(rng, scene), qa.answer
+                if cfg.ignores_question_answer == "caption":
+                    chosen = caption(rng, scene)
+                else:  # length-matched: a correct answer to a question of another exact category
+                    others = [c for c in EXACT_CATEGORIES if c != qa.category]
+                    chosen = ask(rng, scene, others[int(rng.integers(len(others)))]).answer
+                rejected = qa.answer
             elif defect == "image_swap":
                 shown = _swap_partner(rng, cfg, scenes, i, qa)
         rows["image"].append(_png(shown))

@@ -488,3 +488,20 @@ def test_png_bytes_are_deterministic() -> None:
     a, b = swd._png(scene)["bytes"], swd._png(scene)["bytes"]
     assert a == b
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(a))), render_scene(scene))
+
+
+def test_length_matched_ignores_question_answers_another_question() -> None:
+    cfg = dataclasses.replace(CI, ignores_question_answer="other_question", n_preference_a=400)
+    ds = swd.build_preference(cfg, "a").remove_columns("image")
+    vocab = {"color": set(COLORS), "shape": set(SHAPES), "position": set(POSITIONS), "count": set(NUMBER_WORDS)}
+    ignored = [r for r in ds if r["defect"] == "ignores_question"]
+    clean = [r for r in ds if r["defect"] == "none" and r["category"] in vocab]
+    assert ignored and clean
+    for row in ignored:
+        other = [c for c, words in vocab.items() if row["chosen"] in words]
+        assert other and row["category"] not in other, row  # an answer of another exact category
+        assert answer_question(swd.Scene.from_json(row["scene"]), row["question"]) == row["rejected"], row
+    mean = lambda rows: np.mean([len(r["chosen"]) for r in rows])  # noqa: E731
+    assert mean(ignored) < 2 * mean(clean)  # a caption is many times longer
+    with pytest.raises(ValueError, match="ignores_question_answer"):
+        dataclasses.replace(CI, ignores_question_answer="poem")
