@@ -51,6 +51,7 @@ __all__ = [
     "patch_information",
     "patch_verdicts",
     "precondition_table",
+    "retrieval_by_layer",
     "shared_representation",
 ]
 
@@ -237,6 +238,89 @@ def _retrieval(text_VD: torch.Tensor, image_VD: torch.Tensor) -> float:
     return float(((t @ i.T).argmax(1) == torch.arange(len(t))).float().mean())
 
 
+class _AttributeStates(NamedTuple):
+    """Hidden states of the colour and shape words and of the classification images' patch tokens."""
+
+    attrs: dict[str, list[str]]
+    """"colour" and "shape": the values among the class names."""
+    labels: list[tuple[str, str]]
+    """(kind, value) of each word row."""
+    word_h: torch.Tensor
+    """(n_words, d) hidden state at the last token of each word."""
+    img_h: list[torch.Tensor]
+    """Per image, (n_patch_tokens, d)."""
+    img_object: list[torch.Tensor]
+    """Per image, bool (n_patch_tokens,): the token lies at least half on the class object."""
+    img_label: list[list[str]]
+    """Per image, [colour, shape] of its class."""
+
+
+def _attribute_states(loaded, task, *, hook_layer: int, context_size: int, batch_size: int,
+                      progress: bool) -> _AttributeStates:  # fmt: skip
+    from saev.activations import ActivationStore
+    from saev.models import Modality, Sample, chat_sample
+    from saev.paper.patch_filtering import object_cover
+    from saev.patches import token_cell_overlap
+
+    attrs = {"colour": sorted({a.split()[0] for a in task.candidates}),
+             "shape": sorted({a.split()[-1] for a in task.candidates})}  # fmt: skip
+    act = ActivationConfig(store_batch_size_prompts=batch_size)
+    texts, spans, labels = [], [], []
+    for answer in task.candidates:
+        colour, shape = answer.split()[0], answer.split()[-1]
+        for template in TEMPLATES:
+            text = template.format(colour=colour, shape=shape)
+            for kind, word in (("colour", colour), ("shape", shape)):
+                start = text.index(word)
+                texts.append(text)
+                spans.append((start, start + len(word)))
+                labels.append((kind, word))
+    word_pos = _word_rows(loaded, texts, spans)
+    store = ActivationStore(loaded, [Sample(t) for t in texts], hook_layer=hook_layer, context_size=context_size,
+                            cfg=act, progress=progress)  # fmt: skip
+    word_h = []
+    for i, record in enumerate(store.iter_samples()):
+        word_h.append(record.hidden_ND[int((record.position_N == word_pos[i]).nonzero()[0])].float())
+    layout = loaded.image_layout((task.images[0].height, task.images[0].width))
+    share = token_cell_overlap(layout)
+    cover = object_cover(task, layout.grid)
+    samples = [chat_sample(loaded.family, task.question, "", (im,)) for im in task.images]
+    store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size, cfg=act,
+                            require_images=True, progress=progress)  # fmt: skip
+    img_h, img_object, img_label = [], [], []
+    for i, record in enumerate(store.iter_samples()):
+        is_image = record.modality_N == Modality.IMAGE
+        if int(is_image.sum()) != len(share):
+            raise RuntimeError(f"image {i}: {int(is_image.sum())} patch tokens, the layout has {len(share)}")
+        img_h.append(record.hidden_ND[is_image].float())
+        img_object.append(share @ cover[i] >= 0.5)
+        img_label.append([task.references[i].split()[0], task.references[i].split()[-1]])
+    return _AttributeStates(attrs, labels, torch.stack(word_h), img_h, img_object, img_label)
+
+
+def _value_rows(states: _AttributeStates, k: int, kind: str, v: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool masks of the word rows of value ``v`` and of the object patch tokens (all images) of that value."""
+    words = torch.tensor([lab == (kind, v) for lab in states.labels])
+    patches = torch.cat([o & (lab[k] == v) for o, lab in zip(states.img_object, states.img_label)])
+    return words, patches
+
+
+def _retrievals(states: _AttributeStates) -> dict[str, tuple[int, float]]:
+    """Per kind, (number of values, top-1 word -> object-patch retrieval accuracy)."""
+    all_h = torch.cat(states.img_h)
+    out = {}
+    for k, (kind, values) in enumerate(states.attrs.items()):
+        text_means, image_means = [], []
+        for v in values:
+            words, patches = _value_rows(states, k, kind, v)
+            if words.any() and patches.any():
+                text_means.append(states.word_h[words].mean(0))
+                image_means.append(all_h[patches].mean(0))
+        if len(text_means) >= 2:  # retrieval among fewer than two values means nothing
+            out[kind] = (len(text_means), _retrieval(torch.stack(text_means), torch.stack(image_means)))
+    return out
+
+
 def shared_representation(
     profile: str | Path | Profile, runs: dict[str, SAERun], *, model: str | None = None, progress: bool = False
 ) -> list[Precondition]:
@@ -250,10 +334,7 @@ def shared_representation(
     centred, against ``RETRIEVAL_MIN`` (chance 1/6, 1/5); (2) the share of the words with a shared SAE-V
     feature (``SHARED_VALUES_MIN``). Needs data that marks the object (the world's ``object_patches``);
     none otherwise. Cached in ``artifacts/<profile>/preconditions/``."""
-    from saev.activations import ActivationStore
-    from saev.models import Modality, Sample, chat_sample
-    from saev.paper.patch_filtering import classification_task, object_cover
-    from saev.patches import token_cell_overlap
+    from saev.paper.patch_filtering import classification_task
 
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
@@ -272,71 +353,29 @@ def shared_representation(
     def compute() -> dict:
         loaded = load_profile_model(profile, model)
         sae = run.load()
-        attrs = {"colour": sorted({a.split()[0] for a in task.candidates}),
-                 "shape": sorted({a.split()[-1] for a in task.candidates})}  # fmt: skip
-        act = ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size)
-        # words, text only
-        texts, spans, labels = [], [], []
-        for answer in task.candidates:
-            colour, shape = answer.split()[0], answer.split()[-1]
-            for template in TEMPLATES:
-                text = template.format(colour=colour, shape=shape)
-                for kind, word in (("colour", colour), ("shape", shape)):
-                    start = text.index(word)
-                    texts.append(text)
-                    spans.append((start, start + len(word)))
-                    labels.append((kind, word))
-        word_pos = _word_rows(loaded, texts, spans)
-        store = ActivationStore(loaded, [Sample(t) for t in texts], hook_layer=spec.hook_layer,
-                                context_size=spec.context_size, cfg=act, progress=progress)  # fmt: skip
-        word_h, word_z = [], []
-        for i, record in enumerate(store.iter_samples()):
-            row = int((record.position_N == word_pos[i]).nonzero()[0])
-            h = record.hidden_ND[row].float()
-            word_h.append(h)
-            word_z.append(sae.encode(h[None])[0])
-        word_h, word_z = torch.stack(word_h), torch.stack(word_z)
-        # object patches
-        layout = loaded.image_layout((task.images[0].height, task.images[0].width))
-        share = token_cell_overlap(layout)
-        cover = object_cover(task, layout.grid)
-        samples = [chat_sample(loaded.family, task.question, "", (im,)) for im in task.images]
-        store = ActivationStore(loaded, samples, hook_layer=spec.hook_layer, context_size=spec.context_size,
-                                cfg=act, require_images=True, progress=progress)  # fmt: skip
-        img_h, img_z, img_label, img_object = [], [], [], []
-        for i, record in enumerate(store.iter_samples()):
-            is_image = record.modality_N == Modality.IMAGE
-            if int(is_image.sum()) != len(share):
-                raise RuntimeError(f"image {i}: {int(is_image.sum())} patch tokens, the layout has {len(share)}")
-            on_object = share @ cover[i] >= 0.5
-            h = record.hidden_ND[is_image].float()
-            img_h.append(h)
-            img_z.append(sae.encode(h))
-            img_object.append(on_object)
-            img_label.append([task.references[i].split()[0], task.references[i].split()[-1]])
+        states = _attribute_states(loaded, task, hook_layer=spec.hook_layer, context_size=spec.context_size,
+                                   batch_size=cfg.eval_batch_size, progress=progress)  # fmt: skip
+        word_z = sae.encode(states.word_h)
+        all_z = torch.cat([sae.encode(h) for h in states.img_h])
+        fires_any = (all_z > cfg.delta).sum(0).float()  # image tokens each feature fires on
+        retrievals = _retrievals(states)
         result: dict = {}
-        for k, (kind, values) in enumerate(attrs.items()):
-            text_means, image_means, shared, precisions = [], [], 0, []
-            all_z = torch.cat(img_z)
-            fires_any = (all_z > cfg.delta).sum(0).float()  # image tokens each feature fires on
+        for k, (kind, values) in enumerate(states.attrs.items()):
+            if kind not in retrievals:
+                continue
+            shared, precisions = 0, []
             for v in values:
-                w = torch.tensor([lab == (kind, v) for lab in labels])
-                obj = torch.cat([o & (lab[k] == v) for o, lab in zip(img_object, img_label)])
-                if not w.any() or not obj.any():
+                words, patches = _value_rows(states, k, kind, v)
+                if not words.any() or not patches.any():
                     continue  # a value without words or without object patches (none in the world's classes)
-                text_means.append(word_h[w].mean(0))
-                image_means.append(torch.cat(img_h)[obj].mean(0))
-                word_rate = (word_z[w] > cfg.delta).float().mean(0)
-                patch_rate = (all_z[obj] > cfg.delta).float().mean(0)
-                precision = (all_z[obj] > cfg.delta).sum(0).float() / fires_any.clamp(min=1)
-                ok = (word_rate >= WORD_RATE) & (patch_rate >= PATCH_RATE) & (precision >= PRECISION_MIN)
-                shared += int(ok.any())
-                precisions.append(float(precision[(word_rate >= WORD_RATE) & (patch_rate >= PATCH_RATE)].max())
-                                  if ((word_rate >= WORD_RATE) & (patch_rate >= PATCH_RATE)).any() else 0.0)
-            if len(text_means) < 2:
-                continue  # retrieval among fewer than two values means nothing
-            result[kind] = {"n": len(text_means), "retrieval": _retrieval(torch.stack(text_means), torch.stack(image_means)),
-                            "shared": shared, "best_precision": precisions}  # fmt: skip
+                word_rate = (word_z[words] > cfg.delta).float().mean(0)
+                patch_rate = (all_z[patches] > cfg.delta).float().mean(0)
+                precision = (all_z[patches] > cfg.delta).sum(0).float() / fires_any.clamp(min=1)
+                both = (word_rate >= WORD_RATE) & (patch_rate >= PATCH_RATE)
+                shared += int((both & (precision >= PRECISION_MIN)).any())
+                precisions.append(float(precision[both].max()) if both.any() else 0.0)
+            n, accuracy = retrievals[kind]
+            result[kind] = {"n": n, "retrieval": accuracy, "shared": shared, "best_precision": precisions}
         return result
 
     with torch_threads(cfg.num_threads), torch.inference_mode():
@@ -355,6 +394,35 @@ def shared_representation(
         n_shared / max(n_values, 1) >= SHARED_VALUES_MIN,
     ))  # fmt: skip
     return out
+
+
+def retrieval_by_layer(
+    profile: str | Path | Profile, *, model: str | None = None, layers: Sequence[int] | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """The retrieval check of :func:`shared_representation` at every decoder layer of ``model`` (default
+    all): where, if anywhere, its words and its objects' patches share a representation (the hook layer
+    is a lever of the world, DESIGN.md). One row per layer: layer, colour, shape (top-1 accuracies)."""
+    import pandas as pd
+
+    from saev.paper.patch_filtering import classification_task
+
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    model = model or cfg.transfer_mllm
+    spec = profile.models[model]
+    task = classification_task(profile, cfg)
+    if task.object_cells is None:
+        raise ValueError(f"profile {profile.name!r}: the classification data does not mark the object")
+    rows = []
+    with torch_threads(cfg.num_threads), torch.inference_mode():
+        loaded = load_profile_model(profile, model)
+        n_layers = len(loaded.adapter.decoder_layers(loaded.model))
+        for layer in layers if layers is not None else range(n_layers):
+            states = _attribute_states(loaded, task, hook_layer=layer, context_size=spec.context_size,
+                                       batch_size=cfg.eval_batch_size, progress=progress)  # fmt: skip
+            rows.append({"layer": layer, **{kind: acc for kind, (_, acc) in _retrievals(states).items()}})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- alignment headroom

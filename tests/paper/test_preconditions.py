@@ -115,3 +115,14 @@ def test_retrieval_is_top1_after_centring() -> None:
     image = text + 0.1 * torch.randn(6, 16, generator=g) - 25.0
     assert pc._retrieval(text, image) == 1.0
     assert pc._retrieval(text, image[[1, 2, 3, 4, 5, 0]]) == 0.0
+
+
+def test_retrieval_by_layer_and_shared_representation_on_the_ci_world(ci_world) -> None:
+    models = {name: dataclasses.replace(spec, model_dir=str(ci_world.paths[name]))
+              for name, spec in ci_world.profile.models.items() if name in ci_world.paths}  # fmt: skip
+    profile = dataclasses.replace(ci_world.profile, models=models)
+    table = pc.retrieval_by_layer(profile, layers=[0, 1])
+    assert table["layer"].tolist() == [0, 1] and list(table.columns) == ["layer", "colour", "shape"]
+    # accuracies are shares of the 6 colours and 5 shapes
+    assert all(round(6 * v) == pytest.approx(6 * v) for v in table["colour"])
+    assert all(round(5 * v) == pytest.approx(5 * v) for v in table["shape"])
