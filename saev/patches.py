@@ -24,8 +24,10 @@ from torch import Tensor
 from saev.scoring import keep_count
 
 __all__ = [
+    "CropVariant",
     "ImageLayout",
     "PatchMethod",
+    "PatchVariant",
     "TieBreak",
     "TieReport",
     "ViewLayout",
@@ -41,19 +43,44 @@ __all__ = [
 PatchMethod = Literal["l0", "l1", "cooccurrence", "cosine"]
 """Alg. 4 ("l0"), Alg. 5 ("l1"), Alg. 6 ("cooccurrence"), Alg. 7 ("cosine")."""
 
+PatchVariant = Literal["paper", "released"]
+"""Semantics of :func:`patch_scores`: "paper" (Alg. 4-7 as printed; the default) or "released" (the public
+SAE-V scripts, ``sae_lens/activation_visualization.py`` of the SAELens-V fork)."""
+
+CropVariant = Literal["paper", "released", "released_percentile"]
+"""Semantics of :func:`patch_keep_mask`: "paper" (exactly floor(gamma n) patches; the default), "released"
+(``crop_image_by_activation`` of ``seminar_experi_single.py``: every patch tied at the cut is kept) or
+"released_percentile" (``process_image_mask`` of ``image_mask.py``: scores above a percentile)."""
+
 ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray, Tensor)
 
 
 def patch_scores(
-    z: Tensor, is_image: Tensor, *, method: PatchMethod, weights: Tensor | None = None, delta: float = 1.0
+    z: Tensor,
+    is_image: Tensor,
+    *,
+    method: PatchMethod,
+    weights: Tensor | None = None,
+    delta: float = 1.0,
+    variant: PatchVariant = "paper",
 ) -> Tensor:
     """Score p_i of every image token of one input, in row order (float32, (n_image_tokens,)).
 
-    "l0": #{k: z[i,k] > delta} (Alg. 4); "l1": sum_k z[i,k] (Alg. 5, post-ReLU so = L1);
-    "cooccurrence": the same count restricted to F, the features active on >= 1 text and
-    >= 1 image token of this input (Alg. 6); "cosine": sum of omega_k over those features
+    ``variant="paper"``: "l0": #{k: z[i,k] > delta} (Alg. 4); "l1": sum_k z[i,k] (Alg. 5, post-ReLU so
+    = L1); "cooccurrence": the same count restricted to F, the features active (> delta) on >= 1 text
+    and >= 1 image token of this input (Alg. 6); "cosine": sum of omega_k over those features
     (Alg. 7; ``weights`` from ``saev.scoring.cross_modal_weights``).
+
+    ``variant="released"`` (``sae_lens/activation_visualization.py`` of the SAELens-V fork, per view): a
+    feature counts on a token when z[i,k] != 0, whatever ``delta``. "l0": #{k: z[i,k] != 0}
+    (``patch_mapping``); "l1": sum_k |z[i,k]| (the paper's, for post-ReLU z); "cooccurrence":
+    #{k in F: z[i,k] != 0} (``select_patch_mapping``), F still the features > delta on some text and
+    some image token (``separate_feature``, which hard-codes delta = 1); "cosine": sum_k omega_k
+    [z[i,k] != 0] over every feature, no restriction to F (``weight_patch_mapping``: a weighted L0,
+    not z-weighted).
     """
+    if variant not in ("paper", "released"):
+        raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
     if z.ndim != 2 or is_image.shape != (z.shape[0],) or is_image.dtype != torch.bool:
         raise ValueError(f"need z (N, n_features) and a bool is_image (N,), got {tuple(z.shape)}, "
                          f"{tuple(is_image.shape)} {is_image.dtype}")
@@ -63,6 +90,8 @@ def patch_scores(
         raise ValueError(f"method='cosine' needs weights of shape ({z.shape[1]},)")
     active_NF = z > delta
     active_img = active_NF[is_image]
+    if variant == "released":
+        return _released_patch_scores(z, is_image, active_NF, method, weights)
     if method == "l0":
         return active_img.sum(1).float()
     if method == "l1":
@@ -72,6 +101,23 @@ def patch_scores(
     if method == "cooccurrence":
         return counted.sum(1).float()
     return (counted.double() @ weights.to(z.device).double()).float()
+
+
+def _released_patch_scores(
+    z: Tensor, is_image: Tensor, active_NF: Tensor, method: PatchMethod, weights: Tensor | None
+) -> Tensor:
+    """:func:`patch_scores` with ``variant="released"``; ``active_NF`` = z > delta (for F only)."""
+    # Released defect NOT reproduced: its patch mapping puts LLaVA-NeXT's newline tokens at first+599+25r.
+    nonzero_img = z[is_image] != 0  # released: active on a patch when z != 0, not z > delta
+    if method == "l0":
+        return nonzero_img.sum(1).float()
+    if method == "l1":  # released: patch_features.abs().sum(2) (commented out); = the paper's on post-ReLU z
+        return z[is_image].float().abs().sum(1)
+    if method == "cooccurrence":
+        both_F = active_NF[~is_image].any(0) & active_NF[is_image].any(0)  # separate_feature: z > delta
+        return (nonzero_img & both_F).sum(1).float()
+    # released: omega_k of every feature with z != 0, no co-occurrence restriction
+    return (nonzero_img.double() @ weights.to(z.device).double()).float()
 
 
 def cooccurring_features(z: Tensor, is_image: Tensor, *, delta: float = 1.0) -> Tensor:
@@ -91,7 +137,12 @@ or "index" (lower patch index first, as before; it turns a tie into a top-rows c
 
 
 def patch_keep_mask(
-    scores: Tensor, keep_fraction: float, *, seed: int = 0, ties: TieBreak = "random"
+    scores: Tensor,
+    keep_fraction: float,
+    *,
+    seed: int = 0,
+    ties: TieBreak = "random",
+    variant: CropVariant = "paper",
 ) -> Tensor:
     """Bool mask of the floor(keep_fraction * n) best patches (Alg. 4-7's K = floor(gamma |I|)).
 
@@ -99,7 +150,16 @@ def patch_keep_mask(
     seed), so a tie never becomes a systematic crop (the paper leaves ties unspecified; the index
     order of ``ties="index"`` kept the top rows of every all-zero image). Unlike ``select_top`` the
     count may be 0. :func:`tie_report` says how many scores were tied at the cut.
+
+    ``variant="released"`` (``crop_image_by_activation`` in ``seminar_experi_single.py``): the cut is the
+    K-th best score and every patch scoring >= it is kept, so all patches tied at the cut survive and
+    more than K may be kept (K = 0 keeps none). ``variant="released_percentile"`` (``process_image_mask``
+    in ``image_mask.py``): keep the scores strictly above ``np.percentile(scores, 100 * (1 - gamma))``
+    (numpy's linear interpolation), so the count is only about gamma n and an all-equal image keeps none.
+    Neither released variant needs a tie-break: ``seed`` and ``ties`` are ignored there.
     """
+    if variant not in ("paper", "released", "released_percentile"):
+        raise ValueError(f"variant must be 'paper', 'released' or 'released_percentile', got {variant!r}")
     if scores.ndim != 1:
         raise ValueError(f"scores must be 1-D, got shape {tuple(scores.shape)}")
     if scores.is_floating_point() and torch.isnan(scores).any():
@@ -109,6 +169,20 @@ def patch_keep_mask(
     n = scores.numel()
     count = keep_count(keep_fraction, n, at_least_one=False)
     keep = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if variant == "released":
+        # released: keep every score >= the K-th best (ties at the cut all kept). Its K is int(n * gamma)
+        # (ours has a 1e-9 tolerance), and its K = 0 keeps everything (np.partition(x, -0)[-0] is the
+        # minimum), an indexing accident not reproduced: K = 0 keeps nothing.
+        if count > 0:
+            keep = scores >= torch.sort(scores, descending=True).values[count - 1]
+        return keep
+    if variant == "released_percentile":
+        if n == 0:
+            return keep
+        # released: black out every score <= the 100 (1 - gamma) percentile (image_mask.py hard-codes 75)
+        values = scores.detach().cpu().double().numpy()
+        threshold = np.percentile(values, 100 * (1 - keep_fraction))
+        return torch.from_numpy(values > threshold).to(scores.device)
     if ties == "index":
         keep[torch.sort(scores, descending=True, stable=True).indices[:count]] = True
         return keep
@@ -154,6 +228,7 @@ def mask_image(
     channels_first: bool | None = None,
     seed: int = 0,
     ties: TieBreak = "random",
+    variant: CropVariant = "paper",
 ) -> ImageLike:
     """Keep the best patches of ``image`` and set every other pixel to 0 in every channel.
 
@@ -163,14 +238,16 @@ def mask_image(
     come back as RGB), or an ndarray / tensor of shape (H, W), (H, W, C) or (C, H, W); the
     result has the same kind, dtype and layout.
     ``channels_first`` settles an ambiguous 3-D shape (default: the one dim of size 1/3/4,
-    else tensors are (C, H, W) and arrays (H, W, C)). ``seed``/``ties``: :func:`patch_keep_mask`.
+    else tensors are (C, H, W) and arrays (H, W, C)). ``seed``/``ties``/``variant``: :func:`patch_keep_mask`
+    (``variant="released"`` / ``"released_percentile"``: the released crop / percentile mask).
     """
     rows, cols = grid
     if scores.shape != (rows * cols,):
         raise ValueError(
             f"scores must have shape ({rows * cols},) for grid {grid}, got {tuple(scores.shape)}"
         )
-    keep_RC = patch_keep_mask(scores, keep_fraction, seed=seed, ties=ties).cpu().reshape(rows, cols)
+    keep_N = patch_keep_mask(scores, keep_fraction, seed=seed, ties=ties, variant=variant)
+    keep_RC = keep_N.cpu().reshape(rows, cols)
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "RGB", "RGBA"):
             image = image.convert("RGB")  # e.g. a palette image, whose index 0 need not be black

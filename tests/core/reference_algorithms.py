@@ -161,3 +161,68 @@ def kept_patches(scores: list[float], keep_fraction: float) -> list[int]:
     """K = floor(gamma |I|) best patches (lower index first on ties), as a sorted index list."""
     count = math.floor(keep_fraction * len(scores) + 1e-9)
     return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:count])
+
+
+def released_patch_scores(z_NF, is_image_N, method: str, weights=None, delta: float = 1.0) -> list[float]:
+    """Released scripts (sae_lens/activation_visualization.py of the SAELens-V fork), on one view:
+    patch_mapping (l0), select_patch_mapping over separate_feature's set (cooccurrence) and
+    weight_patch_mapping (cosine). A feature counts on a patch when z != 0."""
+    z, img = _rows(z_NF), [bool(b) for b in is_image_N.tolist()]
+    n_features = z_NF.shape[1]
+    w = [float(x) for x in weights.tolist()] if weights is not None else None
+    # separate_feature: text_union & image_union of torch.where(feature > 1), i.e. z > delta
+    text_union = {k for j in range(len(z)) if not img[j] for k in range(n_features) if z[j][k] > delta}
+    image_union = {k for j in range(len(z)) if img[j] for k in range(n_features) if z[j][k] > delta}
+    co = text_union & image_union
+    p = []
+    for i in range(len(z)):
+        if not img[i]:
+            continue
+        if method == "l0":  # (patch_features != 0).sum(dim=2)
+            p.append(float(sum(1 for k in range(n_features) if z[i][k] != 0)))
+        elif method == "l1":  # patch_features.abs().sum(dim=2)
+            p.append(sum(abs(z[i][k]) for k in range(n_features)))
+        elif method == "cooccurrence":  # patch_features[:, :, selected_feature_indices] != 0
+            p.append(float(sum(1 for k in range(n_features) if z[i][k] != 0 and k in co)))
+        elif method == "cosine":  # ((patch_features != 0).float() * weights).sum(dim=2), every listed feature
+            p.append(sum(w[k] for k in range(n_features) if z[i][k] != 0))
+        else:
+            raise ValueError(method)
+    return p
+
+
+def released_crop(scores: list[float], keep_fraction: float) -> list[int]:
+    """seminar_experi_single.py, crop_image_by_activation: threshold = the keep_count-th largest score
+    (np.partition(flat, -keep_count)[-keep_count]); keep every patch with score >= threshold."""
+    keep_count = math.floor(keep_fraction * len(scores) + 1e-9)  # released: int(n * keep_ratio)
+    if keep_count == 0:
+        return []  # released: np.partition(x, -0)[-0] is the minimum, so it keeps all; not reproduced
+    threshold = sorted(scores, reverse=True)[keep_count - 1]
+    return [i for i in range(len(scores)) if scores[i] >= threshold]
+
+
+def numpy_linear_percentile(values: list[float], q: float) -> float:
+    """np.percentile(values, q) with its default method="linear", written out (numpy 2 arithmetic):
+    virtual index h = (n - 1) * (q / 100) into the sorted values, linear interpolation, lerp from the
+    nearer end."""
+    v = sorted(values)
+    h = (len(v) - 1) * (q / 100)
+    lo = math.floor(h)
+    if h >= len(v) - 1:
+        return v[-1]
+    a, b, t = v[lo], v[lo + 1], h - lo
+    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
+
+
+def released_percentile_kept(scores: list[float], keep_fraction: float) -> list[int]:
+    """image_mask.py, process_image_mask: threshold = np.percentile(acts, 75) for keep 0.25, i.e.
+    100 (1 - gamma); every patch with score <= threshold is blacked out, the others kept."""
+    if not scores:
+        return []
+    threshold = numpy_linear_percentile(scores, 100 * (1 - keep_fraction))
+    kept = []
+    for i in range(len(scores)):
+        if scores[i] <= threshold:
+            continue  # img[patch] = 0
+        kept.append(i)
+    return kept

@@ -236,3 +236,152 @@ def test_token_cell_overlap_of_a_base_view_and_tiles():
     # views_to_patch_scores is the transpose at work: scores of all-ones on a cell's tokens give 1 there
     half = ImageLayout(views=(ViewLayout(grid=(1, 2), box=(0.0, 0.5, 1.0, 1.0)),), grid=(1, 4))
     assert token_cell_overlap(half).tolist() == [[0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+# --- released semantics (the public SAE-V scripts) -------------------------------------------------
+
+SCORE_LEVELS = [0.0, 1.0, 1.0, 2.5, -1.0]
+FRACTIONS = [0.0, 0.1, 0.25, 0.3, 0.5, 0.75, 0.9, 1.0]
+scores_lists = st.lists(
+    st.one_of(st.sampled_from(SCORE_LEVELS), st.floats(-5, 5, width=32, allow_nan=False)), max_size=40
+)
+
+
+@SETTINGS
+@given(one_input(), st.sampled_from(["l0", "l1", "cooccurrence", "cosine"]), st.sampled_from([0.0, 0.5, 1.0]))
+def test_released_patch_scores_match_reference(inp, method, delta):
+    z, is_image, weights = inp
+    got = patch_scores(z, is_image, method=method, weights=weights, delta=delta, variant="released")
+    want = ref.released_patch_scores(z, is_image, method, weights, delta)
+    assert got.shape == (int(is_image.sum()),) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@SETTINGS
+@given(scores_lists, st.sampled_from(FRACTIONS))
+def test_released_crop_matches_reference_and_keeps_every_tie_at_the_cut(scores, fraction):
+    t = torch.tensor(scores, dtype=torch.float32)
+    keep = patch_keep_mask(t, fraction, variant="released")
+    assert keep.dtype == torch.bool and keep.shape == t.shape
+    assert keep.nonzero().squeeze(1).tolist() == ref.released_crop(t.tolist(), fraction)
+    paper = patch_keep_mask(t, fraction, ties="index")
+    assert bool((keep | ~paper).all())  # a superset of the paper's crop: K plus the rest of the tie
+    report = tie_report(t, fraction) if len(scores) else None
+    if report is not None and report.decided_by_tie == 0:
+        assert torch.equal(keep, paper)  # nothing tied across the cut: the same K patches
+    if keep.any() and (~keep).any():
+        assert float(t[keep].min()) > float(t[~keep].max())  # never splits a tie
+    assert torch.equal(keep, patch_keep_mask(t, fraction, seed=7, ties="random", variant="released"))
+
+
+@SETTINGS
+@given(scores_lists, st.sampled_from(FRACTIONS))
+def test_released_percentile_mask_matches_reference_and_numpy(scores, fraction):
+    t = torch.tensor(scores, dtype=torch.float32)
+    keep = patch_keep_mask(t, fraction, variant="released_percentile")
+    want = ref.released_percentile_kept(t.tolist(), fraction)
+    assert keep.nonzero().squeeze(1).tolist() == want
+    if scores:  # the written-out percentile is numpy's, bit for bit
+        values = t.double().tolist()
+        q = 100 * (1 - fraction)
+        assert ref.numpy_linear_percentile(values, q) == np.percentile(values, q)
+
+
+def test_released_counts_z_between_zero_and_delta():
+    # Rows: text (0.5, 2, 0), image (0.5, 3, 0), image (0, 0.2, 0). delta = 1.
+    # paper: only z > 1 counts; released: every z != 0 counts on the patch. F (z > 1 on both) = {f1}.
+    z = torch.tensor([[0.5, 2.0, 0], [0.5, 3.0, 0], [0, 0.2, 0]])
+    is_image = torch.tensor([False, True, True])
+    w = torch.tensor([10.0, 1.0, 100.0])
+    assert patch_scores(z, is_image, method="l0").tolist() == [1, 0]
+    assert patch_scores(z, is_image, method="l0", variant="released").tolist() == [2, 1]
+    assert patch_scores(z, is_image, method="cooccurrence").tolist() == [1, 0]
+    # f0 is 0.5 on text and image: not in F (> delta) in either semantics; f1 counts on row 2 at 0.2
+    assert patch_scores(z, is_image, method="cooccurrence", variant="released").tolist() == [1, 1]
+    assert patch_scores(z, is_image, method="cosine", weights=w).tolist() == [1, 0]
+    # released cosine: omega of every nonzero feature, F or not (f0's 10 counts on row 1)
+    assert patch_scores(z, is_image, method="cosine", weights=w, variant="released").tolist() == [11, 1]
+    assert patch_scores(z, is_image, method="l1", variant="released").tolist() == pytest.approx([3.5, 0.2])
+    # delta does not move the released L0 / cosine, only the set F of the co-occurring count
+    for d in (0.0, 0.4, 5.0):
+        assert patch_scores(z, is_image, method="l0", delta=d, variant="released").tolist() == [2, 1]
+    assert patch_scores(z, is_image, method="cooccurrence", delta=0.4, variant="released").tolist() == [2, 1]
+
+
+def test_released_feature_never_active_and_no_text_tokens():
+    # f2 is never active (all 0): it adds nothing in either semantics, however large its weight.
+    z = torch.tensor([[2.0, 0.0, 0], [3.0, 0.5, 0], [0.0, 1.5, 0]])
+    w = torch.tensor([1.0, 2.0, 1e6])
+    both = torch.tensor([False, True, True])
+    assert patch_scores(z, both, method="cosine", weights=w, variant="released").tolist() == [3, 2]
+    assert patch_scores(z, both, method="cosine", weights=w).tolist() == [1, 0]  # F = {f0}
+    # No text token: F is empty, so the co-occurring count and the paper's cosine are 0 everywhere;
+    # the released cosine has no F and still weights every nonzero feature.
+    only_image = torch.tensor([True, True, True])
+    for variant in ("paper", "released"):
+        assert patch_scores(z, only_image, method="cooccurrence", variant=variant).tolist() == [0, 0, 0]
+    assert patch_scores(z, only_image, method="cosine", weights=w).tolist() == [0, 0, 0]
+    assert patch_scores(z, only_image, method="cosine", weights=w, variant="released").tolist() == [1, 3, 2]
+    assert patch_scores(z, only_image, method="l0", variant="released").tolist() == [1, 2, 1]
+    # No image token: no scores at all
+    assert patch_scores(z, torch.zeros(3, dtype=torch.bool), method="l0", variant="released").shape == (0,)
+
+
+def test_crops_on_all_tied_and_ties_at_the_cut():
+    tied = torch.zeros(8)
+    assert int(patch_keep_mask(tied, 0.25).sum()) == 2  # paper: exactly floor(gamma n), drawn at random
+    assert bool(patch_keep_mask(tied, 0.25, variant="released").all())  # released crop: the whole tie
+    assert not patch_keep_mask(tied, 0.25, variant="released_percentile").any()  # percentile: nothing > it
+    # Ties at the cut: K = 3 of [3, 2, 2, 2, 1, 0]; the cut (2) is shared by three patches.
+    s = torch.tensor([3.0, 2, 2, 2, 1, 0])
+    assert int(patch_keep_mask(s, 0.5).sum()) == 3
+    assert patch_keep_mask(s, 0.5, ties="index").nonzero().squeeze(1).tolist() == [0, 1, 2]
+    assert patch_keep_mask(s, 0.5, variant="released").nonzero().squeeze(1).tolist() == [0, 1, 2, 3]
+    # np.percentile(s, 50) = 2: only scores strictly above 2 survive
+    assert patch_keep_mask(s, 0.5, variant="released_percentile").nonzero().squeeze(1).tolist() == [0]
+    # No tie at the cut: the released crop is the paper's; the percentile interpolates (75th of 0..7 = 5.25)
+    r = torch.arange(8.0)
+    assert torch.equal(patch_keep_mask(r, 0.25, variant="released"), patch_keep_mask(r, 0.25))
+    assert patch_keep_mask(r, 0.25, variant="released_percentile").nonzero().squeeze(1).tolist() == [6, 7]
+    # gamma = 0 and 1
+    assert not patch_keep_mask(s, 0.0, variant="released").any()  # K = 0: none (the script would keep all)
+    assert bool(patch_keep_mask(s, 1.0, variant="released").all())
+    # gamma = 1: the 0th percentile is the minimum, which is not > itself
+    assert patch_keep_mask(s, 1.0, variant="released_percentile").tolist() == [True] * 5 + [False]
+    assert not patch_keep_mask(s, 0.0, variant="released_percentile").any()
+    for variant in ("released", "released_percentile"):
+        assert patch_keep_mask(torch.zeros(0), 0.5, variant=variant).shape == (0,)
+
+
+def test_mask_image_released_keeps_the_tie_and_unknown_variants_raise():
+    image = np.full((4, 4, 3), 9, dtype=np.uint8)
+    tied = torch.tensor([1.0, 1.0, 1.0, 0.0])  # 2 x 2 grid, keep 0.25: K = 1, three patches tied at the cut
+    out = mask_image(image, tied, 0.25, (2, 2), variant="released")
+    assert (out[:2] == 9).all() and (out[2:, :2] == 9).all() and (out[2:, 2:] == 0).all()
+    out = mask_image(image, tied, 0.25, (2, 2), ties="index")
+    assert (out == 9).sum() == 4 * 3  # paper: one patch of 2 x 2 pixels
+    out = mask_image(image, tied, 0.25, (2, 2), variant="released_percentile")  # 75th percentile = 1
+    assert (out == 0).all()
+    z, is_image = torch.ones(2, 1), torch.tensor([False, True])
+    with pytest.raises(ValueError, match="variant"):
+        patch_scores(z, is_image, method="l0", variant="released_percentile")
+    with pytest.raises(ValueError, match="variant"):
+        patch_scores(z, is_image, method="l0", variant="Released")
+    with pytest.raises(ValueError, match="variant"):
+        patch_keep_mask(tied, 0.5, variant="percentile")
+    with pytest.raises(ValueError, match="variant"):
+        mask_image(image, tied, 0.5, (2, 2), variant="paper_v2")
+
+
+def test_default_variant_is_the_paper():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.relu(torch.randn(20, 7, generator=gen) * 2)
+    is_image = torch.arange(20) % 3 != 0
+    w = torch.randn(7, generator=gen)
+    for method in ("l0", "l1", "cooccurrence", "cosine"):
+        assert torch.equal(patch_scores(z, is_image, method=method, weights=w),
+                           patch_scores(z, is_image, method=method, weights=w, variant="paper"))
+    s = torch.tensor([1.0, 1, 1, 0, 2, 2])
+    for fraction in (0.0, 0.5, 1.0):
+        want = patch_keep_mask(s, fraction, seed=4)
+        assert torch.equal(want, patch_keep_mask(s, fraction, seed=4, variant="paper"))
