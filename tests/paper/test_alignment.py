@@ -213,18 +213,23 @@ def test_preference_scores_on_the_ci_world_and_cache_reuse(patched, monkeypatch)
 
 def test_filter_sweep_end_to_end_and_resume(patched, monkeypatch) -> None:
     result = pa.filter_sweep(patched, "llava-next", "a", ("cosine", "random"), cosine_metric=True)
-    assert sorted(result.cells["filter"]) == ["cosine", "random"]
-    assert result.cells["fraction"].tolist() == [0.5, 0.5] and result.cells["n_train"].tolist() == [6, 6]
+    # the oracle rows join every sweep of a labelled set (align.oracle_rows)
+    assert result.cells["filter"].tolist() == ["cosine", "random", "clean_first", "defective_first"]
+    assert set(result.cells["fraction"]) == {0.5} and set(result.cells["n_train"]) == {6}
     assert len(result.full) == 1 and result.full["n_train"].iloc[0] == 12 and len(result.base) == 1
     points = pa.model_cosine_scores(result)
-    assert len(points) == 3 and points["average_cosine"].between(-1, 1).all()
+    assert len(points) == 5 and points["average_cosine"].between(-1, 1).all()  # 4 cells + full
     assert (points["score"] >= 0).all()
     table = pa.sweep_table(result)
     assert list(table.columns) == ["0%", "50%", "100%"]
-    assert list(table.index) == ["cosine similarity", "random", "full data set", "base model"]
+    assert list(table.index) == ["cosine similarity", "random", "clean first (oracle)", "defective first",
+                                 "full data set", "base model"]  # fmt: skip
     assert table.loc["base model", "0%"] == f"{result.base_score:.1f} ± 0.0"
     verdicts = pa.filter_verdicts(result)
-    assert len(verdicts) == 2 and verdicts[0].startswith("cosine similarity ")
+    assert len(verdicts) == 4 and verdicts[0].startswith("cosine similarity ")
+    # the clean-first oracle keeps clean pairs only: 6 of the pool's clean pairs
+    scores = pa.preference_scores(patched, "llava-next", "a")
+    assert (scores["defect"] == "none").sum() >= 6
 
     def no_finetune(*args, **kwargs):
         raise AssertionError("finished cells must be read back, not fine-tuned again")
@@ -276,3 +281,27 @@ def test_filter_verdicts_follow_the_numbers() -> None:
         and table.loc["full data set", "100%"] == "10.0 ± 0.0"
     )
     assert table.loc["base model", "0%"] == "8.0 ± 0.0" and table.loc["base model", "25%"] == ""
+
+
+def test_sweep_pools_and_seeded_ties() -> None:
+    import dataclasses
+
+    import datasets
+
+    from saev.paper.benchmark import sweep_pools
+    from saev.paper.finetune import select_subset
+    from saev.paper.profile import AlignConfig
+
+    shared = AlignConfig(pool_size=4, seeds=(0, 1, 2))
+    assert sweep_pools(10, shared, shared.seeds) == {s: [0, 1, 2, 3] for s in (0, 1, 2)}
+    fresh = dataclasses.replace(shared, pool_per_seed=True)
+    assert sweep_pools(12, fresh, fresh.seeds) == {0: [0, 1, 2, 3], 1: [4, 5, 6, 7], 2: [8, 9, 10, 11]}
+    with pytest.raises(ValueError, match="need 12 pairs, the set has 10"):
+        sweep_pools(10, fresh, fresh.seeds)
+    with pytest.raises(ValueError, match="pool_per_seed needs align.pool_size"):
+        AlignConfig(pool_per_seed=True)
+    data = datasets.Dataset.from_dict({"i": list(range(8))})
+    tied = np.array([1.0, 1, 1, 1, 0, 0, 0, 0])  # e.g. the clean-first oracle: 4 clean, 4 defective
+    assert select_subset(data, tied, 0.25)["i"] == [0, 1]  # index order: always the first rows
+    draws = {tuple(select_subset(data, tied, 0.25, seed=s)["i"]) for s in range(20)}
+    assert len(draws) > 1 and all(set(d) <= {0, 1, 2, 3} for d in draws)  # seeded ties, never a 0-score row
