@@ -120,7 +120,10 @@ def test_retrieval_is_top1_after_centring() -> None:
 def test_retrieval_by_layer_and_shared_representation_on_the_ci_world(ci_world) -> None:
     models = {name: dataclasses.replace(spec, model_dir=str(ci_world.paths[name]))
               for name, spec in ci_world.profile.models.items() if name in ci_world.paths}  # fmt: skip
+    from saev.paper.world import generate_world_data
+
     profile = dataclasses.replace(ci_world.profile, models=models)
+    generate_world_data(profile, names=["classification"])  # the fixture generates only the models' sets
     table = pc.retrieval_by_layer(profile, layers=[0, 1])
     assert table["layer"].tolist() == [0, 1] and list(table.columns) == ["layer", "colour", "shape"]
     # accuracies are shares of the 6 colours and 5 shapes

@@ -116,6 +116,7 @@ _OTHER_VALUES = {
     "vqa_categories": {"color": 1.0}, "preference_categories": {"count": 1.0}, "benchmark_categories": {"shape": 1.0},
     "defect_fraction_a": 0.5, "defect_mix_a": {"flipped": 1.0}, "defect_fraction_b": 0.5,
     "defect_mix_b": {"flipped": 1.0}, "listing_order": "color", "caption_order": "shape",
+    "ignores_question_answer": "other_question",
 }  # fmt: skip
 
 
