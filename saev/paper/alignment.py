@@ -736,6 +736,8 @@ def filter_verdicts(
 
     ``failed``: names of the preconditions that fail (:mod:`saev.paper.preconditions`); when any does,
     every verdict reads "inconclusive: <precondition> fails" and the numbers follow as measured."""
+    from saev.paper.preconditions import inconclusive
+
     cells = result.cells
     means = cells.groupby(["filter", "fraction"])["score"].mean()
     full = float(result.full["score"].mean())
@@ -749,7 +751,7 @@ def filter_verdicts(
             continue
         diff = difference(result, name, baseline)
         if failed:
-            verdict = f"inconclusive ({' and '.join(failed)} {'fails' if len(failed) == 1 else 'fail'}) against"
+            verdict = inconclusive(failed)
         elif np.isnan(diff.low):
             verdict = "cannot be compared (one seed per cell, no interval) with"
         elif diff.low > 0:

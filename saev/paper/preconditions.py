@@ -298,6 +298,15 @@ def _attribute_states(loaded, task, *, hook_layer: int, context_size: int, batch
     return _AttributeStates(attrs, labels, torch.stack(word_h), img_h, img_object, img_label)
 
 
+def _attribute_task(profile: str | Path | Profile, model: str | None):
+    """(profile, pipeline config, model name (default the transfer MLLM), classification task)."""
+    from saev.paper.patch_filtering import classification_task
+
+    profile = as_profile(profile)
+    cfg = pipeline_config_for(profile)
+    return profile, cfg, model or cfg.transfer_mllm, classification_task(profile, cfg)
+
+
 def _value_rows(states: _AttributeStates, k: int, kind: str, v: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool masks of the word rows of value ``v`` and of the object patch tokens (all images) of that value."""
     words = torch.tensor([lab == (kind, v) for lab in states.labels])
@@ -334,13 +343,8 @@ def shared_representation(
     centred, against ``RETRIEVAL_MIN`` (chance 1/6, 1/5); (2) the share of the words with a shared SAE-V
     feature (``SHARED_VALUES_MIN``). Needs data that marks the object (the world's ``object_patches``);
     none otherwise. Cached in ``artifacts/<profile>/preconditions/``."""
-    from saev.paper.patch_filtering import classification_task
-
-    profile = as_profile(profile)
-    cfg = pipeline_config_for(profile)
-    model = model or cfg.transfer_mllm
+    profile, cfg, model, task = _attribute_task(profile, model)
     spec = profile.models[model]
-    task = classification_task(profile, cfg)
     if task.object_cells is None:
         return []
     run = runs[f"{model}-saev"]
@@ -405,13 +409,8 @@ def retrieval_by_layer(
     is a lever of the world, DESIGN.md). One row per layer: layer, colour, shape (top-1 accuracies)."""
     import pandas as pd
 
-    from saev.paper.patch_filtering import classification_task
-
-    profile = as_profile(profile)
-    cfg = pipeline_config_for(profile)
-    model = model or cfg.transfer_mllm
+    profile, cfg, model, task = _attribute_task(profile, model)
     spec = profile.models[model]
-    task = classification_task(profile, cfg)
     if task.object_cells is None:
         raise ValueError(f"profile {profile.name!r}: the classification data does not mark the object")
     rows = []
