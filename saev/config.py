@@ -23,11 +23,14 @@ __all__ = [
     "DTypeName",
     "Family",
     "ModelSpec",
+    "RECIPES",
     "SAEConfig",
     "TrainConfig",
+    "apply_recipe",
     "build_dataclass",
     "check_non_negative",
     "check_positive",
+    "with_recipe",
 ]
 
 DTypeName = Literal["float32", "float64", "float16", "bfloat16"]
@@ -58,6 +61,9 @@ class SAEConfig:
     """Scale inputs so their mean norm is sqrt(d_in); folded into the weights on save (SAELens semantics)."""
     decoder_init_norm: float = 0.1
     """Norm of each decoder row at initialisation (SAELens decoder heuristic init)."""
+    decoder_init: Literal["kaiming_uniform", "uniform"] = "kaiming_uniform"
+    """Decoder rows before scaling to ``decoder_init_norm``: "kaiming_uniform" (SAELens 6) or "uniform",
+    non-negative U[0, 1) rows (``decoder_heuristic_init`` of the SAELens fork the released scripts train with)."""
     dtype: DTypeName = "float32"
     """Parameter dtype of the SAE (Table 2: float32)."""
 
@@ -70,6 +76,8 @@ class SAEConfig:
         check_positive(self, "d_in", "expansion_factor", "k")
         if self.l1_coefficient < 0:
             raise ConfigError(f"SAEConfig.l1_coefficient must be >= 0, got {self.l1_coefficient}")
+        if not self.decoder_init_norm > 0:
+            raise ConfigError(f"SAEConfig.decoder_init_norm must be > 0, got {self.decoder_init_norm}")
         if self.architecture == "topk" and self.k > self.d_sae:
             raise ConfigError(f"SAEConfig.k={self.k} exceeds the number of features d_sae={self.d_sae}")
 
@@ -110,8 +118,20 @@ class TrainConfig:
     """Seed of the SAE initialisation."""
     device: str = "cpu"
     """Torch device for the SAE."""
+    recipe: Literal["paper", "released"] = "paper"
+    """Which recipe the settings follow (:data:`RECIPES`): "paper" (Table 2, every setting free) or
+    "released" (the released scripts' ``Llava_sae.py`` / ``training_sae.py``: the settings of
+    ``RECIPES["released"]`` are required, and a profile's ``train.recipe: released`` fills them in)."""
 
     def __post_init__(self) -> None:
+        for key, want in _flat(RECIPES[self.recipe]).items():
+            have = self.sae if key.startswith("sae.") else self
+            value = getattr(have, key.removeprefix("sae."))
+            if value != want:
+                raise ConfigError(
+                    f"TrainConfig: recipe {self.recipe!r} sets {key} = {want!r}, but it is {value!r}: "
+                    f"remove {key} (or the recipe)"
+                )
         check_positive(self, "lr", "train_batch_size_tokens", "total_training_steps")
         check_non_negative(
             self,
@@ -127,6 +147,65 @@ class TrainConfig:
                 f"TrainConfig: lr_warm_up_steps ({self.lr_warm_up_steps}) + lr_decay_steps "
                 f"({self.lr_decay_steps}) exceed total_training_steps ({self.total_training_steps})"
             )
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},  # Table 2 of the paper: the TrainConfig / SAEConfig defaults, every setting free
+    # The released scripts (scripts/Llava_sae.py, training_sae.py of the SAELens-V fork) where they differ:
+    "released": {
+        "lr_warm_up_steps": 0,  # Table 2: 1500
+        "l1_warm_up_steps": 1500,  # Table 2: none
+        "sae": {
+            "apply_b_dec_to_input": False,  # saev and SAELens "standard": True
+            "normalize_activations": "expected_average_only_in",  # paper profiles: "none"
+            "decoder_init": "uniform",  # decoder_heuristic_init: torch.rand rows; saev: kaiming-uniform
+        },
+    },
+}
+"""Training recipes by name: the settings each one fixes (nested as the ``train:`` section)."""
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_recipe(section: Mapping[str, Any], *, source: str = "<mapping>", prefix: str = "train") -> dict[str, Any]:
+    """A ``train:`` section with its ``recipe``'s settings filled in where the section leaves them out.
+
+    A setting the section gives explicitly is kept, so a conflict reaches ``TrainConfig`` and is
+    refused there with the key named. An unknown recipe is refused here.
+    """
+    if not isinstance(section, Mapping) or "recipe" not in section:
+        return dict(section) if isinstance(section, Mapping) else section
+    recipe = section["recipe"]
+    if recipe not in RECIPES:
+        raise ConfigError(f"{source}: key '{prefix}.recipe' must be one of {list(RECIPES)}, got {recipe!r}")
+    out = dict(section)
+    for key, value in RECIPES[recipe].items():
+        if isinstance(value, Mapping):
+            sub = out.get(key, {})
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{source}: key '{prefix}.{key}' must be a mapping, got {type(sub).__name__}")
+            out[key] = {**value, **sub}
+        else:
+            out.setdefault(key, value)
+    return out
+
+
+def with_recipe(cfg: TrainConfig, recipe: str) -> TrainConfig:
+    """``cfg`` with ``recipe``'s settings (:data:`RECIPES`) replacing its own; other settings kept."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; known: {list(RECIPES)}")
+    settings = RECIPES[recipe]
+    sae = dataclasses.replace(cfg.sae, **settings.get("sae", {}))
+    top = {k: v for k, v in settings.items() if k != "sae"}
+    return dataclasses.replace(cfg, sae=sae, recipe=recipe, **top)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ class SparseAutoencoder(nn.Module):
     """
 
     def __init__(self, cfg: SAEConfig, *, generator: torch.Generator | None = None) -> None:
-        """Initialise with SAELens' heuristic init: random decoder rows of norm
+        """Initialise with SAELens' heuristic init: random decoder rows (``cfg.decoder_init``) of norm
         ``cfg.decoder_init_norm``, ``W_enc = W_dec.T``, zero biases.
 
         ``generator`` (a CPU generator) makes the init reproducible; weights are drawn on the
@@ -92,9 +92,11 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         dtype = _DTYPES[cfg.dtype]
-        # kaiming_uniform_ then row normalisation, exactly as SAELens' TrainingSAE.initialize_weights.
         W_dec_FD = torch.empty(cfg.d_sae, cfg.d_in, dtype=torch.float32)
-        nn.init.kaiming_uniform_(W_dec_FD, generator=generator)
+        if cfg.decoder_init == "uniform":  # the released scripts' fork: torch.rand rows (decoder_heuristic_init)
+            W_dec_FD.uniform_(0.0, 1.0, generator=generator)
+        else:  # kaiming_uniform_ then row normalisation, exactly as SAELens' TrainingSAE.initialize_weights
+            nn.init.kaiming_uniform_(W_dec_FD, generator=generator)
         W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True) * cfg.decoder_init_norm
         self.W_dec = nn.Parameter(W_dec_FD.to(dtype))
         self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(dtype))

@@ -27,6 +27,7 @@ from saev.config import (
     ConfigError,
     ModelSpec,
     TrainConfig,
+    apply_recipe,
     build_dataclass,
     check_non_negative,
     check_positive,
@@ -438,6 +439,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
     root = path.parent.parent if path.parent.name == "params" else path.parent
     data = dict(data)
     world_sections = {key: data.pop(key) for key in ("world", "world_models") if key in data}
+    if "train" in data:  # train.recipe: released fills in the released scripts' settings (saev.config.RECIPES)
+        data["train"] = apply_recipe(data["train"], source=str(path))
     profile = build_dataclass(Profile, data, source=str(path))
     profile = dataclasses.replace(profile, root_dir=str(root), source=str(path))
     if world_sections:  # only a mini/ci profile loads the world's code

@@ -243,6 +243,60 @@ def test_training_matches_the_saelens_trainer(tmp_path, monkeypatch, architectur
         torch.testing.assert_close(p, getattr(theirs, name).detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_released_recipe_trains_as_saelens_with_the_same_settings(tmp_path, monkeypatch):
+    """The released scripts' recipe (apply_b_dec_to_input False, expected_average_only_in, no LR warm-up,
+    L1 warm-up): same init, same batches, the same weights as SAELens' trainer with those settings."""
+    import itertools
+
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from saev.config import with_recipe
+
+    B, T = 32, 40
+    monkeypatch.setattr(saev.train, "NORM_ESTIMATE_ROWS", 4 * B)
+    base = TrainConfig(sae=SAEConfig(d_in=8, expansion_factor=4, l1_coefficient=0.3), lr=1e-2, lr_warm_up_steps=5,
+                       lr_decay_steps=10, train_batch_size_tokens=B, total_training_steps=T, checkpoint_every=0)
+    released = with_recipe(base, "released")
+    assert (released.recipe, released.l1_warm_up_steps) == ("released", 1500)
+    # its 1500-step L1 warm-up would outlast these 40 steps: shortened, the config no longer is the recipe
+    cfg = dataclasses.replace(released, l1_warm_up_steps=8, recipe="paper")
+    assert (cfg.lr_warm_up_steps, cfg.sae.apply_b_dec_to_input, cfg.sae.decoder_init) == (0, False, "uniform")
+    theirs = StandardTrainingSAE(StandardTrainingSAEConfig(
+        d_in=8, d_sae=32, l1_coefficient=0.3, l1_warm_up_steps=8, apply_b_dec_to_input=False,
+        normalize_activations="expected_average_only_in",
+    ))  # fmt: skip
+    init = SparseAutoencoder(cfg.sae, generator=torch.Generator().manual_seed(cfg.seed))
+    assert bool((init.W_dec >= 0).all())  # torch.rand rows, as the fork's decoder_heuristic_init
+    with torch.no_grad():
+        for name, p in init.named_parameters():
+            getattr(theirs, name).copy_(p)
+    data = torch.randn(T * B, 8, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    train_sae(iter(data.split(B)), cfg, out_dir=tmp_path, progress=False)
+    trainer_cfg = SAETrainerConfig(total_training_samples=T * B, train_batch_size_samples=B, lr=1e-2, lr_end=1e-2,
+                                   lr_warm_up_steps=0, lr_decay_steps=10, n_batches_for_norm_estimate=4)
+    estimate = data[: 4 * B].split(B)
+    SAETrainer(cfg=trainer_cfg, sae=theirs, data_provider=itertools.chain(estimate, data.split(B))).fit()
+    ours = SparseAutoencoder.from_pretrained(tmp_path)
+    assert ours.cfg.apply_b_dec_to_input is False and ours.cfg.decoder_init == "uniform"
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, getattr(theirs, name).detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_uniform_decoder_init_is_non_negative_rows_of_the_set_norm():
+    cfg = SAEConfig(d_in=16, expansion_factor=4, decoder_init="uniform", decoder_init_norm=0.1)
+    sae = SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(3))
+    assert bool((sae.W_dec >= 0).all()) and torch.equal(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.full((64,), 0.1))
+    # the same draw as the fork: torch.rand(d_sae, d_in) then rows scaled to the norm
+    raw = torch.rand(64, 16, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(sae.W_dec, raw / raw.norm(dim=-1, keepdim=True) * 0.1)
+    kaiming = SparseAutoencoder(dataclasses.replace(cfg, decoder_init="kaiming_uniform"),
+                                generator=torch.Generator().manual_seed(3))
+    assert bool((kaiming.W_dec < 0).any())
+
+
 # ----------------------------------------------------------------------------- schedules
 
 

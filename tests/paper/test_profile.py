@@ -178,3 +178,33 @@ def test_world_section_keys_are_checked(tmp_path):
     path = _write(tmp_path, BASE + "world: {n_vqa: 10, defect_fraction_a: 0.3, n_vqaa: 3}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'world\.n_vqaa'; did you mean 'world\.n_vqa'\?"):
         load_profile(path)
+
+
+def test_released_recipe_fills_in_its_settings_and_refuses_a_conflict(tmp_path):
+    text = BASE.replace("  lr_warm_up_steps: 1\n", "  recipe: released\n")
+    train = load_profile(_write(tmp_path, text)).train
+    assert train.recipe == "released"
+    assert (train.lr_warm_up_steps, train.l1_warm_up_steps) == (0, 1500)
+    assert train.sae.apply_b_dec_to_input is False and train.sae.decoder_init == "uniform"
+    assert train.sae.normalize_activations == "expected_average_only_in"
+    assert load_profile(_write(tmp_path, BASE)).train.recipe == "paper"  # the default: Table 2, all free
+    # an explicit setting that contradicts the recipe is refused, naming the key and the file
+    path = _write(tmp_path, BASE.replace("  lr_warm_up_steps: 1\n", "  recipe: released\n  lr_warm_up_steps: 1\n"))
+    with pytest.raises(ConfigError, match=r"recipe 'released' sets lr_warm_up_steps = 0, but it is 1") as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+    path = _write(tmp_path, text.replace("sae: {d_in: 8}", "sae: {d_in: 8, apply_b_dec_to_input: true}"))
+    with pytest.raises(ConfigError, match=r"sae.apply_b_dec_to_input = False"):
+        load_profile(path)
+    path = _write(tmp_path, BASE.replace("  lr_warm_up_steps: 1\n", "  recipe: sae_lens\n"))
+    with pytest.raises(ConfigError, match=r"'train.recipe' must be one of \['paper', 'released'\]"):
+        load_profile(path)
+
+
+def test_paper_profiles_say_where_the_released_scripts_differ():
+    for name in ("paper-llava", "paper-chameleon"):
+        text = (PARAMS_DIR / f"{name}.yaml").read_text()
+        assert "recipe: released" in text and "released scripts: 0" in text
+        assert load_profile(name).train.recipe == "paper"
+    text = (PARAMS_DIR / "paper-chameleon.yaml").read_text()
+    assert "uses 64" in text and "released Chameleon script: 512" in text
