@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from saev.cache import atomic_save_safetensors, atomic_write_json, model_fingerprint
 from saev.config import ActivationConfig, ModelSpec
-from saev.models import LoadedModel, Modality, Sample
+from saev.models import LoadedModel, Modality, Sample, TokenSet
 
 __all__ = ["CACHE_VERSION", "ActivationStore", "TokenRecord"]
 
 CACHE_VERSION = 2
 """Bumped when the shard layout or the token set changes; part of the cache hash (2: LLaVA-NeXT's
-image-newline tokens are no longer real tokens)."""
+image-newline tokens are no longer real tokens). The token set (``tokens``) is in the hash too."""
 
 
 class TokenRecord(NamedTuple):
@@ -47,7 +47,8 @@ class TokenRecord(NamedTuple):
     hidden_ND: torch.Tensor
     """Residual stream after block ``hook_layer``, in the model's dtype, on CPU."""
     modality_N: torch.Tensor
-    """``Modality`` of each token (TEXT or IMAGE; never SPECIAL), int64."""
+    """``Modality`` of each token, int64: TEXT or IMAGE; SPECIAL only for the padding that a
+    ``tokens="released"`` store keeps (the released scripts' L0 averages over the padded batch)."""
     sample_id_N: torch.Tensor
     """Index of the token's sample in the stream (0-based), int64."""
     position_N: torch.Tensor
@@ -70,6 +71,11 @@ class ActivationStore:
     its own, other iterables need ``dataset_fingerprint``, which must identify the samples as
     they reach the model (``to_sample`` included). The model runs wherever it was loaded
     (``load_model(..., device=cfg.device)``).
+
+    ``tokens`` (:data:`saev.models.TokenSet`): "paper" keeps the real tokens only; "released" keeps
+    every position of each padded store batch, in the released scripts' modalities
+    (:func:`saev.models.released_modality`: BOS and markers are TEXT, the whole image span IMAGE,
+    padding SPECIAL). :meth:`training_batches` never serves padding.
     """
 
     def __init__(
@@ -86,7 +92,10 @@ class ActivationStore:
         dataset_fingerprint: str | None = None,
         seed: int = 0,
         progress: bool = True,
+        tokens: TokenSet = "paper",
     ) -> None:
+        if tokens not in ("paper", "released"):
+            raise ValueError(f"tokens must be 'paper' or 'released', got {tokens!r}")
         if context_size <= 0:
             raise ValueError(f"context_size must be > 0, got {context_size}")
         if iter(samples) is samples:
@@ -103,6 +112,7 @@ class ActivationStore:
         self.require_images = require_images
         self.seed = seed
         self.progress = progress
+        self.tokens: TokenSet = tokens
         self.loaded.hook_module(hook_layer)  # fail early on a bad hook_layer
         self.cache_dir: Path | None = None
         if cfg.cache_activations:
@@ -168,7 +178,10 @@ class ActivationStore:
         passes = itertools.count() if n_passes is None else range(n_passes)
         for _ in passes:
             for record in self.iter_token_batches():
-                pending.append(record.hidden_ND)
+                hidden_ND = record.hidden_ND
+                if self.tokens == "released":  # padding is kept for the released L0, never trained on
+                    hidden_ND = hidden_ND[record.modality_N != Modality.SPECIAL]
+                pending.append(hidden_ND)
                 n_in_buffer += 1
                 if n_in_buffer < full:
                     continue
@@ -251,7 +264,7 @@ class ActivationStore:
         """Forward ``samples`` up to the hook layer and keep their real tokens."""
         sample_ids = list(range(first, first + len(samples)))
         inputs = self.loaded.build_inputs(samples, context_size=self.context_size, sample_ids=sample_ids)
-        modality_BT = self.loaded.token_modality(inputs).cpu()
+        modality_BT = self.loaded.token_modality(inputs, tokens=self.tokens).cpu()
         hidden_BTD = _forward_to_layer(self.loaded, inputs, self.hook_layer).cpu()
         if self.require_images:
             for b, sid in enumerate(sample_ids):
@@ -261,7 +274,10 @@ class ActivationStore:
                         f"{len(samples[b].images)} images; context_size={self.context_size} may have "
                         "truncated them away)"
                     )
+        # paper: real tokens only; released: every position of the padded batch (padding stays SPECIAL)
         real_BT = modality_BT != Modality.SPECIAL
+        if self.tokens == "released":
+            real_BT = torch.ones_like(real_BT)
         B, T = real_BT.shape
         position_BT = torch.arange(T).expand(B, T)
         sample_id_BT = torch.tensor(sample_ids, dtype=torch.long)[:, None].expand(B, T)
@@ -284,6 +300,7 @@ class ActivationStore:
             "dtype": str(next(self.loaded.model.parameters()).dtype).removeprefix("torch."),
             "store_batch_size_prompts": self.cfg.store_batch_size_prompts,
             "d_in": self.loaded.hidden_size,
+            "tokens": self.tokens,
         }
 
 

@@ -31,10 +31,10 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saev.activations import ActivationStore
+from saev.activations import ActivationStore, TokenRecord
 from saev.config import ActivationConfig
 from saev.metrics import average_cosine_score, ifd_score, lm_cross_entropy
-from saev.models import LoadedModel, Modality, Sample, chat_sample, check_sae_matches
+from saev.models import LoadedModel, Modality, Sample, TokenSet, chat_sample, check_sae_matches
 from saev.cache import atomic_write_bytes
 from saev.sae import SparseAutoencoder
 from saev.scoring import FeatureStats, Method, SampleScorer, Variant
@@ -213,12 +213,21 @@ def _paper_batch_sets(
 
 def _store(
     loaded: LoadedModel, samples: Sequence[Any], *, hook_layer: int, context_size: int, batch_size: int,
-    to_sample: Callable[[Any], Sample] | None, progress: bool,
+    to_sample: Callable[[Any], Sample] | None, progress: bool, tokens: TokenSet = "paper",
 ) -> ActivationStore:
     return ActivationStore(
         loaded, samples, hook_layer=hook_layer, context_size=context_size,
         cfg=ActivationConfig(store_batch_size_prompts=batch_size), to_sample=to_sample, progress=progress,
+        tokens=tokens,
     )
+
+
+def _unpadded(record: TokenRecord, tokens: TokenSet) -> TokenRecord:
+    """The record without the padding rows a ``tokens="released"`` store keeps (for its L0 only)."""
+    if tokens == "paper":
+        return record
+    keep_N = record.modality_N != Modality.SPECIAL
+    return TokenRecord(*(t[keep_N] for t in record))
 
 
 def _sae_device(sae: SparseAutoencoder) -> torch.device:
@@ -242,6 +251,7 @@ def score_dataset(
     seed: int = 0,
     to_sample: Callable[[Any], Sample] | None = None,
     progress: bool = True,
+    tokens: TokenSet = "paper",
 ) -> DatasetScores:
     """Per-sample cosine (Alg. 1), L0 (Alg. 2) and co-occurrence (Alg. 3) scores of ``samples``.
 
@@ -264,6 +274,10 @@ def score_dataset(
     To avoid the bit sets (very large D), compute the weights first with
     :func:`feature_stats` over D_s and pass ``weights=stats.weights()`` (two passes, D_s then D).
     ``variant="released"`` selects the public SAE-V scripts' reading (see ``saev.scoring``).
+    ``tokens`` (:data:`saev.models.TokenSet`) which positions count as text and image: "paper" (real
+    tokens) or "released" (the released scripts' ranges: BOS and markers are text, the whole image span
+    image; the released L0 averages over positions 1.. of each padded store batch of ``batch_size``,
+    padding included; padding never enters a feature set).
     ``samples`` is a sequence of ``Sample`` or of rows that ``to_sample`` maps to one.
     """
     check_sae_matches(loaded.model, sae.d_in)
@@ -289,8 +303,9 @@ def score_dataset(
         )
         sets = _SampleSets(n_samples, n_features, delta, variant)
     store = _store(loaded, samples, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
-                   to_sample=to_sample, progress=progress)
-    for record in store.iter_token_batches():
+                   to_sample=to_sample, progress=progress, tokens=tokens)
+    for padded in store.iter_token_batches():
+        record = _unpadded(padded, tokens)
         hidden_ND = record.hidden_ND.to(device)
         is_image_N = (record.modality_N == Modality.IMAGE).to(device)
         sample_id_N = record.sample_id_N.to(device)
@@ -307,8 +322,15 @@ def score_dataset(
             if sets is not None:
                 sets.store(samples_G, any_GF)
         else:
-            z_NF = sae.encode(hidden_ND)
-            scorer.update(z_NF, is_image_N, sample_id_N)  # the released L0 is a mean over real tokens
+            if tokens == "paper":
+                z_NF = sae.encode(hidden_ND)
+                scorer.update(z_NF, is_image_N, sample_id_N)  # the released L0: a mean over real tokens
+            else:  # the padded batch's [:, 1:]: padding in the L0, BOS out; padding in no feature set
+                z_PF = sae.encode(padded.hidden_ND.to(device))
+                keep_P = (padded.modality_N != Modality.SPECIAL).to(device)
+                z_NF = z_PF[keep_P]
+                scorer.update(z_PF, (padded.modality_N == Modality.IMAGE).to(device), padded.sample_id_N.to(device),
+                              in_sets=keep_P, in_l0=(padded.position_N >= 1).to(device))  # fmt: skip
             if sets is not None:
                 sets.update(*_pool_rows(z_NF, is_image_N, sample_id_N))
         if stats is not None:
@@ -329,7 +351,7 @@ def score_dataset(
         "weight_samples": None if subset_ids is None else len(subset_ids),
         "weights_given": subset_ids is None, "hook_layer": hook_layer, "context_size": context_size,
         "n_samples": n_samples, "n_features": n_features,
-        "family": loaded.family, "model_dir": str(loaded.model_dir),
+        "family": loaded.family, "model_dir": str(loaded.model_dir), "tokens": tokens,
     }
     return DatasetScores(
         cosine=cosine_S.cpu(), l0=l0_S.cpu(), cooccurrence=cooccurrence_S.cpu(),
@@ -369,11 +391,13 @@ def feature_stats(
     seed: int = 0,
     to_sample: Callable[[Any], Sample] | None = None,
     progress: bool = True,
+    tokens: TokenSet = "paper",
 ) -> FeatureStats:
     """Alg. 1 stages 1-2 over D_s only (:func:`weight_subset`): per-feature top-K tokens.
 
     ``.weights()`` of the result is omega (Eq. 7), equal to ``score_dataset(...).weights``
     with the same settings; ``.kept_tokens().samples_FS`` are indices into ``samples``.
+    ``tokens``: the token set, as :func:`score_dataset`.
     """
     check_sae_matches(loaded.model, sae.d_in)
     device = _sae_device(sae)
@@ -382,8 +406,9 @@ def feature_stats(
         sae.d_sae, sae.d_in, top_k=top_k, delta=delta, variant=variant, dtype=sae.W_enc.dtype, device=device
     )
     store = _store(loaded, _Subset(samples, subset_ids), hook_layer=hook_layer, context_size=context_size,
-                   batch_size=batch_size, to_sample=to_sample, progress=progress)
-    for record in store.iter_token_batches():
+                   batch_size=batch_size, to_sample=to_sample, progress=progress, tokens=tokens)
+    for padded in store.iter_token_batches():
+        record = _unpadded(padded, tokens)
         hidden_ND = record.hidden_ND.to(device)
         is_image_N = (record.modality_N == Modality.IMAGE).to(device)
         sample_id_N = subset_ids[record.sample_id_N].to(device)
@@ -411,13 +436,14 @@ def model_average_cosine_score(
     seed: int = 0,
     to_sample: Callable[[Any], Sample] | None = None,
     progress: bool = True,
+    tokens: TokenSet = "paper",
 ) -> float:
     """Fig. 8 (Section 4.3): the model's average cosine score on a dataset, the mean of
     omega_k over the SAE-V features with omega_k != 0 (NaN if none)."""
     stats = feature_stats(
         loaded, sae, samples, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
         weight_samples=weight_samples, top_k=top_k, delta=delta, variant=variant, seed=seed,
-        to_sample=to_sample, progress=progress,
+        to_sample=to_sample, progress=progress, tokens=tokens,
     )
     return average_cosine_score(stats.weights())
 

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from PIL import Image
@@ -69,6 +69,7 @@ __all__ = [
     "LoadedModel",
     "Modality",
     "Sample",
+    "TokenSet",
     "chat_sample",
     "check_sae_matches",
     "get_adapter",
@@ -78,6 +79,7 @@ __all__ = [
     "load_model",
     "model_family",
     "pad_token_id",
+    "released_modality",
     "tokenizer_of",
 ]
 
@@ -134,6 +136,31 @@ def chat_sample(
 # ----------------------------------------------------------------------------- loading
 
 
+TokenSet = Literal["paper", "released"]
+"""Which positions count as text and image tokens (DESIGN.md "Token sets"): "paper" (real tokens only:
+padding, BOS, EOS and structural tokens such as image-newline and begin/end-of-image are SPECIAL) or
+"released" (the released scripts' ranges: :func:`released_modality`)."""
+
+
+def released_modality(image_BT: torch.Tensor, attention_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """The released scripts' token set: per row, every position in [first image token, last image token]
+    is IMAGE (LLaVA-NeXT's image-newline tokens and any text between two images included), every other
+    position is TEXT (BOS, EOS and image start/end markers included); only padding (attention mask 0)
+    is SPECIAL. ``image_BT``: the family's image-token positions (bool (B, T)). A row without image
+    tokens is all TEXT."""
+    modality_BT = torch.full(image_BT.shape, int(Modality.TEXT), dtype=torch.long, device=image_BT.device)
+    T = image_BT.shape[1]
+    pos_T = torch.arange(T, device=image_BT.device)
+    has_B = image_BT.any(1)
+    first_B = torch.where(image_BT, pos_T, T).amin(1)
+    last_B = torch.where(image_BT, pos_T, -1).amax(1)
+    span_BT = has_B[:, None] & (pos_T >= first_B[:, None]) & (pos_T <= last_B[:, None])
+    modality_BT[span_BT] = int(Modality.IMAGE)
+    if attention_mask_BT is not None:
+        modality_BT[attention_mask_BT.to(image_BT.device) == 0] = int(Modality.SPECIAL)
+    return modality_BT
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A model, its processor (the tokenizer for ``causal_lm``) and its family's adapter."""
@@ -175,8 +202,14 @@ class LoadedModel:
             {k: v.to(device, dtype) if k == "pixel_values" else v.to(device) for k, v in inputs.items()}
         )
 
-    def token_modality(self, inputs: BatchFeature) -> torch.Tensor:
-        """``Modality`` of every position of ``inputs``: LongTensor (B, T)."""
+    def token_modality(self, inputs: BatchFeature, *, tokens: TokenSet = "paper") -> torch.Tensor:
+        """``Modality`` of every position of ``inputs``: LongTensor (B, T), in token set ``tokens``
+        (:data:`TokenSet`; "released": :func:`released_modality`)."""
+        if tokens == "released":
+            image_BT = self.adapter._image_mask(inputs["input_ids"], self.model)
+            return released_modality(image_BT, inputs.get("attention_mask"))
+        if tokens != "paper":
+            raise ValueError(f"tokens must be 'paper' or 'released', got {tokens!r}")
         return self.adapter.token_modality(inputs, model=self.model, processor=self.processor)
 
     def image_layout(self, image_size: tuple[int, int]) -> ImageLayout:

@@ -699,18 +699,27 @@ class _GroupSets(NamedTuple):
     n_positive_G: Tensor  # sum over tokens of #(z > 0), for the released L0
 
 
-def _group_sets(z_NF: Tensor, is_image_N: Tensor, group_N: Tensor, n_groups: int, delta: float) -> _GroupSets:
-    """Per-group active-feature sets by modality, with segment sums (no loop over groups)."""
+def _group_sets(
+    z_NF: Tensor, is_image_N: Tensor, group_N: Tensor, n_groups: int, delta: float,
+    in_sets_N: Tensor | None = None, in_l0_N: Tensor | None = None,
+) -> _GroupSets:
+    """Per-group active-feature sets by modality (over the rows ``in_sets_N``) and the per-token L0
+    counts (over the rows ``in_l0_N``), with segment sums (no loop over groups); None: every row."""
     f = z_NF.shape[1]
     active_NF = (z_NF > delta).to(torch.int32)
+    text_N, image_N = ~is_image_N, is_image_N
+    if in_sets_N is not None:
+        text_N, image_N = text_N & in_sets_N, image_N & in_sets_N
     text_GF = torch.zeros(n_groups, f, dtype=torch.int32, device=z_NF.device)
     image_GF = torch.zeros_like(text_GF)
-    text_GF.index_add_(0, group_N[~is_image_N], active_NF[~is_image_N])
-    image_GF.index_add_(0, group_N[is_image_N], active_NF[is_image_N])
-    ones_N = torch.ones_like(group_N)
-    n_tokens_G = torch.zeros(n_groups, dtype=torch.int64, device=z_NF.device).index_add_(0, group_N, ones_N)
-    n_positive_G = torch.zeros(n_groups, dtype=torch.int64, device=z_NF.device).index_add_(
-        0, group_N, (z_NF > 0).sum(1))
+    text_GF.index_add_(0, group_N[text_N], active_NF[text_N])
+    image_GF.index_add_(0, group_N[image_N], active_NF[image_N])
+    l0_group_N, positive_N = group_N, (z_NF > 0).sum(1)
+    if in_l0_N is not None:
+        l0_group_N, positive_N = group_N[in_l0_N], positive_N[in_l0_N]
+    n_tokens_G = torch.zeros(n_groups, dtype=torch.int64, device=z_NF.device).index_add_(
+        0, l0_group_N, torch.ones_like(l0_group_N))
+    n_positive_G = torch.zeros(n_groups, dtype=torch.int64, device=z_NF.device).index_add_(0, l0_group_N, positive_N)
     return _GroupSets(text_GF > 0, image_GF > 0, n_tokens_G, n_positive_G)
 
 
@@ -796,9 +805,21 @@ class SampleScorer:
         self._open_sample = -1
         self._open_sets: _GroupSets | None = None
 
-    def update(self, z: Tensor, is_image: Tensor, sample_id: Tensor) -> SampleScorer:
-        """Feed rows (N, n_features) with their modality and sample id. Returns ``self``."""
+    def update(
+        self, z: Tensor, is_image: Tensor, sample_id: Tensor, *, in_sets: Tensor | None = None,
+        in_l0: Tensor | None = None,
+    ) -> SampleScorer:
+        """Feed rows (N, n_features) with their modality and sample id. Returns ``self``.
+
+        ``in_sets`` / ``in_l0`` (bool (N,), default every row): the rows that count for the feature
+        sets (Alg. 1 stage 3, Alg. 3, the paper L0) and for the released per-token L0 mean. The
+        released token set (``tokens="released"``) keeps padding out of the sets but in the L0, and BOS
+        in the sets but out of the L0 (the released scripts' ``[:, 1:]`` of the padded batch).
+        """
         _check_rows(None, z, is_image)
+        for name, mask in (("in_sets", in_sets), ("in_l0", in_l0)):
+            if mask is not None and (mask.shape != is_image.shape or mask.dtype != torch.bool):
+                raise ValueError(f"{name} must be a bool tensor of shape {tuple(is_image.shape)}")
         if self.weights is not None and self.weights.shape != (z.shape[1],):
             raise ValueError(f"weights must have shape ({z.shape[1]},), got {tuple(self.weights.shape)}")
         if sample_id.shape != is_image.shape:
@@ -820,7 +841,7 @@ class SampleScorer:
         seen = seen[seen >= 0]
         if seen.unique().numel() != seen.numel() or self._done[seen].any():
             raise ValueError("a sample's rows must be contiguous in the stream (a sample id reappeared)")
-        sets = _group_sets(z, is_image, run_N, run_sample_R.numel(), self.delta)
+        sets = _group_sets(z, is_image, run_N, run_sample_R.numel(), self.delta, in_sets, in_l0)
         sets = _GroupSets(*(t.cpu() for t in sets))
         if self._open_sets is not None:
             if continues_open:

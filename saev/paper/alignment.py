@@ -215,6 +215,8 @@ def preference_scores(
         "hook_layer": spec.hook_layer, "context_size": spec.context_size,
         "code": code_fingerprint(*EVAL_CODE, "saev.paper.alignment"),
     }  # fmt: skip
+    if cfg.tokens != "paper":
+        params["tokens"] = cfg.tokens
     path = (
         profile.artifacts_path / "align" / "scores" / f"{model}--{pref_set}--{params_hash(params)[:12]}.json"
     )
@@ -229,7 +231,7 @@ def preference_scores(
                 loaded, sae, data, hook_layer=spec.hook_layer, context_size=spec.context_size,
                 batch_size=cfg.eval_batch_size, weight_samples=cfg.weight_samples, top_k=cfg.top_k,
                 delta=cfg.delta, variant=variant, seed=profile.seed,
-                to_sample=lambda row: preference_sample(family, row), progress=progress,
+                to_sample=lambda row: preference_sample(family, row), progress=progress, tokens=cfg.tokens,
             )  # fmt: skip
             suffix = "" if variant == "paper" else "_released"
             for method in ("cosine", "cooccurrence", "l0"):

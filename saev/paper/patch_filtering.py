@@ -27,13 +27,23 @@ from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for
 from saev.paper.data import DataSlice, data_slice, interleaved_sample, load_role
 from saev.paper.profile import PipelineConfig, Profile, as_profile
 from saev.paper.sae_training import SAERun, make_store
-from saev.patches import PatchMethod, TieBreak, cooccurring_features, mask_image, patch_scores, tie_report, views_to_patch_scores
+from saev.patches import (
+    CropVariant,
+    PatchMethod,
+    PatchVariant,
+    TieBreak,
+    cooccurring_features,
+    mask_image,
+    patch_scores,
+    tie_report,
+    views_to_patch_scores,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
     from PIL import Image
 
-    from saev.models import LoadedModel
+    from saev.models import LoadedModel, TokenSet
     from saev.sae import SparseAutoencoder
     from saev.scoring import KeptTokens
 
@@ -119,6 +129,8 @@ def cross_modal_stats(
         "top_k": cfg.top_k, "delta": cfg.delta, "hook_layer": spec.hook_layer, "context": spec.context_size,
         "code": code_fingerprint(*EVAL_CODE),
     }  # fmt: skip
+    if (cfg.variant, cfg.tokens) != ("paper", "paper"):
+        params |= {"variant": cfg.variant, "tokens": cfg.tokens}
     path = profile.artifacts_path / "weights" / f"{run.path.name}-{params_hash(params)[:12]}.safetensors"
     if not path.is_file():
         with torch_threads(cfg.num_threads), torch.inference_mode():
@@ -129,11 +141,13 @@ def cross_modal_stats(
             store = make_store(
                 loaded, sliced, hook_layer=spec.hook_layer, context_size=spec.context_size,
                 act_cfg=ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size), cache_root=None,
-                seed=profile.seed, require_images=True, progress=progress,
+                seed=profile.seed, require_images=True, progress=progress, tokens=cfg.tokens,
             )  # fmt: skip
-            stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta)
+            stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta, variant=cfg.variant)
             positions = []
             for record in store.iter_token_batches():
+                if cfg.tokens == "released":  # padding (kept for the released L0) enters no feature's tokens
+                    record = type(record)(*(t[record.modality_N != Modality.SPECIAL] for t in record))
                 hidden = record.hidden_ND.float()
                 is_image = record.modality_N == Modality.IMAGE
                 stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N)
@@ -173,6 +187,8 @@ def classification_patch_scores(
     delta: float,
     batch_size: int = 8,
     progress: bool = False,
+    variant: PatchVariant = "paper",
+    tokens: TokenSet = "paper",
 ) -> PatchScores:
     """Alg. 4-7 patch scores of every image, mapped onto its patch grid (:class:`PatchScores`).
 
@@ -180,7 +196,9 @@ def classification_patch_scores(
     (image,))``, H = M(T, V) in Alg. 4-7); the SAE-V encodes its real tokens; every method of
     ``PATCH_METHODS`` scores the image tokens, and :func:`saev.patches.views_to_patch_scores`
     maps them onto the grid of :func:`image_layout` (LLaVA-NeXT: base view and tiles averaged).
-    All images must have the same size.
+    All images must have the same size. ``variant``: Alg. 4-7 as the paper or the released scripts
+    (``saev.patches.patch_scores``); ``tokens``: the token set (``saev.models.TokenSet``; "released":
+    BOS, markers and the prompt count as text, the whole image span, newlines included, as image).
     """
     from saev.activations import ActivationStore
     from saev.models import Modality, chat_sample
@@ -192,19 +210,21 @@ def classification_patch_scores(
     samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
     store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size,
                             cfg=ActivationConfig(store_batch_size_prompts=batch_size), require_images=True,
-                            progress=progress)  # fmt: skip
+                            progress=progress, tokens=tokens)  # fmt: skip
     out, n_cooccurring = [], []
     with torch.inference_mode():
         for i, record in enumerate(store.iter_samples()):
-            z = sae.encode(record.hidden_ND.float())
-            is_image = record.modality_N == Modality.IMAGE
+            real = record.modality_N != Modality.SPECIAL  # padding, kept by a released-token store
+            z = sae.encode(record.hidden_ND[real].float())
+            is_image = record.modality_N[real] == Modality.IMAGE
             if int(is_image.sum()) not in (layout.n_tokens, layout.n_patch_tokens):
                 raise RuntimeError(
                     f"image {i}: {int(is_image.sum())} image tokens, the layout expects {layout.n_patch_tokens}"
                 )
             n_cooccurring.append(int(cooccurring_features(z, is_image, delta=delta).sum()))
             per_method = [
-                patch_scores(z, is_image, method=m, weights=weights, delta=delta) for m in PATCH_METHODS
+                patch_scores(z, is_image, method=m, weights=weights, delta=delta, variant=variant)
+                for m in PATCH_METHODS
             ]
             per_method = [views_to_patch_scores(token_scores, layout) for token_scores in per_method]
             out.append(torch.stack(per_method))
@@ -239,13 +259,16 @@ def accuracy_under_masking(
     batch_size: int = 64,
     seed: int = 0,
     ties: TieBreak = "random",
+    crop: CropVariant = "paper",
 ) -> pd.DataFrame:
     """Fig. 6: exact-match accuracy of ``answer_fn`` on images masked to each kept fraction.
 
     ``scores`` (n_images, len(methods), rows * cols) are patch scores per method; "random"
     draws seeded uniform scores (``random_seeds`` seeds). Equal scores of a method are ordered
     at random, with image i's seed ``(seed, i)`` (``saev.patches.patch_keep_mask``; ``ties="index"``
-    keeps the lower patch index, the old top-rows crop). Kept fraction 1.0 is the unmasked
+    keeps the lower patch index, the old top-rows crop). ``crop``: the crop of every method and the
+    random baseline (``patch_keep_mask``'s variant; "released" keeps all patches tied at the cut,
+    "released_percentile" is ``image_mask.py``'s mask). Kept fraction 1.0 is the unmasked
     image (method "original"). Answers match when their
     ``normalize_answer`` forms are equal. The images are split into ``n_subsets`` contiguous
     subsets for error bars. Returns one row per (method, keep_fraction, seed, subset) with
@@ -272,7 +295,8 @@ def accuracy_under_masking(
                 ranking = _random_scores(grid[0] * grid[1], seed_, i)
             else:
                 ranking = scores[i, methods.index(method)]
-            queue.append(mask_image(image, ranking, fraction, grid, seed=_tie_seed(seed, i), ties=ties))
+            queue.append(mask_image(image, ranking, fraction, grid, seed=_tie_seed(seed, i), ties=ties,
+                                    variant=crop))
     answers: list[str] = []
     for start in range(0, len(queue), batch_size):
         answers += answer_fn(queue[start : start + batch_size])
@@ -346,6 +370,8 @@ class PatchFilterResult:
     """|F| of Alg. 6 per image (:class:`PatchScores`)."""
     seed: int = 0
     """The run's seed: image i's ties are broken with ``_tie_seed(seed, i)``."""
+    crop: CropVariant = "paper"
+    """The crop the accuracies were measured with (``PipelineConfig.patch_crop``)."""
 
 
 class ClassificationTask(NamedTuple):
@@ -461,7 +487,7 @@ def patch_filter_experiment(
             computed = classification_patch_scores(
                 loaded, run.load(), images, question=task.question, hook_layer=spec.hook_layer,
                 context_size=spec.context_size, weights=stats.weights, delta=cfg.delta,
-                batch_size=cfg.eval_batch_size, progress=progress,
+                batch_size=cfg.eval_batch_size, progress=progress, variant=cfg.variant, tokens=cfg.tokens,
             )  # fmt: skip
             atomic_save_safetensors(scores_path, computed._asdict())
         saved = load_file(str(scores_path))
@@ -479,11 +505,11 @@ def patch_filter_experiment(
             accuracy = accuracy_under_masking(
                 answer_fn, images, references, scores, grid=grid, keep_fractions=cfg.keep_fractions,
                 methods=methods, random_seeds=cfg.random_seeds, n_subsets=cfg.n_subsets,
-                batch_size=cfg.eval_batch_size, seed=profile.seed,
+                batch_size=cfg.eval_batch_size, seed=profile.seed, crop=cfg.patch_crop,
             )  # fmt: skip
             atomic_write_text(acc_path, accuracy.to_csv(index=False))
     return PatchFilterResult(accuracy=pd.read_csv(acc_path), scores=scores, grid=grid, rows=rows, methods=methods,
-                             n_cooccurring=saved["n_cooccurring"], seed=profile.seed)  # fmt: skip
+                             n_cooccurring=saved["n_cooccurring"], seed=profile.seed, crop=cfg.patch_crop)  # fmt: skip
 
 
 def tie_table(result: PatchFilterResult, keep_fractions: Sequence[float]) -> pd.DataFrame:
@@ -538,7 +564,8 @@ def patch_cases(
     images = classification_task(profile, cfg).images
     cases = []
     for i in range(min(n_cases or cfg.n_cases, len(images))):
-        masked = {m: [mask_image(images[i], result.scores[i, j], f, result.grid, seed=_tie_seed(result.seed, i))
+        masked = {m: [mask_image(images[i], result.scores[i, j], f, result.grid, seed=_tie_seed(result.seed, i),
+                                 variant=result.crop)
                       for f in cfg.keep_fractions]
                   for j, m in enumerate(result.methods)}  # fmt: skip
         cases.append(CaseImages(row=result.rows[i], original=images[i], masked=masked))
@@ -577,13 +604,13 @@ def feature_gallery(
     tokenizer = loaded.tokenizer
     data = data_slice(profile, "interleaved", "train", cfg)
     order = torch.sort(stats.weights, descending=True, stable=True).indices[: cfg.gallery_features]
-    k = stats.kept.rows_FS.shape[1] // 2  # text slots, then image slots
     gallery = []
     for f in order.tolist():
         texts, images = [], []
-        for slot in range(2 * k):
+        for slot in range(stats.kept.rows_FS.shape[1]):  # paper: text then image slots; released: one pool
             row = int(stats.kept.rows_FS[f, slot])
-            if row < 0 or len(texts if slot < k else images) >= cfg.gallery_examples:
+            is_image_slot = bool(stats.kept.is_image_FS[f, slot])
+            if row < 0 or len(images if is_image_slot else texts) >= cfg.gallery_examples:
                 continue
             data_row = int(stats.sample_rows[int(stats.kept.samples_FS[f, slot])])
             sample = interleaved_sample(data.rows[data_row])
@@ -591,22 +618,25 @@ def feature_gallery(
             ids = inputs["input_ids"][0]
             position = int(stats.positions[row])
             value = float(stats.kept.values_FS[f, slot])
-            if slot < k:
+            if not is_image_slot:
                 window = ids[max(0, position - context_tokens) : position + 1 + context_tokens].tolist()
                 at = min(position, context_tokens)
                 before = tokenizer.decode(window[:at], skip_special_tokens=True)
                 token = tokenizer.decode(window[at : at + 1])
                 after = tokenizer.decode(window[at + 1 :], skip_special_tokens=True)
                 texts.append((before, token, after, value))
-            else:
-                is_image = loaded.token_modality(inputs)[0] == Modality.IMAGE
-                image_positions = is_image.nonzero().squeeze(1).tolist()
-                index = image_positions.index(position)
-                image = sample.images[0]
+            else:  # the patch tokens (paper token set) locate the token on its image
+                is_patch = loaded.token_modality(inputs)[0] == Modality.IMAGE
+                patch_positions = is_patch.nonzero().squeeze(1).tolist()
+                if position not in patch_positions:  # released token set: a newline or text inside the span
+                    continue
+                index = patch_positions.index(position)
+                first = sample.images[0]
+                n = loaded.image_layout((first.height, first.width)).n_patch_tokens
+                image = sample.images[index // n]
                 layout = loaded.image_layout((image.height, image.width))
-                image = sample.images[index // layout.n_tokens]
-                one_hot = torch.zeros(layout.n_tokens)
-                one_hot[index % layout.n_tokens] = 1.0
+                one_hot = torch.zeros(n)
+                one_hot[index % n] = 1.0
                 images.append((image, views_to_patch_scores(one_hot, layout), layout.grid, value))
         gallery.append(GalleryFeature(f, float(stats.weights[f]), texts, images))
     return gallery

@@ -270,6 +270,24 @@ class PipelineConfig:
     """Top text contexts and top image patches shown per gallery feature."""
     num_threads: int = 1
     """Torch intra-op threads in every stage (fixed, so that CPU results are bit-reproducible)."""
+    tokens: Literal["paper", "released"] = "paper"
+    """Token set of SAE-V training and of every scoring stage (Alg. 1-7; ``saev.models.TokenSet``):
+    "paper" (real tokens) or "released" (the released scripts' ranges: BOS and markers are text, the
+    whole image span is image, the released L0 averages over the padded batch; DESIGN.md "Token sets")."""
+    variant: Literal["paper", "released"] = "paper"
+    """Alg. 1 and 4-7 of Fig. 6 and its cases: "paper" or the released scripts' reading ("released":
+    omega over pooled top tokens, patch features counted at z != 0, cosine over every feature).
+    Figs. 7-11 always score both variants side by side."""
+    crop: Literal["paper", "released", "released_percentile"] | None = None
+    """The patch crop of Fig. 6 (``saev.patches.patch_keep_mask``): "paper" keeps floor(gamma n) patches
+    (ties at random, by the image's seed); "released" keeps every patch tied at the cut
+    (``seminar_experi_single.py``); "released_percentile" the percentile mask of ``image_mask.py``.
+    None: as ``variant`` ("paper" or "released")."""
+
+    @property
+    def patch_crop(self) -> str:
+        """The crop in use: ``crop``, or ``variant``'s when unset."""
+        return self.crop or self.variant
 
     def __post_init__(self) -> None:
         check_positive(self, "train_docs", "eval_docs", "eval_batch_size", "weight_samples",

@@ -87,14 +87,14 @@ class SAERun:
 
 def make_store(
     loaded: LoadedModel, data: DataSlice, *, hook_layer: int, context_size: int, act_cfg: ActivationConfig,
-    cache_root: Path | None, seed: int, require_images: bool, progress: bool,
+    cache_root: Path | None, seed: int, require_images: bool, progress: bool, tokens: str = "paper",
 ) -> Any:
     from saev.activations import ActivationStore
 
     return ActivationStore(
         loaded, data.rows, hook_layer=hook_layer, context_size=context_size, cfg=act_cfg,
         to_sample=TO_SAMPLE[data.name], require_images=require_images, cache_root=cache_root,
-        dataset_fingerprint=data.fingerprint, seed=seed, progress=progress,
+        dataset_fingerprint=data.fingerprint, seed=seed, progress=progress, tokens=tokens,
     )  # fmt: skip
 
 
@@ -113,12 +113,14 @@ def train_one_sae(
     seed: int,
     dtype: str = "float32",
     progress: bool = False,
+    tokens: str = "paper",
 ) -> SAERun:
     """Train (or reuse) the SAE of the ``family`` checkpoint in ``model_dir`` on ``data`` at
     ``hook_layer``, in ``saes_dir/<model>-<kind>-<hash>``.
 
     The hash covers the checkpoint, the data rows, hook layer, context size, the training and
-    activation configs, the seed and the code of the modules that train (:func:`code_fingerprint`).
+    activation configs, the seed, the token set (``tokens``; DESIGN.md "Token sets") and the code of the
+    modules that train (:func:`code_fingerprint`).
     A folder with ``pipeline.json`` is finished and returned without loading the model; an
     interrupted one resumes from its newest checkpoint (``train_sae(resume=True)``). Activations
     are cached on disk (``saes_dir/../activations``), so the passes after the first one read
@@ -134,6 +136,8 @@ def train_one_sae(
                   "store_batch_size_prompts": act_cfg.store_batch_size_prompts},
         "seed": seed, "code": code_fingerprint(*SAE_CODE),
     }  # fmt: skip
+    if tokens != "paper":  # (paper runs keep their earlier keys)
+        params["tokens"] = tokens
     key = params_hash(params)
     out_dir = saes_dir / f"{model}-{kind}-{key[:12]}"
     run = SAERun(model=model, kind=kind, path=out_dir)
@@ -144,7 +148,7 @@ def train_one_sae(
         loaded, data, hook_layer=hook_layer, context_size=context_size,
         act_cfg=dataclasses.replace(act_cfg, cache_activations=True),
         cache_root=saes_dir.parent / "activations", seed=seed, require_images=kind == "saev",
-        progress=progress,
+        progress=progress, tokens=tokens,
     )  # fmt: skip
     batches = store.training_batches(train_cfg.train_batch_size_tokens, n_passes=None)
     train_sae(batches, train_cfg, out_dir=out_dir, resume=True, progress=progress)
@@ -182,7 +186,7 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
                 profile.model_path(model), data, family=spec.family, model=model, kind=kind,
                 hook_layer=spec.hook_layer, context_size=spec.context_size,
                 train_cfg=train_cfg, act_cfg=profile.activations, saes_dir=profile.artifacts_path / "saes",
-                seed=profile.seed, dtype=spec.dtype, progress=progress,
+                seed=profile.seed, dtype=spec.dtype, progress=progress, tokens=cfg.tokens,
             )  # fmt: skip
             runs[run.name] = run
     return runs

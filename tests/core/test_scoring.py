@@ -353,6 +353,35 @@ def test_sample_scorer_streaming_equals_in_memory(data, rows, variant):
         torch.testing.assert_close(getattr(got, method), want, atol=1e-6, rtol=0)
 
 
+@SETTINGS
+@given(st.data(), scored_rows(), st.sampled_from(["paper", "released"]))
+def test_sample_scorer_row_masks_keep_rows_out_of_the_sets_or_the_l0(data, rows, variant):
+    """``in_sets`` rows (the released token set: no padding) alone form the feature sets; ``in_l0`` rows
+    (positions 1.. of the padded batch) alone form the released per-token L0 mean."""
+    z, is_image, sample_id, n_samples, weights = rows
+    order = torch.argsort(sample_id, stable=True)
+    z, is_image, sample_id = z[order], is_image[order], sample_id[order]
+    n = len(z)
+    in_sets = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
+    in_l0 = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=torch.bool)
+    scorer = SampleScorer(n_samples, weights=weights, variant=variant)
+    bounds = split_points(data.draw, n)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        scorer.update(z[a:b], is_image[a:b], sample_id[a:b], in_sets=in_sets[a:b], in_l0=in_l0[a:b])
+    got = scorer.scores()
+    for method in ("cosine", "cooccurrence") + (("l0",) if variant == "paper" else ()):
+        want = ref.sample_scores(z[in_sets], is_image[in_sets], sample_id[in_sets], n_samples, method,
+                                 weights, 1.0, variant)  # fmt: skip
+        torch.testing.assert_close(getattr(got, method).double(), torch.tensor(want).double(), atol=1e-6, rtol=0)
+    if variant == "released":
+        want = ref.sample_scores(z[in_l0], is_image[in_l0], sample_id[in_l0], n_samples, "l0", weights, 1.0,
+                                 "released")  # fmt: skip
+        torch.testing.assert_close(got.l0.double(), torch.tensor(want).double(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="in_sets must be a bool tensor"):
+        SampleScorer(1).update(torch.ones(2, 1), torch.tensor([True, False]), torch.tensor([0, 0]),
+                               in_sets=torch.tensor([1, 0]))  # fmt: skip
+
+
 def test_sample_scorer_without_weights_and_with_a_reappearing_sample():
     z = torch.tensor([[2.0], [2.0], [2.0]])
     img = torch.tensor([False, True, False])
