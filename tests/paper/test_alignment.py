@@ -305,3 +305,18 @@ def test_sweep_pools_and_seeded_ties() -> None:
     assert select_subset(data, tied, 0.25)["i"] == [0, 1]  # index order: always the first rows
     draws = {tuple(select_subset(data, tied, 0.25, seed=s)["i"]) for s in range(20)}
     assert len(draws) > 1 and all(set(d) <= {0, 1, 2, 3} for d in draws)  # seeded ties, never a 0-score row
+
+
+def test_preference_scores_in_the_released_token_set(patched) -> None:
+    import dataclasses
+
+    released = dataclasses.replace(patched, pipeline=dataclasses.replace(patched.pipeline, tokens="released"))
+    paper_scores = pa.preference_scores(patched, "llava-next", "a")
+    scores = pa.preference_scores(released, "llava-next", "a")
+    files = list((patched.artifacts_path / "align" / "scores").glob("llava-next--a--*.json"))
+    assert len(files) == 2  # the token set is part of the key
+    assert np.isfinite(scores[list(pa.SCORE_COLUMNS)].to_numpy()).all()
+    assert (scores["cooccurrence"] <= scores["l0"]).all()
+    # BOS and the markers join the text, padding joins the released L0: the L0 scores move
+    assert not np.allclose(scores["l0_released"], paper_scores["l0_released"])
+    assert (scores["cooccurrence"] >= paper_scores["cooccurrence"]).all()  # more text and image rows

@@ -83,3 +83,32 @@ def test_ties_are_broken_by_the_run_seed_not_by_index() -> None:
     l0 = [float(r.loc[r["method"] == "l0", "accuracy"].iloc[0]) for r in runs]
     assert float(by_index.loc[by_index["method"] == "l0", "accuracy"].iloc[0]) == 1.0  # top-left crop: always right
     assert all(a < 1.0 for a in l0) and len(set(l0)) > 1  # a random quarter: right about 1 in 4
+
+
+@pytest.mark.parametrize("family", ["llava_next", "chameleon"])
+def test_classification_patch_scores_in_both_semantics(family, tiny_loaded, make_image) -> None:
+    """The released token set adds BOS and markers to the text and newlines to the image rows: L0 and L1
+    per patch do not change, the co-occurring set F can only grow; the released variant counts z != 0."""
+    from saev.config import SAEConfig
+    from saev.sae import SparseAutoencoder
+
+    lm = tiny_loaded(family)
+    sae = SparseAutoencoder(SAEConfig(d_in=lm.hidden_size, expansion_factor=2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.W_enc.mul_(30)
+    images = [make_image(32, 32, seed=i) for i in range(3)]
+    weights = torch.linspace(-1, 1, sae.d_sae)
+
+    def run(variant, tokens):
+        return patch_filtering.classification_patch_scores(
+            lm, sae, images, question="what is it?", hook_layer=1, context_size=10_000, weights=weights,
+            delta=0.5, batch_size=2, variant=variant, tokens=tokens)  # fmt: skip
+
+    paper, released_tokens = run("paper", "paper"), run("paper", "released")
+    l0_l1 = [patch_filtering.PATCH_METHODS.index(m) for m in ("l0", "l1")]
+    torch.testing.assert_close(paper.scores[:, l0_l1], released_tokens.scores[:, l0_l1])
+    assert (released_tokens.n_cooccurring >= paper.n_cooccurring).all()
+    both = run("released", "released")
+    assert both.scores.shape == paper.scores.shape
+    l0 = patch_filtering.PATCH_METHODS.index("l0")
+    assert (both.scores[:, l0] >= released_tokens.scores[:, l0]).all()  # z != 0 counts more than z > delta
