@@ -115,6 +115,10 @@ class WorldConfig:
     several times longer than the one-word answers it replaces, so answer length alone finds the defect;
     WORLD_VERSION 2's bytes) or ``"other_question"`` (the answer to another exact question about the
     same image, e.g. a position for a colour question: as long as a clean answer)."""
+    hallucinated_rejected: float = 0.0
+    """Share of the description pairs (clean and ``flipped``) whose wrong answer is the right description
+    plus one absent object (``world.hallucinated``), the hallucination a model trained with
+    ``world_models.sft_hallucination`` makes, instead of a description with a wrong colour."""
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -142,6 +146,8 @@ class WorldConfig:
                 raise bad(name, "must be >= 0")
         if self.ignores_question_answer not in ("caption", "other_question"):
             raise bad("ignores_question_answer", "must be 'caption' or 'other_question'")
+        if not 0 <= self.hallucinated_rejected <= 1:
+            raise bad("hallucinated_rejected", "must lie in [0, 1]")
         for name in ("vqa_categories", "preference_categories", "benchmark_categories"):
             _check_weights(self, name, CATEGORIES)
         for which in ("a", "b"):
@@ -332,6 +338,10 @@ class WorldModelsConfig:
     each answer's share grows as its length in tokens ** this, spread evenly over its tokens.
     0: every answer alike (a one-word colour answer weighs as much as a 15-token description);
     1: every answer token alike (real LLaVA's token-averaged loss). Rows weigh alike."""
+    sft_hallucination: float = 0.0
+    """Share of the description answers (object and scene, first and further turns) in the multimodal
+    models' captions/VQA training that name one absent object last (``world.hallucinated``): a base
+    model that hallucinates, which preference data can teach to stop (the RLAIF-V story); 0: none."""
     train_seed: int | None = None
     """Seed of the models' training randomness (initial weights, batch order, further turns,
     pre-training, k-means); None: the profile's top-level ``seed`` (the world itself is drawn by
@@ -395,6 +405,8 @@ class WorldModelsConfig:
             raise ValueError(f"world_models.patch_pretrain_views must be 'base' or 'all', got {self.patch_pretrain_views!r}")
         if self.vision_tower_lr_ratio < 0:
             raise ValueError(f"world_models.vision_tower_lr_ratio must be >= 0, got {self.vision_tower_lr_ratio}")
+        if not 0 <= self.sft_hallucination <= 1:
+            raise ValueError(f"world_models.sft_hallucination must be in [0, 1], got {self.sft_hallucination}")
         if not 0 <= self.answer_length_power <= 1:
             raise ValueError(f"world_models.answer_length_power must be in [0, 1], got {self.answer_length_power}")
         seed = self.train_seed

@@ -57,6 +57,7 @@ from saev.shapesworld.world import (
     ask,
     ask_absent,
     caption,
+    hallucinated,
     interleaved_intro,
     interleaved_texts,
     make_text_document,
@@ -94,7 +95,10 @@ _COMMON_FIELDS = (
     "seed", "image_size", "max_objects", "clutter_min", "clutter_max", "noise_std", "heldout_fraction",
     "listing_order", "caption_order",
 )  # fmt: skip
-_UNHASHED_DEFAULTS = {"listing_order": "reading", "caption_order": None, "ignores_question_answer": "caption"}
+_UNHASHED_DEFAULTS = {
+    "listing_order": "reading", "caption_order": None, "ignores_question_answer": "caption",
+    "hallucinated_rejected": 0.0,
+}  # fmt: skip
 """Fields added after WORLD_VERSION 2 whose default generates that version's bytes: left out of
 the hash at their default, so that worlds (and the models trained on them) stay cached."""
 DATASET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -105,7 +109,8 @@ DATASET_FIELDS: dict[str, tuple[str, ...]] = {
     "vqa": (*_COMMON_FIELDS, "n_vqa", "vqa_categories"),
     **{
         f"preference_{w}": (*_COMMON_FIELDS, f"n_preference_{w}", "preference_categories",
-                            f"defect_fraction_{w}", f"defect_mix_{w}", "ignores_question_answer")
+                            f"defect_fraction_{w}", f"defect_mix_{w}", "ignores_question_answer",
+                            "hallucinated_rejected")
         for w in ("a", "b")
     },  # fmt: skip
     "benchmark": (*_COMMON_FIELDS, "n_benchmark", "benchmark_categories"),
@@ -326,6 +331,9 @@ def build_preference(cfg: WorldConfig, which: str = "a", progress: bool = False)
             allowed = EXACT_CATEGORIES if defect == "ignores_question" else CATEGORIES
             qa = ask(rng, scene, _pick(rng, cfg.preference_categories, allowed))
             chosen, rejected = qa.answer, wrong_answer(rng, scene, qa)
+            if (cfg.hallucinated_rejected > 0 and qa.category == "description" and defect in ("none", "flipped")
+                    and rng.random() < cfg.hallucinated_rejected):  # (no draw at 0: the default set's bytes)
+                rejected = hallucinated(rng, scene, qa.answer)
             if defect == "flipped":
                 chosen, rejected = rejected, chosen
             elif defect == "ignores_question":

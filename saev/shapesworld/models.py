@@ -306,6 +306,8 @@ def _train_spec(
         "anole": ("anole", *qa, "image_generation_fraction"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
+    if name != "text-lm" and cfg.sft_hallucination:  # (only when set: the models of before stay cached)
+        values["sft_hallucination"] = cfg.sft_hallucination
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
     return {
         "training_version": TRAINING_VERSION,
@@ -811,7 +813,9 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
         )
     rows = _training_rows(ctx, ("captions", "vqa"))
     seed, targets = ctx.seed, ctx.cfg.extra_turn_targets
-    extra = _extra_turns(rows, ctx.cfg.qa_turns, extra_turn_weights(ctx.cfg, ctx.world), seed, targets=targets)
+    extra = _extra_turns(rows, ctx.cfg.qa_turns, extra_turn_weights(ctx.cfg, ctx.world), seed, targets=targets,
+                         hallucination=ctx.cfg.sft_hallucination)  # fmt: skip
+    rows = _hallucinated_rows(rows, ctx.cfg.sft_hallucination, seed)
     train = _encode_qa(loaded, rows, ctx.progress, desc=f"{name}: encode", extra=extra,
                        independent=ctx.cfg.independent_turns, length_power=ctx.cfg.answer_length_power)  # fmt: skip
     heldout_rows = _heldout_rows(ctx, ("captions", "vqa"))
@@ -822,6 +826,24 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
     gen_heldout = _encode_generation(loaded, _heldout_rows(ctx, ("captions",)), ctx.progress)
     f = ctx.cfg.image_generation_fraction
     return _StageData(train=[gen, train], fractions=[f, 1 - f], heldout=heldout, gen_heldout=gen_heldout)
+
+
+def _hallucinated_rows(rows: list[dict[str, Any]], rate: float, seed: int) -> list[dict[str, Any]]:
+    """``rows`` with the answer of each description row replaced, with probability ``rate`` (seeded by
+    ``seed`` and the row's index), by its hallucinated form (``world.hallucinated``); ``rows`` at 0."""
+    if rate <= 0:
+        return rows
+    import numpy as np
+
+    from saev.shapesworld.world import Scene, hallucinated
+
+    out = []
+    for i, r in enumerate(rows):
+        rng = np.random.default_rng([seed, i, 1])  # not the further turns' stream ([seed, i])
+        if r["category"] == "description" and rng.random() < rate:
+            r = {**r, "answer": hallucinated(rng, Scene.from_json(r["scene"]), r["answer"])}
+        out.append(r)
+    return out
 
 
 def extra_turn_weights(cfg: WorldModelsConfig, world: Any) -> dict[str, float]:
@@ -871,15 +893,17 @@ def _extra_turns(
     seed: int,
     *,
     targets: str = "random",
+    hallucination: float = 0.0,
 ) -> list[list[tuple[str, str]]]:
     """Per row, ``turns - 1`` more (question, answer) pairs about its scene, asked by the world's
     oracle (``world.ask``) in the given categories (relative weights); deterministic in ``seed``
     and the row's index. ``targets``: ``"random"``, each turn about a random object, or
     ``"distinct"``, the turns go round the scene's objects in a random order, so that a 2-3-object
-    image gets the same question about different objects, whose answers differ."""
+    image gets the same question about different objects, whose answers differ. ``hallucination``: the
+    share of description answers that name one absent object last (``world.hallucinated``)."""
     import numpy as np
 
-    from saev.shapesworld.world import Scene, ask
+    from saev.shapesworld.world import Scene, ask, hallucinated
 
     if targets not in ("random", "distinct"):
         raise ValueError(f"extra-turn targets must be 'random' or 'distinct', got {targets!r}")
@@ -896,7 +920,10 @@ def _extra_turns(
         qas = []
         for t in range(turns - 1):
             category = names[int(rng.choice(len(names), p=p))]
-            qas.append(ask(rng, scene, category, None if order is None else order[t % len(order)]))
+            qa = ask(rng, scene, category, None if order is None else order[t % len(order)])
+            if hallucination > 0 and category == "description" and rng.random() < hallucination:
+                qa = qa._replace(answer=hallucinated(rng, scene, qa.answer))  # (no draw at 0: same turns)
+            qas.append(qa)
         out.append([(qa.question, qa.answer) for qa in qas])
     return out
 

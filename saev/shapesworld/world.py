@@ -72,6 +72,7 @@ __all__ = [
     "class_answer",
     "describe_object",
     "describe_scene",
+    "hallucinated",
     "interleaved_intro",
     "interleaved_texts",
     "is_heldout",
@@ -634,6 +635,21 @@ def ask_absent(rng: np.random.Generator, scene: Scene, category: str) -> QA:
     )
     template = templates[int(rng.integers(len(templates)))]
     return QA(category, _fill(template, fake), _slot_answer(category, fake), None)
+
+
+def hallucinated(rng: np.random.Generator, scene: Scene, answer: str) -> str:
+    """A description ``answer`` with one object the scene does not hold named last (``"a large red square
+    and a small green star."``): an absent colour and, where one exists, an absent shape. The
+    hallucination the MLLMs learn from ``world_models.sft_hallucination`` and that a preference pair
+    with ``world.hallucinated_rejected`` rejects."""
+    if not answer.endswith("."):
+        raise ValueError(f"hallucinated: a description ends with '.', got {answer!r}")
+    shapes = [s for s in SHAPES if s not in {o.shape for o in scene.objects}] or list(SHAPES)
+    colors = [c for c in COLORS if c not in {o.color for o in scene.objects}]
+    shape = shapes[int(rng.integers(len(shapes)))]
+    color = colors[int(rng.integers(len(colors)))]
+    size = SIZES[int(rng.integers(len(SIZES)))]
+    return f"{answer[:-1]} and a {size} {color} {shape}."
 
 
 def wrong_answer(rng: np.random.Generator, scene: Scene, qa: QA) -> str:

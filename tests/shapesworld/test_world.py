@@ -117,6 +117,7 @@ _OTHER_VALUES = {
     "defect_fraction_a": 0.5, "defect_mix_a": {"flipped": 1.0}, "defect_fraction_b": 0.5,
     "defect_mix_b": {"flipped": 1.0}, "listing_order": "color", "caption_order": "shape",
     "ignores_question_answer": "other_question",
+    "hallucinated_rejected": 0.5,
 }  # fmt: skip
 
 
@@ -506,3 +507,38 @@ def test_length_matched_ignores_question_answers_another_question() -> None:
     assert mean(ignored) < 2 * mean(clean)  # a caption is many times longer
     with pytest.raises(ValueError, match="ignores_question_answer"):
         dataclasses.replace(CI, ignores_question_answer="poem")
+
+
+def test_hallucinated_descriptions_name_one_absent_object_last() -> None:
+    from saev.shapesworld.world import describe_scene, hallucinated
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = swd.sample_scene(rng, CI)
+        answer = describe_scene(scene)
+        out = hallucinated(rng, scene, answer)
+        assert out.startswith(answer[:-1] + " and a ") and out.endswith(".")
+        size, color, shape = out[len(answer[:-1]) + len(" and a ") : -1].split(" ")
+        assert color not in {o.color for o in scene.objects}
+        if len({o.shape for o in scene.objects}) < len(SHAPES):
+            assert shape not in {o.shape for o in scene.objects}
+    with pytest.raises(ValueError, match="ends with"):
+        hallucinated(rng, scene, "red")
+
+
+def test_hallucinated_rejected_pairs_and_the_default_bytes() -> None:
+    cats = {"color": 0.1, "shape": 0.1, "description": 0.6, "position": 0.1, "count": 0.1}
+    cfg = dataclasses.replace(CI, n_preference_a=300, preference_categories=cats)
+    on = dataclasses.replace(cfg, hallucinated_rejected=1.0)
+    assert swd.dataset_hash(cfg, "preference_a") != swd.dataset_hash(on, "preference_a")
+    assert swd.dataset_hash(cfg, "preference_a") == swd.dataset_hash(dataclasses.replace(cfg, hallucinated_rejected=0.0), "preference_a")
+    rows = [r for r in swd.build_preference(on, "a").remove_columns("image") if r["category"] == "description"]
+    clean = [r for r in rows if r["defect"] == "none"]
+    flipped = [r for r in rows if r["defect"] == "flipped"]
+    assert clean and flipped
+    for r in clean:  # the wrong answer is the right one plus an absent object
+        assert r["rejected"].startswith(r["chosen"][:-1] + " and a "), r
+    for r in flipped:  # chosen is the hallucination
+        assert r["chosen"].startswith(r["rejected"][:-1] + " and a "), r
+    with pytest.raises(ValueError, match="hallucinated_rejected"):
+        dataclasses.replace(CI, hallucinated_rejected=1.5)

@@ -612,3 +612,54 @@ def test_patch_filtering_generation_answers_as_the_benchmark_decoder(ci_world: C
     samples = [chat_sample(loaded.family, CLASSIFICATION_QUESTION, "", (im,)) for im in images]
     assert got == greedy_answers(loaded, samples, 4, batch_size=12, kv_cache=False)
     assert len(got) == 12 and any(got)
+
+
+def test_sft_hallucination_rewrites_description_answers_only_and_keeps_the_default_data() -> None:
+    """``sft_hallucination``: that share of description answers (first and further turns) names an absent
+    object last; at 0 the rows, the further turns and the models' training hash are those of before."""
+    import numpy as np
+
+    from saev.shapesworld.config import WorldConfig
+    from saev.shapesworld.world import CATEGORIES, ask, sample_scene
+
+    cfg = WorldConfig(image_size=32, patch_size=4)
+    rng = np.random.default_rng(3)
+    rows = []
+    for i in range(200):
+        scene = sample_scene(rng, cfg)
+        qa = ask(rng, scene, CATEGORIES[i % len(CATEGORIES)])
+        rows.append({"scene": scene.to_json(), "question": qa.question, "answer": qa.answer, "category": qa.category})
+    assert world_models._hallucinated_rows(rows, 0.0, seed=0) is rows
+    out = world_models._hallucinated_rows(rows, 0.6, seed=0)
+    changed = [a for a, b in zip(rows, out) if a["answer"] != b["answer"]]
+    assert all(r["category"] == "description" for r in changed)
+    n_desc = sum(r["category"] == "description" for r in rows)
+    assert 0.4 * n_desc < len(changed) < 0.8 * n_desc
+    for a, b in zip(rows, out):
+        if a != b:
+            assert b["answer"].startswith(a["answer"][:-1] + " and a ")
+    weights = {"color": 0.25, "shape": 0.25, "description": 0.5}
+    plain = world_models._extra_turns(rows, 4, weights, seed=0)
+    assert world_models._extra_turns(rows, 4, weights, seed=0, hallucination=0.0) == plain
+    from saev.shapesworld.world import QUESTION_TEMPLATES, Scene, _compiled_templates, answer_question
+
+    description = {t for t in QUESTION_TEMPLATES["description"]}
+    hall = world_models._extra_turns(rows, 4, weights, seed=0, hallucination=1.0)
+    n_hallucinated = 0
+    for r, turns in zip(rows, hall):
+        scene = Scene.from_json(r["scene"])
+        for question, answer in turns:
+            truth = answer_question(scene, question)
+            template = next(t for _, t, pattern in _compiled_templates() if pattern.fullmatch(question))
+            if template in description:  # every description turn names an absent object last
+                assert answer.startswith(truth[:-1] + " and a "), (question, answer)
+                n_hallucinated += 1
+            else:
+                assert answer == truth
+    assert n_hallucinated > 100
+    spec = lambda c: world_models._train_spec("llava-next", c, 0, dict.fromkeys(("text", "captions", "vqa", "benchmark"), "h"), None)  # noqa: E731
+    base = load_profile("ci").world_models
+    assert "sft_hallucination" not in spec(base)["config"]
+    assert spec(dataclasses.replace(base, sft_hallucination=0.5))["config"]["sft_hallucination"] == 0.5
+    with pytest.raises(ValueError, match="sft_hallucination"):
+        dataclasses.replace(base, sft_hallucination=2.0)
