@@ -80,6 +80,13 @@ def train_world_models(
 
     profile = as_profile(profile)
     cfg = config or profile.section("world_models")
+    eval_docs = profile.pipeline.eval_docs if profile.pipeline is not None else 0
+    if cfg.interleaved_fraction > 0 and cfg.heldout_rows < eval_docs:
+        raise ConfigError(
+            f"{profile.source or profile.name}: world_models.interleaved_fraction trains the models on interleaved "
+            f"documents up to the last world_models.heldout_rows ({cfg.heldout_rows}), but Fig. 3 measures the "
+            f"last pipeline.eval_docs ({eval_docs}): raise heldout_rows to at least eval_docs"
+        )
     check_world_models(cfg, d_in=profile.train.sae.d_in, where=f"profile {profile.name!r}",
                        hook_layers={name: spec.hook_layer for name, spec in profile.models.items()})  # fmt: skip
     return train(_world(profile), cfg, profile.artifacts_path, seed=profile.seed, names=names,

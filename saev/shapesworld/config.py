@@ -338,6 +338,12 @@ class WorldModelsConfig:
     each answer's share grows as its length in tokens ** this, spread evenly over its tokens.
     0: every answer alike (a one-word colour answer weighs as much as a 15-token description);
     1: every answer token alike (real LLaVA's token-averaged loss). Rows weigh alike."""
+    interleaved_fraction: float = 0.0
+    """Share of every training batch of the multimodal models drawn from the world's interleaved
+    documents (Obelics' role; each cut at its images into one-image pieces, every text token a target),
+    so that the documents the SAE-Vs are trained on and Fig. 3 is measured on are text the models can
+    model, as Chameleon was pre-trained on interleaved data; the last ``heldout_rows`` documents (Fig. 3's)
+    are never trained on. 0: captions and VQA only."""
     sft_hallucination: float = 0.0
     """Share of the description answers (object and scene, first and further turns) in the multimodal
     models' captions/VQA training that name one absent object last (``world.hallucinated``): a base
@@ -405,6 +411,8 @@ class WorldModelsConfig:
             raise ValueError(f"world_models.patch_pretrain_views must be 'base' or 'all', got {self.patch_pretrain_views!r}")
         if self.vision_tower_lr_ratio < 0:
             raise ValueError(f"world_models.vision_tower_lr_ratio must be >= 0, got {self.vision_tower_lr_ratio}")
+        if not 0 <= self.interleaved_fraction < 1:
+            raise ValueError(f"world_models.interleaved_fraction must be in [0, 1), got {self.interleaved_fraction}")
         if not 0 <= self.sft_hallucination <= 1:
             raise ValueError(f"world_models.sft_hallucination must be in [0, 1], got {self.sft_hallucination}")
         if not 0 <= self.answer_length_power <= 1:

@@ -102,7 +102,7 @@ FAMILIES: dict[str, str] = {
 DEPENDENCIES: dict[str, str] = {"llava-next": "text-lm", "anole": "chameleon"}
 """Model whose weights each model starts from."""
 
-_DATA_SETS = ("text", "captions", "vqa", "benchmark")
+_DATA_SETS = ("text", "interleaved", "captions", "vqa", "benchmark")
 
 
 # ----------------------------------------------------------------------------- config
@@ -306,9 +306,12 @@ def _train_spec(
         "anole": ("anole", *qa, "image_generation_fraction"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
-    if name != "text-lm" and cfg.sft_hallucination:  # (only when set: the models of before stay cached)
-        values["sft_hallucination"] = cfg.sft_hallucination
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
+    for key in ("sft_hallucination", "interleaved_fraction"):  # only when set: the models of before stay cached
+        if name != "text-lm" and getattr(cfg, key):
+            values[key] = getattr(cfg, key)
+    if name != "text-lm" and cfg.interleaved_fraction:
+        used = (*used, "interleaved")
     return {
         "training_version": TRAINING_VERSION,
         "model": name,
@@ -820,12 +823,66 @@ def _stage_data(ctx: _Context, name: str, loaded: Any) -> _StageData:
                        independent=ctx.cfg.independent_turns, length_power=ctx.cfg.answer_length_power)  # fmt: skip
     heldout_rows = _heldout_rows(ctx, ("captions", "vqa"))
     heldout = _encode_qa(loaded, heldout_rows, ctx.progress, desc=f"{name}: encode held-out")
+    sources, fractions = [train], [1.0]
+    d = ctx.cfg.interleaved_fraction
+    if d > 0:
+        pieces = _document_pieces(_training_rows(ctx, ("interleaved",)))
+        sources.append(_encode_documents(loaded, pieces, ctx.progress, desc=f"{name}: encode documents"))
+        fractions = [1 - d, d]
     if name != "anole":
-        return _StageData(train=[train], fractions=[1.0], heldout=heldout)
+        return _StageData(train=sources, fractions=fractions, heldout=heldout)
     gen = _encode_generation(loaded, _training_rows(ctx, ("captions",)), ctx.progress)
     gen_heldout = _encode_generation(loaded, _heldout_rows(ctx, ("captions",)), ctx.progress)
     f = ctx.cfg.image_generation_fraction
-    return _StageData(train=[gen, train], fractions=[f, 1 - f], heldout=heldout, gen_heldout=gen_heldout)
+    return _StageData(train=[gen, *sources], fractions=[f, *((1 - f) * x for x in fractions)], heldout=heldout,
+                      gen_heldout=gen_heldout)  # fmt: skip
+
+
+def _document_pieces(rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """Interleaved documents cut right before every image but the first: per image a ``Sample`` of the image
+    and the texts up to the next image (the first piece also holds the opening texts), each laid out
+    as ``saev.paper.data.interleaved_sample`` lays out a document, so that one-image training rows teach
+    the documents' text (multi-image rows would need per-row image counts in ``_Seqs``)."""
+    from saev.models import IMAGE_PLACEHOLDER, Sample
+
+    out = []
+    for row in rows:
+        items = list(zip(row["images"], row["texts"], strict=True))
+        at = [i for i, (image, _) in enumerate(items) if image is not None]
+        for j, i in enumerate(at):
+            start = i if j else 0  # the document cut right before each later image: no text twice
+            stop = at[j + 1] if j + 1 < len(at) else len(items)
+            before = "".join(t + " " for _, t in items[start:i] if t)
+            after = "".join(t + " " for _, t in items[i + 1 : stop] if t)
+            text = (before + IMAGE_PLACEHOLDER + "\n" + after).strip()
+            out.append(Sample(text=text, images=(items[i][0].convert("RGB"),)))
+    return out
+
+
+def _encode_documents(loaded: Any, samples: Sequence[Any], progress: bool, *, desc: str) -> _Seqs:
+    """One-image document pieces (``_document_pieces``) with every TEXT token after the first as a target,
+    weighing alike within a row (rows weigh alike); Chameleon rows get their VQ codes, as in ``_encode_qa``."""
+    from saev.models import Modality
+
+    ids, weights, pixels, sizes = [], [], [], []
+    for chunk in progress_bar(_chunks(samples, 256), desc=desc, disable=not progress):
+        enc = loaded.adapter.build_inputs(loaded.processor, list(chunk), context_size=NO_TRUNCATION)
+        modality = loaded.adapter.token_modality(enc, model=loaded.model, processor=loaded.processor)
+        if loaded.family == "chameleon":
+            codes = _image_codes(loaded.model, enc["pixel_values"])
+        for b in range(len(chunk)):
+            keep = enc["attention_mask"][b].bool()
+            row = enc["input_ids"][b][keep]
+            target = modality[b][keep] == Modality.TEXT
+            target[0] = False
+            if loaded.family == "chameleon":
+                row = _fill_codes(row, codes[b], loaded.model)
+            ids.append(row)
+            weights.append(target.float() / max(1, int(target.sum())))
+        if loaded.family == "llava_next":
+            pixels.append(enc["pixel_values"])
+            sizes.append(enc["image_sizes"])
+    return _Seqs(ids, weights, torch.cat(pixels) if pixels else None, torch.cat(sizes) if sizes else None)
 
 
 def _hallucinated_rows(rows: list[dict[str, Any]], rate: float, seed: int) -> list[dict[str, Any]]:

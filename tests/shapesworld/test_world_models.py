@@ -663,3 +663,40 @@ def test_sft_hallucination_rewrites_description_answers_only_and_keeps_the_defau
     assert spec(dataclasses.replace(base, sft_hallucination=0.5))["config"]["sft_hallucination"] == 0.5
     with pytest.raises(ValueError, match="sft_hallucination"):
         dataclasses.replace(base, sft_hallucination=2.0)
+
+
+def test_document_pieces_cut_interleaved_documents_at_their_images(tiny_loaded, make_image) -> None:
+    """One piece per image, laid out as ``interleaved_sample`` lays out a document (a one-image document is
+    its own piece); every text token after the first is a target, no image token is."""
+    from saev.models import IMAGE_PLACEHOLDER, Modality
+    from saev.paper.data import interleaved_sample
+
+    a, b = make_image(32, 32, seed=1), make_image(32, 32, seed=2)
+    one = {"images": [None, a, None], "texts": ["Intro.", None, "A red square."]}
+    two = {"images": [None, None, a, None, b, None], "texts": ["Intro.", "Look:", None, "A red square.", None, "Two."]}
+    pieces = world_models._document_pieces([one, two])
+    assert len(pieces) == 3
+    assert pieces[0].text == interleaved_sample(one).text
+    assert pieces[1].text == f"Intro. Look: {IMAGE_PLACEHOLDER}\nA red square." and pieces[2].text == f"{IMAGE_PLACEHOLDER}\nTwo."
+    assert all(len(p.images) == 1 for p in pieces)
+    for family in ("llava_next", "chameleon"):
+        lm = tiny_loaded(family)
+        seqs = world_models._encode_documents(lm, pieces, False, desc="")
+        assert len(seqs) == 3
+        for piece, ids, w in zip(pieces, seqs.input_ids, seqs.weights, strict=True):
+            inputs = lm.build_inputs([piece], context_size=10_000)
+            modality = lm.token_modality(inputs)[0]
+            assert len(ids) == len(modality)
+            assert float(w.sum()) == pytest.approx(1.0)
+            assert ((w > 0) == ((modality == Modality.TEXT) & (torch.arange(len(w)) > 0))).all()
+
+
+def test_interleaved_training_needs_fig3_documents_held_out(tmp_path: Path) -> None:
+    from saev.config import ConfigError
+
+    profile = load_profile("ci")
+    cfg = dataclasses.replace(profile.world_models, interleaved_fraction=0.2, heldout_rows=profile.pipeline.eval_docs - 1)
+    with pytest.raises(ConfigError, match="heldout_rows"):
+        train_world_models(dataclasses.replace(profile, artifacts_dir=str(tmp_path)), config=cfg, names=["llava-next"])
+    with pytest.raises(ValueError, match="interleaved_fraction"):
+        dataclasses.replace(profile.world_models, interleaved_fraction=1.0)
