@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ __all__ = [
     "build_dataclass",
     "check_non_negative",
     "check_positive",
+    "check_range",
+    "safe_load_yaml",
     "with_recipe",
 ]
 
@@ -74,7 +77,7 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check_positive(self, "d_in", "expansion_factor", "k")
-        if self.l1_coefficient < 0:
+        if not self.l1_coefficient >= 0:
             raise ConfigError(f"SAEConfig.l1_coefficient must be >= 0, got {self.l1_coefficient}")
         if not self.decoder_init_norm > 0:
             raise ConfigError(f"SAEConfig.decoder_init_norm must be > 0, got {self.decoder_init_norm}")
@@ -133,6 +136,9 @@ class TrainConfig:
                     f"remove {key} (or the recipe)"
                 )
         check_positive(self, "lr", "train_batch_size_tokens", "total_training_steps")
+        check_range(self, "adam_beta1", 0.0, 1.0, high_open=True)
+        check_range(self, "adam_beta2", 0.0, 1.0, high_open=True)
+        check_range(self, "dead_feature_threshold", 0.0, 1.0)
         check_non_negative(
             self,
             "lr_warm_up_steps",
@@ -249,6 +255,31 @@ class ActivationConfig:
 # ----------------------------------------------------------------------------- loading
 
 
+def safe_load_yaml(text: str, *, source: str) -> Any:
+    """``yaml.safe_load`` (no Python tags) that refuses a key given twice in one mapping, naming it and
+    its line (PyYAML keeps the last value silently)."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{source}: line {line}: key {key!r} is given twice (first on line {seen[key]})")
+            seen[key] = line
+        return loader.construct_mapping(node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from e
+
+
 def build_dataclass(cls: type, data: Mapping[str, Any], *, source: str = "<mapping>", prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, recursively, checking every key and type."""
     if not isinstance(data, Mapping):
@@ -312,14 +343,19 @@ def _coerce(tp: Any, value: Any, *, source: str, key: str) -> Any:
         return value
     if tp is float:
         # PyYAML reads "5e-5" (no dot) as a string: accept any string float() parses.
+        number = None
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        if number is None:
             raise ConfigError(f"{source}: key '{key}' must be a float, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # .nan / .inf: no setting means either
+            raise ConfigError(f"{source}: key '{key}' must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{source}: key '{key}' must be a string, got {value!r}")
@@ -351,14 +387,23 @@ def _join(prefix: str, name: str) -> str:
 
 
 def check_positive(obj: Any, *names: str) -> None:
-    """Raise ``ConfigError`` naming the field of ``obj`` among ``names`` that is not > 0."""
+    """Raise ``ConfigError`` naming the field of ``obj`` among ``names`` that is not > 0 (NaN included)."""
     for n in names:
-        if getattr(obj, n) <= 0:
+        if not getattr(obj, n) > 0:
             raise ConfigError(f"{type(obj).__name__}.{n} must be > 0, got {getattr(obj, n)}")
 
 
 def check_non_negative(obj: Any, *names: str) -> None:
-    """Raise ``ConfigError`` naming the field of ``obj`` among ``names`` that is < 0."""
+    """Raise ``ConfigError`` naming the field of ``obj`` among ``names`` that is not >= 0 (NaN included)."""
     for n in names:
-        if getattr(obj, n) < 0:
+        if not getattr(obj, n) >= 0:
             raise ConfigError(f"{type(obj).__name__}.{n} must be >= 0, got {getattr(obj, n)}")
+
+
+def check_range(obj: Any, name: str, low: float, high: float, *, high_open: bool = False) -> None:
+    """Raise ``ConfigError`` unless ``low <= obj.name <= high`` (``< high`` with ``high_open``; NaN fails)."""
+    value = getattr(obj, name)
+    inside = low <= value < high if high_open else low <= value <= high
+    if not inside:
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{type(obj).__name__}.{name} must lie in [{low}, {high}{bracket}, got {value}")

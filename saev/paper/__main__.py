@@ -32,7 +32,18 @@ STAGES = (
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one stage of a profile (``all``: every stage in order); returns the exit status."""
+    """Run one stage of a profile (``all``: every stage in order); returns the exit status: 2, with the
+    error on one line of stderr and no traceback, for a bad profile or input (``ConfigError``)."""
+    from saev.config import ConfigError
+
+    try:
+        return _main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m saev.paper", description=__doc__.splitlines()[0])
@@ -45,15 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = not args.quiet
 
-    from saev.config import ConfigError
     from saev.paper.profile import check_profile, load_profile
 
     if args.stage == "check":
-        try:
-            check_profile(args.profile)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        check_profile(args.profile)
         return 0
     profile = load_profile(args.profile)
     todo = STAGES[2:-1] if args.stage == "all" else (args.stage,)

@@ -7,7 +7,7 @@ the experiments' own: :class:`PipelineConfig` (notebooks 01-03), :class:`AlignCo
 ``world_models:``) are built by ``saev.paper.world``, the one place that imports
 ``saev.shapesworld``, and only for a profile that has them: a paper profile never loads the world.
 
-A profile is read with ``yaml.safe_load`` only; every key is checked by
+A profile is read with a ``yaml.SafeLoader`` only (``saev.config.safe_load_yaml``: no Python tags, no key twice); every key is checked by
 ``saev.config.build_dataclass``: an unknown or mistyped key is an error naming the file and the
 dotted key (and, for an unknown key, the closest valid one).
 """
@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
 from saev.config import (
     ActivationConfig,
@@ -31,6 +30,7 @@ from saev.config import (
     build_dataclass,
     check_non_negative,
     check_positive,
+    safe_load_yaml,
 )
 
 __all__ = [
@@ -447,10 +447,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
             raise ConfigError(f"no profile named {str(name_or_path)!r} in {PARAMS_DIR}; known profiles: {known}")
     if not path.is_file():
         raise ConfigError(f"profile file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    data = safe_load_yaml(path.read_text(), source=str(path))  # a key given twice is refused
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
     path = path.resolve()

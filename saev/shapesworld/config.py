@@ -203,9 +203,9 @@ def world_config_for(profile: str | Path | Mapping[str, Any] | WorldConfig) -> W
     if path.suffix not in (".yaml", ".yml"):
         path = _PARAMS_DIR / f"{profile}.yaml"
     if path.is_file():
-        import yaml
+        from saev.config import safe_load_yaml
 
-        data = yaml.safe_load(path.read_text()) or {}
+        data = safe_load_yaml(path.read_text(), source=str(path)) or {}
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
         if "world" in data:

@@ -208,3 +208,52 @@ def test_paper_profiles_say_where_the_released_scripts_differ():
         assert load_profile(name).train.recipe == "paper"
     text = (PARAMS_DIR / "paper-chameleon.yaml").read_text()
     assert "uses 64" in text and "released Chameleon script: 512" in text
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pattern"),
+    [
+        ("lr_decay_steps: 1", "lr_decay_steps: 1\n  lr: .nan", r"'train\.lr' must be a finite number"),
+        ("sae: {d_in: 8}", "sae: {d_in: 8, l1_coefficient: .nan}", r"'train\.sae\.l1_coefficient' must be a finite"),
+        ("lr_decay_steps: 1", "lr_decay_steps: 1\n  lr: .inf", r"'train\.lr' must be a finite number"),
+        ("lr_decay_steps: 1", "lr_decay_steps: 1\n  adam_beta1: 1.5", r"adam_beta1 must lie in \[0\.0, 1\.0\)"),
+        ("lr_decay_steps: 1", "lr_decay_steps: 1\n  adam_beta2: -0.1", r"adam_beta2 must lie in \[0\.0, 1\.0\)"),
+        ("lr_decay_steps: 1", "lr_decay_steps: 1\n  dead_feature_threshold: -1", r"dead_feature_threshold must lie in"),
+        ("lr_decay_steps: 1", "lr_decay_steps: 1\n  lr: 0", r"TrainConfig\.lr must be > 0"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_at_load_naming_the_key(tmp_path, old, new, pattern):
+    path = _write(tmp_path, BASE.replace(old, new))
+    with pytest.raises(ConfigError, match=pattern) as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+
+
+def test_nan_is_refused_by_the_python_api_too():
+    with pytest.raises(ConfigError, match="l1_coefficient"):
+        SAEConfig(d_in=8, l1_coefficient=float("nan"))
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        TrainConfig(sae=SAEConfig(d_in=8), lr=float("nan"))
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    path = _write(tmp_path, BASE.replace("seed: 1\n", "seed: 1\nseed: 2\n"))
+    with pytest.raises(ConfigError, match=r"line 4: key 'seed' is given twice \(first on line 3\)") as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+    nested = _write(tmp_path, BASE.replace("lr_decay_steps: 1", "lr_decay_steps: 1\n  lr_decay_steps: 2"))
+    with pytest.raises(ConfigError, match="'lr_decay_steps' is given twice"):
+        load_profile(nested)
+
+
+def test_the_command_line_prints_a_bad_profile_in_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, BASE.replace("seed: 1", "seed: one"))
+    for stage in ("check", "saes"):
+        done = subprocess.run([sys.executable, "-m", "saev.paper", stage, "--profile", str(path)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().count("\n") == 0 and "key 'seed' must be an int" in done.stderr
