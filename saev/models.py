@@ -72,6 +72,7 @@ __all__ = [
     "TokenSet",
     "chat_sample",
     "check_sae_matches",
+    "check_safetensors",
     "get_adapter",
     "NO_TRUNCATION",
     "cat_padded",
@@ -222,6 +223,43 @@ class LoadedModel:
         return tokenizer_of(self.processor)
 
 
+def _has_auto_map(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # not this check's business: the loader names a broken config itself
+    return isinstance(data, dict) and "auto_map" in data
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless it is a whole safetensors file: an 8-byte header
+    length, a JSON header, and exactly the bytes its tensors' offsets say (a truncated or padded
+    file is refused before any tensor is read)."""
+    import json
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path}: corrupt safetensors header ({e})") from None
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    want = 8 + n + max(ends, default=0)
+    if size != want:
+        raise ValueError(f"{path}: {'truncated' if size < want else 'oversized'} safetensors file "
+                         f"({size} bytes, its header describes {want})")  # fmt: skip
+
+
 def load_model(
     family: Family, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu"
 ) -> LoadedModel:
@@ -277,7 +315,7 @@ class Adapter:
         os.environ["HF_HUB_OFFLINE"] = "1"
         model_dir = Path(model_dir)
         self._check_model_dir(model_dir)
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         if self.model_types and config.model_type not in self.model_types:
             raise ValueError(
                 f"{model_dir} holds a {config.model_type!r} model, but family {self.family!r} expects "
@@ -288,9 +326,18 @@ class Adapter:
                 f"{model_dir} holds a {config.model_type!r} model; use family "
                 f"{_MULTIMODAL_MODEL_TYPES[config.model_type]!r}, not {self.family!r}"
             )
-        model = self._model_class().from_pretrained(
-            model_dir, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype)
-        )
+        model, info = self._model_class().from_pretrained(
+            model_dir, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype),
+            trust_remote_code=False, output_loading_info=True,
+        )  # fmt: skip
+        wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(wrong.values()):  # transformers would initialise a missing weight at random and go on
+            told = "; ".join(f"{k.replace('_keys', '')}: {', '.join(v[:5])}{' ...' if len(v) > 5 else ''}"
+                             for k, v in wrong.items() if v)  # fmt: skip
+            raise ValueError(
+                f"{model_dir}: the weights do not match config.json ({told}); refusing a checkpoint that would "
+                "load with randomly initialised or ignored tensors"
+            )
         model = model.to(device).eval()
         processor = self._load_processor(model_dir)
         return LoadedModel(model=model, processor=processor, adapter=self, model_dir=model_dir)
@@ -299,7 +346,7 @@ class Adapter:
         raise NotImplementedError
 
     def _load_processor(self, model_dir: Path) -> Any:
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, backend="pil")
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True, backend="pil", trust_remote_code=False)
         name = type(processor.image_processor).__name__
         if not name.endswith("Pil"):
             raise RuntimeError(f"{model_dir}: expected a PIL image processor, got {name}")
@@ -334,6 +381,16 @@ class Adapter:
             raise FileNotFoundError(
                 f"model directory {model_dir} lacks {', '.join(missing)}; it must contain {needs}"
             )
+        code = sorted(n for n in names if n.endswith(".py"))
+        mapped = [n for n in sorted(names) if n.endswith(".json") and _has_auto_map(model_dir / n)]
+        if code or mapped:
+            shipped = ", ".join([*code, *(f"{n} (auto_map)" for n in mapped)])
+            raise ValueError(
+                f"{model_dir} ships code ({shipped}); saev never runs code from a model folder "
+                "(trust_remote_code=False): use a checkpoint of a transformers class saved with save_pretrained"
+            )
+        for name in sorted(n for n in names if n.endswith(".safetensors")):
+            check_safetensors(model_dir / name)
 
     # -- structure
 
@@ -452,7 +509,7 @@ class CausalLMAdapter(Adapter):
         return AutoModelForCausalLM
 
     def _load_processor(self, model_dir: Path) -> Any:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """``model.model.layers`` (Llama/Mistral layout)."""

@@ -336,3 +336,87 @@ def test_views_to_patch_scores_on_the_llava_next_layout(tiny_loaded) -> None:
     expected = torch.zeros(4, 8)
     expected[0, :2] = 1.0
     assert torch.allclose(mapped, expected)
+
+
+# ----------------------------------------------------------------------------- untrusted and broken folders
+
+
+def _copy(tiny_model_dir, family, tmp_path):
+    d = tmp_path / family
+    shutil.copytree(tiny_model_dir(family), d)
+    return d
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weights_that_do_not_match_the_config_are_refused(family, tiny_model_dir, tmp_path):
+    """transformers would load a missing tensor randomly initialised and drop an extra one, and say so
+    only on stderr: both are errors naming the folder and the key."""
+    from safetensors.torch import load_file, save_file
+
+    d = _copy(tiny_model_dir, family, tmp_path)
+    (weights,) = d.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    dropped = sorted(tensors)[1]
+    kept = {k: v for k, v in tensors.items() if k != dropped}
+    save_file(kept, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not match config\.json \(missing: .*") as e:
+        load_model(family, d)
+    assert str(d) in str(e.value)
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected: extra\.weight"):
+        load_model(family, d)
+
+
+def test_truncated_or_padded_safetensors_are_named(tiny_model_dir, tmp_path):
+    from saev.models import check_safetensors
+
+    d = _copy(tiny_model_dir, "causal_lm", tmp_path)
+    (weights,) = d.glob("*.safetensors")
+    data = weights.read_bytes()
+    check_safetensors(weights)
+    weights.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=rf"{weights}: truncated safetensors file"):
+        load_model("causal_lm", d)
+    weights.write_bytes(data + b"\0")
+    with pytest.raises(ValueError, match="oversized"):
+        load_model("causal_lm", d)
+    weights.write_bytes(data[:5])
+    with pytest.raises(ValueError, match="no header"):
+        check_safetensors(weights)
+
+
+def test_a_folder_that_ships_code_is_refused_before_any_config_is_read(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("no transformers loader may run on a folder that ships code")
+
+    d = _copy(tiny_model_dir, "llava_next", tmp_path)
+    (d / "modeling_evil.py").write_text("import os; os.system('touch /tmp/pwned')\n")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", never)
+    with pytest.raises(ValueError, match=r"ships code \(modeling_evil\.py\).*trust_remote_code=False"):
+        load_model("llava_next", d)
+    (d / "modeling_evil.py").unlink()
+    config = json.loads((d / "config.json").read_text())
+    config |= {"model_type": "evil_model", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json \(auto_map\)"):
+        load_model("llava_next", d)
+
+
+def test_every_transformers_loader_passes_trust_remote_code_false():
+    """A source check: every transformers ``from_pretrained`` call in saev says trust_remote_code=False."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "saev"
+    calls = 0
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"\b(Auto\w+|_model_class\(\))\.from_pretrained\(", text):
+            calls += 1
+            call = text[m.end() : text.index(")", text.index("\n", m.end()) + 1) + 200]
+            assert "trust_remote_code=False" in call, f"{path}: {text[m.start() : m.start() + 80]}"
+    assert calls >= 4
