@@ -34,7 +34,11 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
+    "FolderLock",
+    "LockedError",
     "cached_json",
+    "fault_point",
+    "remove_stale_temporaries",
     "code_fingerprint",
     "dataset_fingerprint",
     "json_default",
@@ -64,10 +68,101 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[str], object]) -
     try:
         write(tmp_path)
         os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; artifacts are meant to be shared
+        fault_point()
         os.replace(tmp_path, path)
     except BaseException:
         Path(tmp_path).unlink(missing_ok=True)
         raise
+    fault_point()
+
+
+_FAULT_ENV = "SAEV_KILL_AT_WRITE"
+_faults_seen = 0
+
+
+def fault_point() -> None:
+    """A write boundary (before and after every atomic rename): with ``$SAEV_KILL_AT_WRITE=N`` the process
+    SIGKILLs itself at the N-th boundary it reaches, for the interruption tests (``tests/core/test_faults.py``)."""
+    global _faults_seen
+    target = os.environ.get(_FAULT_ENV)
+    if not target:
+        return
+    _faults_seen += 1
+    if _faults_seen == int(target):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[str]:
+    """Delete the temporary files (``.<name>.tmp-*``) that an atomic write killed mid-way left in
+    ``folder``; returns their names. Only safe for a folder this process writes alone (:class:`FolderLock`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if p.name.startswith(".") and ".tmp-" in p.name and p.is_file())
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return [p.name for p in stale]
+
+
+class LockedError(RuntimeError):
+    """An output folder held by another live writer."""
+
+
+class FolderLock:
+    """One writer per output folder: ``with FolderLock(folder): ...`` creates ``folder/.lock`` (its
+    holder's pid and host) exclusively, or raises :class:`LockedError` naming the holder; a lock whose
+    process on this host is gone is broken and taken over. Released (deleted) on exit."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / ".lock"
+
+    def __enter__(self) -> FolderLock:
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and (holder.get("host") != me["host"] or _alive(holder.get("pid"))):
+                    raise LockedError(
+                        f"{self.path.parent} is being written by pid {holder.get('pid')} on {holder.get('host')} "
+                        f"(lock {self.path}); wait for it, or delete the lock if that process is gone"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # its process is gone (or the lock is unreadable): break it
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise LockedError(f"{self.path}: could not take the lock (another writer raced for it)")
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def __exit__(self, *exc: object) -> None:
+        holder = self._holder()
+        if holder is not None and holder.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

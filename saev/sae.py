@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -213,8 +214,13 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.architecture == "topk":
             saelens_cfg["k"] = self.cfg.k
             saelens_cfg["rescale_acts_by_decoder_norm"] = False
-        saev_cfg = {"sae": dataclasses.asdict(self.cfg), "activation_scale": scale}
-        atomic_write_with(out_dir / SAE_WEIGHTS_FILENAME, lambda tmp_path: save_file(tensors, tmp_path))
+        # One id per save in all three files, saev_cfg.json written last: a folder whose files carry
+        # different ids was killed mid-save (or mixed by hand) and is refused by from_pretrained.
+        save_id = uuid.uuid4().hex
+        saelens_cfg["metadata"]["saev_save_id"] = save_id
+        saev_cfg = {"sae": dataclasses.asdict(self.cfg), "activation_scale": scale, "save_id": save_id}
+        atomic_write_with(out_dir / SAE_WEIGHTS_FILENAME,
+                          lambda tmp_path: save_file(tensors, tmp_path, metadata={"saev_save_id": save_id}))  # fmt: skip
         atomic_write_bytes(out_dir / SAE_CFG_FILENAME, json.dumps(saelens_cfg, indent=2).encode())
         atomic_write_bytes(out_dir / SAEV_CFG_FILENAME, json.dumps(saev_cfg, indent=2).encode())
         return out_dir
@@ -241,6 +247,7 @@ class SparseAutoencoder(nn.Module):
         saev_cfg_path = sae_dir / SAEV_CFG_FILENAME
         if saev_cfg_path.is_file():
             saev_cfg = json.loads(saev_cfg_path.read_text())
+            _check_one_save(sae_dir, saelens_cfg, saev_cfg)
             cfg = build_dataclass(SAEConfig, saev_cfg["sae"], source=str(saev_cfg_path))
             scale = saev_cfg["activation_scale"]
         else:
@@ -276,6 +283,24 @@ def _refuse_pickles(path: Path) -> None:
                 f"refusing to load {path}: it holds only pickle weights {pickles} "
                 f"and no {SAE_WEIGHTS_FILENAME}; {why}"
             )
+
+
+def _check_one_save(sae_dir: Path, saelens_cfg: dict[str, Any], saev_cfg: dict[str, Any]) -> None:
+    """The three files of a saev save carry one save id (folders saved before ids existed: none at all)."""
+    from safetensors import safe_open
+
+    with safe_open(str(sae_dir / SAE_WEIGHTS_FILENAME), "pt") as f:
+        weights_id = (f.metadata() or {}).get("saev_save_id")
+    ids = {
+        SAE_WEIGHTS_FILENAME: weights_id,
+        SAE_CFG_FILENAME: (saelens_cfg.get("metadata") or {}).get("saev_save_id"),
+        SAEV_CFG_FILENAME: saev_cfg.get("save_id"),
+    }
+    if len(set(ids.values())) > 1:
+        raise ValueError(
+            f"{sae_dir}: its files come from different saves ({', '.join(f'{k}: {v}' for k, v in ids.items())}): "
+            "a save was interrupted or the folder was mixed; save the SAE again"
+        )
 
 
 def _sae_config_from_saelens(saelens_cfg: dict[str, Any], sae_dir: Path) -> tuple[SAEConfig, float | None]:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,7 +42,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saev.config import TrainConfig
-from saev.cache import atomic_write_bytes
+from saev.cache import FolderLock, atomic_write_bytes, fault_point, remove_stale_temporaries
 from saev.sae import SparseAutoencoder
 
 __all__ = [
@@ -248,8 +248,25 @@ def train_sae(
     Raises ``NonFiniteError`` on NaN/inf in a batch, the loss or the parameters (the
     checkpoints already written are left untouched), and ``ValueError`` if the stream ends
     early (after checkpointing the last completed step, so more data can be appended on resume).
+    One trainer per ``out_dir``: ``saev.cache.FolderLock`` (a second one raises ``LockedError``
+    naming the holder); temporary files a killed run left there are removed first.
     """
-    out_path = None if out_dir is None else Path(out_dir)
+    if out_dir is None:
+        return _train_sae(activations, cfg, out_path=None, resume=resume, progress=progress, sae=sae)
+    with FolderLock(out_dir):
+        remove_stale_temporaries(out_dir)
+        return _train_sae(activations, cfg, out_path=Path(out_dir), resume=resume, progress=progress, sae=sae)
+
+
+def _train_sae(
+    activations: Iterable[Tensor],
+    cfg: TrainConfig,
+    *,
+    out_path: Path | None,
+    resume: bool,
+    progress: bool,
+    sae: SparseAutoencoder | None,
+) -> TrainResult:
     if resume and out_path is None:
         raise ValueError("train_sae(resume=True) needs an out_dir to resume from")
     device = torch.device(cfg.device)
@@ -273,7 +290,8 @@ def train_sae(
             )
         if ckpt_dir is not None:
             start = _load_checkpoint(ckpt_dir, cfg, sae, optimizer, stats)
-            history = _read_history(out_path / _HISTORY_FILENAME, upto_step=start)
+            own = ckpt_dir / _HISTORY_FILENAME  # checkpoints carry their history (older ones did not)
+            history = _read_history(own if own.is_file() else out_path / _HISTORY_FILENAME, upto_step=start)
 
     B, T = cfg.train_batch_size_tokens, cfg.total_training_steps
     batches = _rebatch(_skip_rows(iter(activations), start * B), B, cfg.sae.d_in)
@@ -472,13 +490,18 @@ def _save_checkpoint(
             "firing": firing_counters,
             "train_config": dataclasses.asdict(cfg),
         }
+        # The history up to this step travels with the checkpoint: a kill right after the rename below
+        # loses no row (history.csv next to it is rewritten after).
+        _write_history(tmp_dir / _HISTORY_FILENAME, history)
         # Written last: a step_<n> folder with this file is complete.
         (tmp_dir / _STATE_FILENAME).write_text(json.dumps(state, indent=2))
         os.chmod(tmp_dir, 0o755)  # mkdtemp creates 0700
         final_dir = ckpt_root / f"step_{step}"
         if final_dir.exists():
             shutil.rmtree(final_dir)
+        fault_point()
         os.replace(tmp_dir, final_dir)
+        fault_point()
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -504,6 +527,13 @@ def _load_checkpoint(
     """Restore SAE, Adam and firing statistics from ``ckpt_dir``; return the steps done."""
     state = json.loads((ckpt_dir / _STATE_FILENAME).read_text())
     saved, now = state["train_config"], dataclasses.asdict(cfg)
+    # a field added since the checkpoint was written reads as its default there
+    def defaults(cls: type) -> dict[str, Any]:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+
+    saved = {**defaults(type(cfg)), **saved}
+    if isinstance(saved.get("sae"), dict):
+        saved["sae"] = {**defaults(type(cfg.sae)), **saved["sae"]}
     changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         raise ValueError(
