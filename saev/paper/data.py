@@ -26,6 +26,7 @@ Nothing is downloaded and the HF cache is not touched: files are read with pyarr
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -38,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from saev.cache import params_hash, path_fingerprint
+from saev.config import ConfigError
 from saev.models import IMAGE_PLACEHOLDER, Sample
 from saev.paper.profile import PipelineConfig, Profile
 
@@ -62,8 +64,9 @@ _METADATA_FILES = ("state.json", "dataset_info.json", "dataset_infos.json", "dat
 _GROUND_TRUTH = ("defect", "category", "scene", "object_patches", "metadata")
 
 
-class DataLayoutError(ValueError):
-    """A path that holds no data set of the expected role and layout."""
+class DataLayoutError(ConfigError):
+    """A path that holds no data set of the expected role and layout, or a row that breaks it (a
+    ``ConfigError``: the command line prints it in one line)."""
 
 
 # ----------------------------------------------------------------------------- reading
@@ -221,7 +224,46 @@ def load_text_corpus(path: str | os.PathLike) -> datasets.Dataset:
             path, "text corpus", "a ShapesWorld 'text' folder or Pile-style jsonl/parquet files with a 'text' column"
         )
     _require(ds, ("text",), base, "text corpus")
+    _check_strings(ds, "text", base, "text corpus")
     return ds.select_columns(["text"] + (["meta"] if "meta" in ds.column_names else []))
+
+
+def _check_strings(ds: datasets.Dataset, column: str, base: Path, role: str) -> None:
+    """Every row of ``column`` is a string (a null would reach the model as None, far from here)."""
+    values = ds.data.column(column).combine_chunks()
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise DataLayoutError(f"{base}: {role} column {column!r} must hold strings, it holds {values.type}")
+    nulls = pc.indices_nonzero(pc.is_null(values)).to_pylist()
+    if nulls:
+        raise DataLayoutError(f"{base}: {role} row {nulls[0]}: column {column!r} is null ({len(nulls)} rows are)")
+
+
+def check_images(ds: datasets.Dataset, columns: tuple[str, ...], where: str, *, first_row: int = 0) -> None:
+    """Decode-check every image of ``columns`` (an image column or a list of images), naming the data set,
+    row and column of the first that cannot be read: before any compute instead of mid-run."""
+    from PIL import Image
+
+    raw = ds
+    for column in columns:  # read the stored bytes, not decoded images
+        feat = raw.features[column]
+        inner = getattr(feat, "feature", None)
+        if isinstance(feat, datasets.Image):
+            raw = raw.cast_column(column, datasets.Image(decode=False))
+        elif isinstance(inner, datasets.Image):
+            raw = raw.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    for i, row in enumerate(raw.select_columns(list(columns))):
+        for column in columns:
+            value = row[column]
+            for j, image in enumerate(value if isinstance(value, list) else [value]):
+                if image is None:
+                    continue
+                at = f"{where}: row {first_row + i}, column {column!r}" + (f"[{j}]" if isinstance(value, list) else "")
+                try:
+                    data = image.get("bytes")
+                    with Image.open(io.BytesIO(data) if data is not None else image["path"]) as im:
+                        im.load()
+                except Exception as e:  # noqa: BLE001 (PIL raises many kinds)
+                    raise DataLayoutError(f"{at}: the image cannot be decoded ({type(e).__name__}: {e})") from None
 
 
 def load_interleaved(path: str | os.PathLike) -> datasets.Dataset:
@@ -240,6 +282,18 @@ def load_interleaved(path: str | os.PathLike) -> datasets.Dataset:
         i = bad[0]
         raise DataLayoutError(
             f"{base}: row {i} has {n_images[i]} images but {n_texts[i]} texts; Obelics' lists must be aligned"
+        )
+    images = ds.data.column("images").combine_chunks()
+    texts = ds.data.column("texts").combine_chunks()
+    image_set = pc.invert(pc.is_null(pc.list_flatten(images)))
+    text_set = pc.invert(pc.is_null(pc.list_flatten(texts)))
+    both = pc.indices_nonzero(pc.and_(image_set, text_set)).to_pylist()
+    if both:  # interleaved_sample would keep the image and drop the text
+        row = int(pc.list_parent_indices(images)[both[0]].as_py())
+        position = both[0] - int(images.offsets[row].as_py())
+        raise DataLayoutError(
+            f"{base}: row {row}, position {position} holds both an image and a text; in Obelics' layout each "
+            "position holds one of them"
         )
     ds = _as_image_list(ds, "images", base)
     return _keep(ds, ["images", "texts"])
@@ -280,7 +334,9 @@ def load_classification(path: str | os.PathLike) -> datasets.Dataset:
     label = ds.features["label"]
     if isinstance(label, datasets.Value) and label.dtype in ("string", "large_string"):
         ds = ds.class_encode_column("label")
-    return _keep(_as_image(ds, "image", base), ["image", "label"])
+    ds = _keep(_as_image(ds, "image", base), ["image", "label"])
+    check_images(ds, ("image",), str(base))
+    return ds
 
 
 def load_preference(
@@ -328,7 +384,9 @@ def load_preference(
         }[kind]
         raise DataLayoutError(f"{base}: preference data ({kind}) needs columns {want}; has {ds.column_names}")
     _require(ds, ("image", "question", "chosen", "rejected"), base, "preference")
-    return _keep(_as_image(ds, "image", base), ["image", "question", "chosen", "rejected"])
+    ds = _keep(_as_image(ds, "image", base), ["image", "question", "chosen", "rejected"])
+    check_images(ds, ("image",), str(base))
+    return ds
 
 
 def _align_anything_pairs(ds: datasets.Dataset, base: Path) -> datasets.Dataset:
@@ -365,7 +423,9 @@ def load_benchmark(path: str | os.PathLike) -> datasets.Dataset:
     if "answer" not in ds.column_names and "gpt_answer" in ds.column_names:
         ds = ds.rename_column("gpt_answer", "answer")
     _require(ds, ("image", "question", "answer", "category"), base, "benchmark")
-    return _keep(_as_image(ds, "image", base), ["image", "question", "answer", "category"])
+    ds = _keep(_as_image(ds, "image", base), ["image", "question", "answer", "category"])
+    check_images(ds, ("image",), str(base))
+    return ds
 
 
 # ----------------------------------------------------------------------------- a profile's data by role
@@ -436,4 +496,7 @@ def data_slice(profile: Profile, name: str, part: Literal["train", "eval"], cfg:
         )
     start, stop = (0, min(cfg.train_docs, n - cfg.eval_docs)) if part == "train" else (n - cfg.eval_docs, n)
     key = params_hash({"data": source, "rows": [start, stop], "format": SAMPLE_FORMAT})
-    return DataSlice(name, ds.select(range(start, stop)), key)
+    rows = ds.select(range(start, stop))
+    if profile.world is None and name == "interleaved":  # user data: every image of the slice decodes
+        check_images(rows, ("images",), str(profile.data_path(name)), first_row=start)
+    return DataSlice(name, rows, key)

@@ -288,3 +288,44 @@ def test_interleaved_sample_keeps_order_and_images() -> None:
     sample = interleaved_sample(row)
     assert sample.text == f"Look. {IMAGE_PLACEHOLDER}\nA red one. {IMAGE_PLACEHOLDER}\nA blue one."
     assert sample.images == (red, blue)
+
+
+# ----------------------------------------------------------------------------- bad rows, named at load time
+
+
+def test_a_null_text_is_named_at_load(tmp_path: Path) -> None:
+    (tmp_path / "00.jsonl").write_text('{"text": "a"}\n{"text": null}\n{"text": "c"}\n')
+    with pytest.raises(DataLayoutError, match=r"text corpus row 1: column 'text' is null"):
+        load_text_corpus(tmp_path)
+
+
+def test_an_obelics_position_with_both_an_image_and_a_text_is_named(tmp_path: Path) -> None:
+    images = pa.array([[None, None], [None, _image_struct((255, 0, 0))]], pa.list_(_IMAGE_TYPE))
+    texts = pa.array([["intro", "more"], ["intro", "a caption in the image's place"]], pa.list_(pa.string()))
+    pq.write_table(pa.table({"images": images, "texts": texts}), tmp_path / "a.parquet")
+    with pytest.raises(DataLayoutError, match=r"row 1, position 1 holds both an image and a text"):
+        load_interleaved(tmp_path)
+
+
+def test_an_image_that_cannot_be_decoded_is_named_by_data_set_row_and_column(tmp_path: Path) -> None:
+    good, broken = _image_struct((0, 0, 0)), {"bytes": _image_bytes((1, 1, 1))[:40], "path": None}
+    table = pa.table({
+        "image": pa.array([good, broken], _IMAGE_TYPE), "question": ["q", "q"], "chosen": ["a", "b"],
+        "rejected": ["c", "d"],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "RLAIF-V-Dataset_000.parquet")
+    with pytest.raises(DataLayoutError, match=rf"{tmp_path}: row 1, column 'image': the image cannot be decoded"):
+        load_preference(tmp_path, kind="rlaif_v")
+
+
+def test_interleaved_images_of_the_slice_are_checked_before_any_compute(tmp_path: Path) -> None:
+    from saev.paper.data import check_images
+
+    images = pa.array([[None, _image_struct((255, 0, 0))], [{"bytes": b"not an image", "path": None}, None]],
+                      pa.list_(_IMAGE_TYPE))  # fmt: skip
+    texts = pa.array([["intro", None], [None, "text"]], pa.list_(pa.string()))
+    pq.write_table(pa.table({"images": images, "texts": texts}), tmp_path / "a.parquet")
+    ds = load_interleaved(tmp_path)  # the layout is fine; the bytes are checked on the rows a stage uses
+    check_images(ds.select([0]), ("images",), "docs")
+    with pytest.raises(DataLayoutError, match=r"docs: row 11, column 'images'\[0\]: the image cannot be decoded"):
+        check_images(ds.select([1]), ("images",), "docs", first_row=11)
