@@ -115,10 +115,24 @@ class FolderLock:
     holder's pid and host) exclusively, or raises :class:`LockedError` naming the holder; a lock whose
     process on this host is gone is broken and taken over. Released (deleted) on exit."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, *, wait: float = 0.0) -> None:
         self.path = Path(folder) / ".lock"
+        self.wait = wait
+        """Seconds to wait for a live holder to finish before raising (0: raise at once)."""
 
     def __enter__(self) -> FolderLock:
+        import time
+
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                return self._take()
+            except LockedError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _take(self) -> FolderLock:
         import socket
 
         self.path.parent.mkdir(parents=True, exist_ok=True)

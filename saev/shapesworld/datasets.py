@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from saev.cache import atomic_write_json
+from saev.cache import FolderLock, atomic_write_json
 from saev.shapesworld.config import WorldConfig
 from saev.shapesworld.world import (
     CAPTION_QUESTION,
@@ -422,10 +422,13 @@ def generate_world(
 ) -> list[DatasetSummary]:
     """Build and save the data sets ``names`` (default: all) under ``<out_dir>/data/<name>/``.
 
-    Each set is written to a temporary folder and renamed into place, then recorded with
-    its hash in ``<out_dir>/data/world.json`` (which also holds the full config). A set
-    whose recorded hash equals ``dataset_hash(cfg, name)`` and whose folder exists is
-    skipped unless ``force``.
+    Each set is written to a temporary folder with its marker ``saev_set.json`` (its hash, row count,
+    and the size and sha256 of every file) and renamed into place, then summarised in
+    ``<out_dir>/data/world.json`` (which also holds the full config). A set is skipped (unless
+    ``force``) only when its own marker holds ``dataset_hash(cfg, name)`` and its files still match
+    the marker: a kill between two renames, or a truncated or deleted file, rebuilds it. One
+    generator per folder at a time (``saev.cache.FolderLock``, waiting up to 10 minutes); the
+    temporaries of a killed run are removed first.
     """
     names = list(DATASET_NAMES if names is None else names)
     unknown = [n for n in names if n not in BUILDERS]
@@ -433,13 +436,44 @@ def generate_world(
         raise ValueError(f"unknown ShapesWorld data set(s) {unknown}; known: {list(DATASET_NAMES)}")
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(data_dir, wait=600):
+        return _generate(cfg, data_dir, names, progress, force)
+
+
+_MARKER = "saev_set.json"
+"""A generated set's own record, written inside its folder before the rename: hash, rows and files."""
+
+
+def _file_digests(path: Path) -> dict[str, list]:
+    out = {}
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.name != _MARKER):
+        out[str(p.relative_to(path))] = [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
+    return out
+
+
+def _intact(path: Path, digest: str) -> int | None:
+    """The row count of the set in ``path`` when its marker holds ``digest`` and its files match; else None."""
+    try:
+        marker = json.loads((path / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("hash") != digest or marker.get("files") != _file_digests(path):
+        return None
+    return int(marker["rows"])
+
+
+def _generate(cfg: WorldConfig, data_dir: Path, names: list[str], progress: bool, force: bool) -> list[DatasetSummary]:
+    for stale in data_dir.glob(".*"):  # temporaries and replaced sets of a killed run
+        if stale.is_dir() and (".tmp-" in stale.name or ".old-" in stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
     index_path = data_dir / "world.json"
     recorded = json.loads(index_path.read_text()).get("datasets", {}) if index_path.is_file() else {}
     summaries = []
     for name in names:
         path, digest = data_dir / name, dataset_hash(cfg, name)
-        if not force and path.is_dir() and recorded.get(name, {}).get("hash") == digest:
-            rows = recorded[name]["rows"]
+        rows = None if force or not path.is_dir() else _intact(path, digest)
+        if rows is not None:
+            recorded[name] = {"hash": digest, "rows": rows}
             summaries.append(DatasetSummary(name, path, rows, _folder_bytes(path), 0.0, True))
             continue
         start = time.perf_counter()
@@ -447,6 +481,8 @@ def generate_world(
         tmp = data_dir / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         _save(ds, tmp, progress)
+        marker = {"hash": digest, "rows": len(ds), "files": _file_digests(tmp)}
+        atomic_write_json(tmp / _MARKER, marker)
         if path.exists():
             old = data_dir / f".{name}.old-{os.getpid()}"
             os.replace(path, old)

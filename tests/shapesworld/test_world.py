@@ -542,3 +542,27 @@ def test_hallucinated_rejected_pairs_and_the_default_bytes() -> None:
         assert r["chosen"].startswith(r["rejected"][:-1] + " and a "), r
     with pytest.raises(ValueError, match="hallucinated_rejected"):
         dataclasses.replace(CI, hallucinated_rejected=1.5)
+
+
+def test_a_set_is_kept_only_when_its_own_marker_and_files_say_so(tmp_path: Path) -> None:
+    """A kill between a set's rename and the world.json update, a truncated or a deleted file: the set is
+    rebuilt, never "kept" with another config's rows; temporaries of a killed run are removed."""
+    other = dataclasses.replace(TINY, n_vqa=5)
+    swd.generate_world(TINY, tmp_path, names=["vqa"])
+    index = (tmp_path / "data" / "world.json").read_text()
+    swd.generate_world(other, tmp_path, names=["vqa"])
+    (tmp_path / "data" / "world.json").write_text(index)  # as if killed before world.json was updated
+    (again,) = swd.generate_world(TINY, tmp_path, names=["vqa"])
+    assert not again.skipped and again.rows == TINY.n_vqa
+    assert len(datasets.load_from_disk(str(tmp_path / "data" / "vqa"))) == TINY.n_vqa
+    (kept,) = swd.generate_world(TINY, tmp_path, names=["vqa"])
+    assert kept.skipped
+    arrow = next((tmp_path / "data" / "vqa").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-10])  # truncated
+    assert not swd.generate_world(TINY, tmp_path, names=["vqa"])[0].skipped
+    next((tmp_path / "data" / "vqa").glob("*.arrow")).unlink()  # deleted
+    assert not swd.generate_world(TINY, tmp_path, names=["vqa"])[0].skipped
+    (tmp_path / "data" / ".vqa.tmp-999").mkdir()
+    (tmp_path / "data" / ".text.old-999").mkdir()
+    assert swd.generate_world(TINY, tmp_path, names=["vqa"])[0].skipped
+    assert not [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]
