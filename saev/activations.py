@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from saev.cache import atomic_save_safetensors, atomic_write_json, model_fingerprint
+from saev.cache import atomic_save_safetensors, atomic_write_json, code_fingerprint, model_fingerprint
 from saev.config import ActivationConfig, ModelSpec
 from saev.models import LoadedModel, Modality, Sample, TokenSet
 
@@ -301,6 +301,8 @@ class ActivationStore:
             "store_batch_size_prompts": self.cfg.store_batch_size_prompts,
             "d_in": self.loaded.hidden_size,
             "tokens": self.tokens,
+            # the code that turns samples into rows: an adapter or extraction change recomputes the shards
+            "code": code_fingerprint("saev.activations", "saev.models"),
         }
 
 

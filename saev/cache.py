@@ -41,6 +41,7 @@ __all__ = [
     "remove_stale_temporaries",
     "code_fingerprint",
     "dataset_fingerprint",
+    "file_digest",
     "json_default",
     "model_fingerprint",
     "params_hash",
@@ -239,9 +240,50 @@ def cached_json(path: Path, compute: Callable[[], Any], params: Any) -> Any:
 # ----------------------------------------------------------------------------- fingerprints
 
 
+_MODEL_FILES = (
+    "config.json", "generation_config.json", "train_config.json", "tokenizer.json", "tokenizer.model",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+    "processor_config.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+)  # fmt: skip
+"""The files of a checkpoint folder, besides its weights, that change what the model computes."""
+
+
+def _digest_memo_path() -> Path:
+    return Path(os.environ.get("SAEV_HASH_CACHE", Path.home() / ".cache" / "saev" / "file-digests.json"))
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, computed once and remembered by resolved path, size and modification time
+    (in ``$SAEV_HASH_CACHE``, default ``~/.cache/saev/file-digests.json``), so that a 15 GB checkpoint is
+    read once, not at every cache lookup, and a file replaced in place is hashed again."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = _digest_memo_path()
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if st.st_size > _HASHED_WEIGHT_BYTES:  # only large files are worth remembering
+        try:
+            fresh = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+        except (OSError, ValueError):
+            fresh = {}
+        fresh = {k: v for k, v in fresh.items() if not k.startswith(f"{path}|")}  # drop the file's old entries
+        atomic_write_json(memo_path, {**fresh, key: digest})
+    return digest
+
+
 def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    """Identity of a checkpoint folder: its ``config.json`` (and a world model's ``train_config.json``)
-    and every ``*.safetensors`` file, by content up to 128 MiB, else by name, size and mtime.
+    """Identity of a checkpoint folder: the bytes of every ``*.safetensors`` file (:func:`file_digest`,
+    remembered by path, size and mtime) and of its config, tokenizer and processor files (``_MODEL_FILES``).
 
     Replacing the weights in place changes it, so no cache keyed by it serves the old model's results.
     """
@@ -251,14 +293,9 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
     h = hashlib.sha256()
     for p in sorted(model_dir.iterdir()):
         if p.suffix == ".safetensors":
-            size = p.stat().st_size
-            h.update(f"{p.name}:{size}".encode())
-            if size <= _HASHED_WEIGHT_BYTES:
-                h.update(hashlib.sha256(p.read_bytes()).digest())
-            else:
-                h.update(str(p.stat().st_mtime_ns).encode())
-        elif p.name in ("config.json", "train_config.json"):
-            h.update(p.name.encode() + p.read_bytes())
+            h.update(f"{p.name}:{p.stat().st_size}:{file_digest(p)}".encode())
+        elif p.name in _MODEL_FILES:
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
 

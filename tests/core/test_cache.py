@@ -83,3 +83,44 @@ def test_atomic_writes_leave_the_old_file_when_the_write_fails(tmp_path) -> None
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]  # no temporary file left behind
     atomic_write_text(path, "x")
     assert path.read_text() == "x"
+
+
+def test_file_digests_are_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from saev import cache
+
+    monkeypatch.setenv("SAEV_HASH_CACHE", str(tmp_path / "memo.json"))
+    monkeypatch.setattr(cache, "_HASHED_WEIGHT_BYTES", 0)  # remember every file, as a 15 GB one would be
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 100)
+    first = cache.file_digest(f)
+    assert first == hashlib.sha256(b"a" * 100).hexdigest()
+    assert (tmp_path / "memo.json").is_file()
+    st = f.stat()
+    f.write_bytes(b"b" * 100)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # same path, size and mtime: the memo answers
+    assert cache.file_digest(f) == first
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # touched: hashed again
+    assert cache.file_digest(f) == hashlib.sha256(b"b" * 100).hexdigest()
+
+
+def test_model_fingerprint_follows_weights_and_tokenizer_files(tmp_path, monkeypatch):
+    from saev.cache import model_fingerprint
+
+    monkeypatch.setenv("SAEV_HASH_CACHE", str(tmp_path / "memo.json"))
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "model.safetensors").write_bytes(b"x" * 10)
+    (d / "tokenizer.json").write_text('{"a": 1}')
+    (d / "eval.json").write_text("{}")
+    base = model_fingerprint(d)
+    (d / "eval.json").write_text('{"score": 1}')  # not a file the model computes with
+    assert model_fingerprint(d) == base
+    (d / "tokenizer.json").write_text('{"a": 2}')
+    changed = model_fingerprint(d)
+    assert changed != base
+    (d / "model.safetensors").write_bytes(b"y" * 10)
+    assert model_fingerprint(d) != changed
