@@ -131,7 +131,9 @@ def train_one_sae(
 
     params = {
         "model": model_fingerprint(Path(model_dir)), "family": family, "dtype": dtype, "kind": kind,
-        "data": data.fingerprint, "hook_layer": hook_layer, "context_size": context_size, "train": train_cfg,
+        "data": data.fingerprint, "hook_layer": hook_layer, "context_size": context_size,
+        # checkpoint frequency does not change the SAE (a resumed run ends bit-identical): not in the key
+        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "checkpoint_every"},
         "store": {"n_batches_in_buffer": act_cfg.n_batches_in_buffer,
                   "store_batch_size_prompts": act_cfg.store_batch_size_prompts},
         "seed": seed, "code": code_fingerprint(*SAE_CODE),

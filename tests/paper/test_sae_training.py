@@ -42,6 +42,8 @@ def test_train_one_sae_caches_by_params(tmp_path, tiny_model_dir, monkeypatch) -
     monkeypatch.setattr("saev.models.load_model", no_compute)
     again = train_one_sae(tiny_model_dir("causal_lm"), data, train_cfg=_tiny_train_cfg(), **kwargs)
     assert again == run
+    # the checkpoint frequency does not change the SAE: still served from the cache
+    assert train_one_sae(tiny_model_dir("causal_lm"), data, train_cfg=_tiny_train_cfg(checkpoint_every=1), **kwargs) == run
     with pytest.raises(AssertionError, match="must not"):  # other params: a new key, so it computes
         train_one_sae(tiny_model_dir("causal_lm"), data, train_cfg=_tiny_train_cfg(lr=2e-3), **kwargs)
     with pytest.raises(AssertionError, match="must not"):
