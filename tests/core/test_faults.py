@@ -94,13 +94,13 @@ def test_a_kill_at_every_write_boundary_resumes_to_the_same_weights_and_history(
         _resume_and_compare(out, uninterrupted)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_kill_at_a_random_time_resumes_to_the_same_weights_and_history(tmp_path, seed, uninterrupted):
+@pytest.mark.parametrize(("seed", "sig"), [(0, signal.SIGKILL), (1, signal.SIGKILL), (2, signal.SIGTERM), (3, signal.SIGINT)])
+def test_a_kill_at_a_random_time_resumes_to_the_same_weights_and_history(tmp_path, seed, sig, uninterrupted):
     out = tmp_path / "random"
     proc = _fork(out)
     time.sleep(random.Random(seed).uniform(0.0, 0.3))
     if proc.is_alive():
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
     proc.join(60)
     _resume_and_compare(out, uninterrupted)
 
