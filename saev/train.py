@@ -275,7 +275,10 @@ def _train_sae(
     elif sae.cfg != cfg.sae:
         raise ValueError(f"train_sae: the given SAE's config {sae.cfg} differs from cfg.sae {cfg.sae}")
     sae.to(device)
-    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    # fused: one kernel for every parameter's update (issue 19: clipping + step 180 -> 26 ms at 1024 x 16384);
+    # equal to the for-each Adam up to float rounding
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 fused=sae.W_enc.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64))  # fmt: skip
     stats = FiringStats(cfg.sae.d_sae, cfg, device)
     history: list[StepMetrics] = []
     start = 0

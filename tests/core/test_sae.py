@@ -290,3 +290,30 @@ def test_round_trip_restores_every_config_field(tmp_path):
     loaded = SparseAutoencoder.from_pretrained(tmp_path)
     assert dataclasses.asdict(loaded.cfg) == dataclasses.asdict(cfg)
     assert loaded.W_enc.dtype == torch.float64
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_training_gradients_equal_autograd_with_b_dec_as_a_mat_vec(architecture, apply_b_dec, monkeypatch):
+    """``_CenteredEncode`` (issue 19's lever): W_enc, b_enc and W_dec gradients bit-identical to plain
+    autograd, b_dec's equal up to summation order."""
+    import saev.sae as m
+
+    cfg = SAEConfig(d_in=16, expansion_factor=4, architecture=architecture, k=5, apply_b_dec_to_input=apply_b_dec)
+    sae = SparseAutoencoder(cfg, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.b_dec.normal_(generator=torch.Generator().manual_seed(2))
+        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    sae(x).loss.backward()
+    lever = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad(set_to_none=True)
+    monkeypatch.setattr(m._CenteredEncode, "apply", staticmethod(lambda x, W, b, bd: torch.addmm(b, x - bd, W)))
+    sae(x).loss.backward()
+    for name, p in sae.named_parameters():
+        if name == "b_dec":
+            torch.testing.assert_close(lever[name], p.grad, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(lever[name], p.grad), name
+    with torch.no_grad():  # inference takes the fused addmm path and gives the same activations
+        torch.testing.assert_close(sae.encode(x), SparseAutoencoder._encode_scaled(sae, x))
