@@ -60,7 +60,8 @@ __all__ = [
 
 _DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
 _IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif")
-_METADATA_FILES = ("state.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "world.json")
+_METADATA_FILES = ("state.json", "dataset_info.json", "dataset_infos.json", "dataset_dict.json", "world.json",
+                   "saev_set.json")  # the world generator's marker of a complete set
 _GROUND_TRUTH = ("defect", "category", "scene", "object_patches", "metadata")
 
 
