@@ -438,7 +438,8 @@ def finetune(
             trainer = DPOTrainer(
                 model=policy.model,
                 ref_model=reference.model,
-                args=DPOConfig(**args, beta=config.beta, loss_type=["sigmoid"], precompute_ref_log_probs=False),
+                args=DPOConfig(**args, beta=config.beta, precompute_ref_log_probs=False,
+                               **_dpo_losses(config)),  # fmt: skip
                 data_collator=PairCollator(reference, config.max_length, "dpo", cache),
                 train_dataset=rows,
                 processing_class=policy.processor,
@@ -475,6 +476,13 @@ def finetune(
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
     return out_dir
+
+
+def _dpo_losses(config: AlignConfig) -> dict[str, Any]:
+    """TRL's loss terms: DPO's sigmoid loss, plus the chosen answers' NLL with ``config.sft_weight`` (RPO)."""
+    if config.sft_weight == 0:
+        return {"loss_type": ["sigmoid"]}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, config.sft_weight]}
 
 
 def config_dict(config: AlignConfig) -> dict[str, Any]:

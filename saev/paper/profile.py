@@ -101,6 +101,10 @@ class AlignConfig:
     experiment); "sft": TRL's SFTTrainer on the chosen answers only."""
     beta: float = 0.1
     """DPO's KL coefficient beta (TRL's default; the paper does not state it)."""
+    sft_weight: float = 0.0
+    """Weight of a negative log-likelihood loss on the chosen answer added to DPO's (RPO, Pang et al.
+    2024; TRL ``loss_type=["sigmoid", "sft"]``), which keeps DPO from lowering the chosen answers'
+    likelihood along with the rejected ones'; 0: plain DPO, as the paper (a departure when set)."""
     learning_rate: float = 1e-6
     """Peak AdamW learning rate (Table 4: 1e-6)."""
     epochs: float = 3.0
@@ -160,6 +164,8 @@ class AlignConfig:
         for key in ("beta", "learning_rate", "epochs"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"align.{key} must be > 0, got {getattr(self, key)}")
+        if not self.sft_weight >= 0:
+            raise ValueError(f"align.sft_weight must be >= 0, got {self.sft_weight}")
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
                     "eval_batch_size", "num_threads"):  # fmt: skip
             if getattr(self, key) <= 0:

@@ -325,3 +325,21 @@ def test_sweep_stops_before_compute_without_a_judge(world: CIWorld, clean_pairs:
     with pytest.raises(ValueError, match="align.judge.base_url"):
         run_sweep(world.paths["llava-next"], clean_pairs, {"random": None}, config=CFG,
                   benchmark=benchmark.remove_columns("scene"), out_dir=tmp_path, progress=False)  # fmt: skip
+
+
+def test_dpo_with_an_sft_term_raises_the_chosen_likelihood_beside_the_margin(
+    world: CIWorld, clean_pairs: datasets.Dataset, tmp_path: Path
+) -> None:
+    """``align.sft_weight`` (RPO): DPO's margin still grows, and the chosen answers' log-likelihood ends
+    higher than with plain DPO from the same seed (plain DPO may lower both answers' likelihood)."""
+    base_dir = world.paths["llava-next"]
+    plain = finetune(base_dir, clean_pairs, config=CFG, seed=0, out_dir=tmp_path / "dpo", progress=False)
+    rpo_cfg = dataclasses.replace(CFG, sft_weight=1.0)
+    rpo = finetune(base_dir, clean_pairs, config=rpo_cfg, seed=0, out_dir=tmp_path / "rpo", progress=False)
+    before = pair_logprobs(base_dir, clean_pairs, config=CFG)
+    after_plain, after_rpo = pair_logprobs(plain, clean_pairs, config=CFG), pair_logprobs(rpo, clean_pairs, config=CFG)
+    assert reward_margins(after_rpo, before, CFG.beta).mean() > 0
+    assert after_rpo.chosen.mean() > after_plain.chosen.mean()
+    assert json.loads((rpo / "align.json").read_text())["config"]["sft_weight"] == 1.0
+    with pytest.raises(ValueError, match="sft_weight"):
+        dataclasses.replace(CFG, sft_weight=-1.0)
