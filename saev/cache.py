@@ -322,10 +322,12 @@ def dataset_fingerprint(ds: datasets.Dataset, columns: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def code_fingerprint(*modules: str) -> str:
+def code_fingerprint(*modules: str, ignore_docs: bool = False) -> str:
     """sha256 of the source files of ``modules`` (e.g. "saev.train"): part of a cache key, so that a
     result is recomputed when the code that made it changes (a numerics change in the trainer would
-    otherwise leave stale SAEs in a developer's cache)."""
+    otherwise leave stale SAEs in a developer's cache). ``ignore_docs``: hash the syntax tree without
+    docstrings, comments and layout instead, so that editing documentation does not invalidate an
+    expensive artifact (the world's data and models)."""
     import importlib.util
 
     digest = hashlib.sha256()
@@ -333,5 +335,23 @@ def code_fingerprint(*modules: str) -> str:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None or not Path(spec.origin).is_file():
             raise ValueError(f"no source file for module {name!r}")
-        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+        source = Path(spec.origin).read_bytes()
+        digest.update(name.encode() + b"\0" + (_code_only(source) if ignore_docs else source))
     return digest.hexdigest()
+
+
+def _code_only(source: bytes) -> bytes:
+    """The AST of ``source`` without docstrings (comments and layout are not in an AST)."""
+    import ast
+
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            value = body[0].value
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, ast.Module | ast.ClassDef):  # attribute docstrings: a string after an assignment
+            node.body = [n for n in node.body
+                         if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str))]  # fmt: skip
+    return ast.dump(tree, annotate_fields=False, include_attributes=False).encode()

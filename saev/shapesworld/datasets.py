@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -40,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from saev.cache import FolderLock, atomic_write_json
+from saev.cache import FolderLock, atomic_write_json, code_fingerprint
 from saev.shapesworld.config import WorldConfig
 from saev.shapesworld.world import (
     CAPTION_QUESTION,
@@ -149,6 +150,11 @@ FEATURES: dict[str, datasets.Features] = {
 """Column schema of every generated data set."""
 
 
+@functools.lru_cache(maxsize=1)
+def _generator_code() -> str:
+    return code_fingerprint("saev.shapesworld.world", "saev.shapesworld.datasets", ignore_docs=True)
+
+
 def dataset_rng(cfg: WorldConfig, name: str) -> np.random.Generator:
     """The seed stream of data set ``name``: independent of every other data set's stream."""
     return np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(_name_id(name),)))
@@ -156,7 +162,8 @@ def dataset_rng(cfg: WorldConfig, name: str) -> np.random.Generator:
 
 def dataset_hash(cfg: WorldConfig, name: str) -> str:
     """sha256 of the fields ``name`` depends on and ``WORLD_VERSION``: the cache key of a saved set."""
-    spec = {"version": WORLD_VERSION, "name": name, **{f: getattr(cfg, f) for f in DATASET_FIELDS[name]}}
+    spec = {"version": WORLD_VERSION, "name": name, **{f: getattr(cfg, f) for f in DATASET_FIELDS[name]},
+            "code": _generator_code()}  # the generating code, docstrings aside: a changed template rebuilds
     for key, default in _UNHASHED_DEFAULTS.items():
         if spec.get(key) == default:
             del spec[key]

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from saev.cache import atomic_write_json
+from saev.cache import atomic_write_json, code_fingerprint
 from saev.models import NO_TRUNCATION, greedy_answers, pad_token_id
 from saev.shapesworld.config import StageConfig, WorldConfig, WorldModelsConfig
 from saev.shapesworld.resumable import (
@@ -314,6 +314,9 @@ def _train_spec(
         used = (*used, "interleaved")
     return {
         "training_version": TRAINING_VERSION,
+        # the training code, docstrings aside: a changed recipe or adapter retrains
+        "code": code_fingerprint("saev.shapesworld.models", "saev.shapesworld.resumable", "saev.shapesworld.tiny",
+                                 "saev.models", ignore_docs=True),  # fmt: skip
         "model": name,
         "family": FAMILIES[name],
         "seed": seed,

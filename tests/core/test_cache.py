@@ -124,3 +124,20 @@ def test_model_fingerprint_follows_weights_and_tokenizer_files(tmp_path, monkeyp
     assert changed != base
     (d / "model.safetensors").write_bytes(b"y" * 10)
     assert model_fingerprint(d) != changed
+
+
+def test_code_fingerprint_without_docs_ignores_docstrings_and_comments(tmp_path, monkeypatch) -> None:
+    from saev.cache import code_fingerprint
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "fp_docs_mod.py"
+
+    def fp(text: str) -> tuple[str, str]:
+        module.write_text(text)
+        return code_fingerprint("fp_docs_mod", ignore_docs=True), code_fingerprint("fp_docs_mod")
+
+    base = fp('"""Module."""\nX = 1\n"""X is one."""\n\ndef f(a):\n    """Doc."""\n    return a + X  # add\n')
+    docs = fp('"""Other words."""\nX = 1\n"""X, the unit."""\n\n\ndef f(a):\n    """New doc."""\n    # a comment\n    return a + X\n')
+    code = fp('"""Module."""\nX = 2\n\ndef f(a):\n    """Doc."""\n    return a + X\n')
+    assert docs[0] == base[0] and docs[1] != base[1]  # documentation edits keep the docs-free key
+    assert code[0] != base[0]  # a code edit changes it
