@@ -54,6 +54,11 @@ class TokenRecord(NamedTuple):
     position_N: torch.Tensor
     """Position of the token in the model's input_ids (BOS is position 0), int64."""
 
+    def unpadded(self) -> TokenRecord:
+        """The rows that are not padding (all of them, but for a ``tokens="released"`` store's)."""
+        keep_N = self.modality_N != Modality.SPECIAL
+        return self if bool(keep_N.all()) else TokenRecord(*(t[keep_N] for t in self))
+
 
 class _StopForward(Exception):
     """Raised by the hook to end the forward pass right after the hook layer."""
@@ -178,10 +183,7 @@ class ActivationStore:
         passes = itertools.count() if n_passes is None else range(n_passes)
         for _ in passes:
             for record in self.iter_token_batches():
-                hidden_ND = record.hidden_ND
-                if self.tokens == "released":  # padding is kept for the released L0, never trained on
-                    hidden_ND = hidden_ND[record.modality_N != Modality.SPECIAL]
-                pending.append(hidden_ND)
+                pending.append(record.unpadded().hidden_ND)  # padding: kept for the released L0, never trained on
                 n_in_buffer += 1
                 if n_in_buffer < full:
                     continue

@@ -258,26 +258,23 @@ def file_digest(path: str | os.PathLike) -> str:
     read once, not at every cache lookup, and a file replaced in place is hashed again."""
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = _digest_memo_path()
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
+    remember = st.st_size > _HASHED_WEIGHT_BYTES  # small files are hashed faster than the memo is read
+    key, memo_path, memo = f"{path}|{st.st_size}|{st.st_mtime_ns}", _digest_memo_path(), {}
+    if remember:
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        if key in memo:
+            return memo[key]
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 24):
             h.update(chunk)
     digest = h.hexdigest()
-    if st.st_size > _HASHED_WEIGHT_BYTES:  # only large files are worth remembering
-        try:
-            fresh = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
-        except (OSError, ValueError):
-            fresh = {}
-        fresh = {k: v for k, v in fresh.items() if not k.startswith(f"{path}|")}  # drop the file's old entries
-        atomic_write_json(memo_path, {**fresh, key: digest})
+    if remember:
+        kept = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")}  # drop the file's old entries
+        atomic_write_json(memo_path, {**kept, key: digest})
     return digest
 
 

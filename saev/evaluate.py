@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saev.activations import ActivationStore, TokenRecord
+from saev.activations import ActivationStore
 from saev.config import ActivationConfig
 from saev.metrics import average_cosine_score, ifd_score, lm_cross_entropy
 from saev.models import LoadedModel, Modality, Sample, TokenSet, chat_sample, check_sae_matches
@@ -222,14 +222,6 @@ def _store(
     )
 
 
-def _unpadded(record: TokenRecord, tokens: TokenSet) -> TokenRecord:
-    """The record without the padding rows a ``tokens="released"`` store keeps (for its L0 only)."""
-    if tokens == "paper":
-        return record
-    keep_N = record.modality_N != Modality.SPECIAL
-    return TokenRecord(*(t[keep_N] for t in record))
-
-
 def _sae_device(sae: SparseAutoencoder) -> torch.device:
     return sae.W_enc.device
 
@@ -305,7 +297,7 @@ def score_dataset(
     store = _store(loaded, samples, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
                    to_sample=to_sample, progress=progress, tokens=tokens)
     for padded in store.iter_token_batches():
-        record = _unpadded(padded, tokens)
+        record = padded.unpadded()
         hidden_ND = record.hidden_ND.to(device)
         is_image_N = (record.modality_N == Modality.IMAGE).to(device)
         sample_id_N = record.sample_id_N.to(device)
@@ -408,7 +400,7 @@ def feature_stats(
     store = _store(loaded, _Subset(samples, subset_ids), hook_layer=hook_layer, context_size=context_size,
                    batch_size=batch_size, to_sample=to_sample, progress=progress, tokens=tokens)
     for padded in store.iter_token_batches():
-        record = _unpadded(padded, tokens)
+        record = padded.unpadded()
         hidden_ND = record.hidden_ND.to(device)
         is_image_N = (record.modality_N == Modality.IMAGE).to(device)
         sample_id_N = subset_ids[record.sample_id_N].to(device)

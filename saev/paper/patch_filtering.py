@@ -145,9 +145,8 @@ def cross_modal_stats(
             )  # fmt: skip
             stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta, variant=cfg.variant)
             positions = []
-            for record in store.iter_token_batches():
-                if cfg.tokens == "released":  # padding (kept for the released L0) enters no feature's tokens
-                    record = type(record)(*(t[record.modality_N != Modality.SPECIAL] for t in record))
+            for padded in store.iter_token_batches():
+                record = padded.unpadded()  # padding (kept for the released L0) enters no feature's tokens
                 hidden = record.hidden_ND.float()
                 is_image = record.modality_N == Modality.IMAGE
                 stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N)
@@ -213,10 +212,10 @@ def classification_patch_scores(
                             progress=progress, tokens=tokens)  # fmt: skip
     out, n_cooccurring = [], []
     with torch.inference_mode():
-        for i, record in enumerate(store.iter_samples()):
-            real = record.modality_N != Modality.SPECIAL  # padding, kept by a released-token store
-            z = sae.encode(record.hidden_ND[real].float())
-            is_image = record.modality_N[real] == Modality.IMAGE
+        for i, padded in enumerate(store.iter_samples()):
+            record = padded.unpadded()  # padding, kept by a released-token store
+            z = sae.encode(record.hidden_ND.float())
+            is_image = record.modality_N == Modality.IMAGE
             if int(is_image.sum()) not in (layout.n_tokens, layout.n_patch_tokens):
                 raise RuntimeError(
                     f"image {i}: {int(is_image.sum())} image tokens, the layout expects {layout.n_patch_tokens}"
