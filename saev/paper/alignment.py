@@ -26,6 +26,7 @@ profile's ``align:`` section (:class:`saev.paper.profile.AlignConfig`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -580,20 +581,12 @@ def filter_sweep(
     rankings = {f: None if f == "random" else _ranking(scores, f) for f in filters}
     extra = None
     if cosine_metric:
-        sae = run.load()
-        d_s = [preference_sample(spec.family, data[i]) for i in range(len(data))]
-
-        def extra(model_dir: Path, cell: Any) -> dict[str, float]:
-            from saev.models import load_model
-
-            loaded = load_model(spec.family, model_dir, dtype=spec.dtype, device=profile.activations.device)
-            value = model_average_cosine_score(
-                loaded, sae, d_s, hook_layer=spec.hook_layer, context_size=spec.context_size,
-                batch_size=cfg.eval_batch_size, weight_samples=cfg.weight_samples, top_k=cfg.top_k,
-                delta=cfg.delta, seed=profile.seed, progress=False,
-            )  # fmt: skip
-            return {"average_cosine": value}
-
+        extra = _CosineMetric(
+            family=spec.family, dtype=spec.dtype, device=profile.activations.device, sae_path=run.path,
+            profile=profile, pref_set=pref_set, n_rows=len(data), hook_layer=spec.hook_layer,
+            context_size=spec.context_size, batch_size=cfg.eval_batch_size, weight_samples=cfg.weight_samples,
+            top_k=cfg.top_k, delta=cfg.delta, seed=profile.seed,
+        )  # fmt: skip
     with torch_threads(acfg.num_threads):
         frame = run_sweep(
             profile.model_path(model), data, rankings, config=acfg, benchmark=_benchmark(profile),
@@ -609,6 +602,49 @@ def filter_sweep(
         base=frame[frame["filter"] == "base"].reset_index(drop=True),
         model=model, pref_set=pref_set,
     )  # fmt: skip
+
+
+@dataclasses.dataclass
+class _CosineMetric:
+    """``extra_metrics`` of a sweep: a fine-tuned model's average cosine score on the pool (Fig. 8). A
+    picklable object rather than a closure, so that parallel sweep workers (``align.workers``) can run it;
+    the SAE and the samples load once per process."""
+
+    family: str
+    dtype: Any
+    device: str
+    sae_path: Path
+    profile: Profile
+    pref_set: str
+    n_rows: int
+    hook_layer: int
+    context_size: int
+    batch_size: int
+    weight_samples: int
+    top_k: int
+    delta: float
+    seed: int
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_loaded")}
+
+    def __call__(self, model_dir: Path, cell: Any) -> dict[str, float]:
+        from saev.evaluate import model_average_cosine_score
+        from saev.models import load_model
+        from saev.sae import SparseAutoencoder
+
+        if "_loaded" not in self.__dict__:
+            data = preference_data(self.profile, self.pref_set).select(range(self.n_rows))
+            self._loaded = (SparseAutoencoder.from_pretrained(self.sae_path),
+                            [preference_sample(self.family, data[i]) for i in range(len(data))])  # fmt: skip
+        sae, d_s = self._loaded
+        loaded = load_model(self.family, model_dir, dtype=self.dtype, device=self.device)
+        value = model_average_cosine_score(
+            loaded, sae, d_s, hook_layer=self.hook_layer, context_size=self.context_size,
+            batch_size=self.batch_size, weight_samples=self.weight_samples, top_k=self.top_k,
+            delta=self.delta, seed=self.seed, progress=False,
+        )  # fmt: skip
+        return {"average_cosine": value}
 
 
 ORACLE_FILTERS: tuple[str, ...] = ("clean_first", "defective_first")

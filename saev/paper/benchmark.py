@@ -312,7 +312,8 @@ def run_sweep(
         scores[name] = arr
     cells = _sweep_cells(list(scores), fractions, seeds, include_base, include_full)
 
-    train_cfg = {k: v for k, v in config_dict(config).items() if k not in ("fractions", "seeds", "filters")}
+    train_cfg = {k: v for k, v in config_dict(config).items()
+                 if k not in ("fractions", "seeds", "filters", "workers")}  # fmt: skip
     judge = train_cfg.pop("judge")
     pools = {s: dataset.select(rows) for s, rows in pool_rows.items()}
     pool_keys = {s: dataset_fingerprint(pools[s], PREFERENCE_COLUMNS) for s in seeds}
@@ -327,29 +328,69 @@ def run_sweep(
         k: None if v is None else hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
         for k, v in scores.items()
     }
-    rows = []
-    cache: EncodeCache = {}
-    bar = tqdm(cells, desc=f"sweep {out_dir.name}", disable=not progress)
-    for cell in bar:
-        bar.set_postfix_str(cell.name)
+    rows: list[dict[str, Any] | None] = []
+    todo: list[tuple[int, SweepCell, str, Path]] = []
+    for cell in cells:
         ranking = ranking_digest.get(cell.filter)
         key = {**common, "cell": dataclasses.asdict(cell), "ranking": ranking,
                "pool": None if cell.seed is None else pool_keys[cell.seed],
                "extras": extra_metrics is not None}  # fmt: skip
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
         path = out_dir / f"{cell.name}.json"
-        if path.is_file():
-            done = json.loads(path.read_text())
-            if done.get("hash") == digest:
-                rows.append(done["row"])
-                continue
-        rows.append(_run_cell(cell, digest, path, model_dir=model_dir, family=family, pools=pools, pool_rows=pool_rows,
-                              scores=scores,
-                              config=config, benchmark=benchmark, out_dir=out_dir, keep_models=keep_models,
-                              extra_metrics=extra_metrics, cache=cache))  # fmt: skip
+        done = _finished_cell(path, digest)
+        rows.append(done)
+        if done is None:
+            todo.append((len(rows) - 1, cell, digest, path))
+    job = dict(model_dir=model_dir, family=family, pools=pools, pool_rows=pool_rows, scores=scores, config=config,
+               benchmark=benchmark, out_dir=out_dir, keep_models=keep_models, extra_metrics=extra_metrics)  # fmt: skip
+    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {out_dir.name}", disable=not progress)
+    workers = min(config.workers, len(todo))
+    if workers <= 1:
+        cache: EncodeCache = {}
+        for i, cell, digest, path in todo:
+            bar.set_postfix_str(cell.name)
+            rows[i] = _run_cell(cell, digest, path, cache=cache, **job)
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+        # Spawned (not forked) workers: no torch thread pools or locks inherited mid-use. Each cell is
+        # written by its worker as it finishes, so an interrupted parallel sweep resumes like a serial one.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_cell_in_worker, cell, digest, path, **job): i for i, cell, digest, path in todo}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()
+                    rows[futures[future]] = future.result()
+                    bar.update()
+    bar.close()
     df = pd.DataFrame(rows)
     df["seed"] = df["seed"].astype("Int64")
     return df
+
+
+def _finished_cell(path: Path, digest: str) -> dict[str, Any] | None:
+    """The row of a cell already computed with the same key, or None."""
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("hash") == digest:
+            return done["row"]
+    return None
+
+
+_WORKER_CACHE: EncodeCache = {}
+"""A sweep worker's encoding memo, shared by the cells that one process runs."""
+
+
+def _run_cell_in_worker(cell: SweepCell, digest: str, path: Path, **job: Any) -> dict[str, Any]:
+    with torch_threads(job["config"].num_threads):  # a spawned process starts with one thread per core
+        return _run_cell(cell, digest, path, cache=_WORKER_CACHE, **job)
 
 
 def _run_cell(

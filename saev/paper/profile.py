@@ -154,6 +154,10 @@ class AlignConfig:
     """Benchmark questions per forward pass."""
     num_threads: int = 1
     """Torch intra-op threads while fine-tuning and evaluating (fixed, so CPU runs are reproducible)."""
+    workers: int = 1
+    """Sweep cells fine-tuned and scored at once, each in its own spawned process with ``num_threads``
+    threads; cells are independent and each is computed as in one process, so results do not depend on
+    it (not part of a cell's key). On a GPU keep 1 (one model per device)."""
     judge: JudgeConfig | None = None
     """Judge of the paper profiles' LLaVA-Bench scoring; None: the world's ground-truth scorer,
     which only a generated benchmark (with a ``scene`` column) supports."""
@@ -167,7 +171,7 @@ class AlignConfig:
         if not self.sft_weight >= 0:
             raise ValueError(f"align.sft_weight must be >= 0, got {self.sft_weight}")
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-                    "eval_batch_size", "num_threads"):  # fmt: skip
+                    "eval_batch_size", "num_threads", "workers"):  # fmt: skip
             if getattr(self, key) <= 0:
                 raise ValueError(f"align.{key} must be > 0, got {getattr(self, key)}")
         for key in ("max_steps", "pool_size", "benchmark_per_category", "benchmark_max_new_tokens"):

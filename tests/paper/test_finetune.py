@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import CIWorld
@@ -37,7 +38,7 @@ from saev.paper.profile import AlignConfig, load_profile
 # A few optimiser steps at a learning rate that moves a ci model visibly.
 CFG = dataclasses.replace(
     load_profile("ci").align, learning_rate=1e-3, epochs=2.0, per_device_train_batch_size=8, warmup_steps=0,
-    benchmark_per_category=4, eval_batch_size=32,
+    benchmark_per_category=4, eval_batch_size=32, workers=1,  # the tests patch this process's functions
 )  # fmt: skip
 
 
@@ -343,3 +344,38 @@ def test_dpo_with_an_sft_term_raises_the_chosen_likelihood_beside_the_margin(
     assert json.loads((rpo / "align.json").read_text())["config"]["sft_weight"] == 1.0
     with pytest.raises(ValueError, match="sft_weight"):
         dataclasses.replace(CFG, sft_weight=-1.0)
+
+
+def test_parallel_sweep_workers_give_the_serial_sweep(world: CIWorld, benchmark: datasets.Dataset,
+                                                      tmp_path: Path) -> None:  # fmt: skip
+    """``align.workers`` 2 runs the cells in two spawned processes: every cell's row (seconds aside)
+    and its answers equal a serial sweep's, and the cells' keys do not depend on the worker count."""
+    pref = load_preference(world.profile.artifacts_path / "data" / "preference_a")
+    cfg = dataclasses.replace(CFG, pool_size=8, pool_per_seed=True, fractions=(0.5, 1.0), seeds=(0, 1),
+                              epochs=1.0, benchmark_per_category=2)  # fmt: skip
+    rankings = {"cosine": np.arange(len(pref), dtype=float), "random": None}
+    frames = {}
+    for workers in (1, 2):
+        frames[workers] = run_sweep(world.paths["llava-next"], pref, rankings, config=dataclasses.replace(cfg, workers=workers),
+                                    benchmark=benchmark, out_dir=tmp_path / f"w{workers}", progress=False)  # fmt: skip
+    timing = [c for c in frames[1].columns if c.startswith("seconds")]
+    pd.testing.assert_frame_equal(frames[1].drop(columns=timing), frames[2].drop(columns=timing))
+    assert len(frames[1]) == 7  # base, full x 2 seeds, 2 filters x 2 seeds
+    for path in (tmp_path / "w1").glob("*.json"):
+        serial, parallel = json.loads(path.read_text()), json.loads((tmp_path / "w2" / path.name).read_text())
+        assert serial["hash"] == parallel["hash"] and serial["answers"] == parallel["answers"]
+
+
+def _failing_metric(model_dir: Path, cell: object) -> dict[str, float]:
+    raise RuntimeError(f"metric failed on {cell.name}")
+
+
+def test_a_failing_cell_in_a_worker_stops_the_sweep_with_its_error(world: CIWorld, benchmark: datasets.Dataset,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    pref = load_preference(world.profile.artifacts_path / "data" / "preference_a")
+    cfg = dataclasses.replace(CFG, pool_size=8, fractions=(1.0,), seeds=(0, 1), epochs=1.0, benchmark_per_category=1,
+                              workers=2)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"metric failed on (base|full)"):
+        run_sweep(world.paths["llava-next"], pref, {"random": None}, config=cfg, benchmark=benchmark,
+                  out_dir=tmp_path, extra_metrics=_failing_metric, progress=False)  # fmt: skip
+    assert not list(tmp_path.glob("*.json"))  # no cell taken as finished
