@@ -14,13 +14,15 @@ one JSON per finished cell, so an interrupted sweep resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,14 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from saev.cache import atomic_write_json, dataset_fingerprint, model_fingerprint
+from saev.cache import (
+    FolderLock,
+    LockedError,
+    atomic_write_json,
+    dataset_fingerprint,
+    model_fingerprint,
+    remove_stale_temporaries,
+)
 from saev.metrics import normalize_answer
 from saev.models import LoadedModel, chat_sample, greedy_answers, model_family, tokenizer_of
 from saev.paper.common import torch_threads
@@ -328,23 +337,60 @@ def run_sweep(
         k: None if v is None else hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
         for k, v in scores.items()
     }
-    rows: list[dict[str, Any] | None] = []
-    todo: list[tuple[int, SweepCell, str, Path]] = []
-    for cell in cells:
-        ranking = ranking_digest.get(cell.filter)
-        key = {**common, "cell": dataclasses.asdict(cell), "ranking": ranking,
-               "pool": None if cell.seed is None else pool_keys[cell.seed],
-               "extras": extra_metrics is not None}  # fmt: skip
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        path = out_dir / f"{cell.name}.json"
-        done = _finished_cell(path, digest)
-        rows.append(done)
-        if done is None:
-            todo.append((len(rows) - 1, cell, digest, path))
     job = dict(model_dir=model_dir, family=family, pools=pools, pool_rows=pool_rows, scores=scores, config=config,
                benchmark=benchmark, out_dir=out_dir, keep_models=keep_models, extra_metrics=extra_metrics)  # fmt: skip
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"sweep {out_dir.name}", disable=not progress)
-    workers = min(config.workers, len(todo))
+    with _sweep_lock(out_dir):  # one writer per sweep folder; what a killed run left half-written goes first
+        remove_stale_temporaries(out_dir)
+        _remove_leftover_models(out_dir / "models", keep_models)
+        rows: list[dict[str, Any] | None] = []
+        todo: list[tuple[int, SweepCell, str, Path]] = []
+        for cell in cells:  # read inside the lock: a writer that held it may have finished cells meanwhile
+            ranking = ranking_digest.get(cell.filter)
+            key = {**common, "cell": dataclasses.asdict(cell), "ranking": ranking,
+                   "pool": None if cell.seed is None else pool_keys[cell.seed],
+                   "extras": extra_metrics is not None}  # fmt: skip
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+            path = out_dir / f"{cell.name}.json"
+            done = _finished_cell(path, digest)
+            rows.append(done)
+            if done is None:
+                todo.append((len(rows) - 1, cell, digest, path))
+        _compute_cells(rows, todo, job, workers=min(config.workers, len(todo)), n_cells=len(cells),
+                       desc=f"sweep {out_dir.name}", progress=progress)  # fmt: skip
+    df = pd.DataFrame(rows)
+    df["seed"] = df["seed"].astype("Int64")
+    return df
+
+
+@contextlib.contextmanager
+def _sweep_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the sweep folder's lock; a live holder (another notebook sweeping the same model and set, as
+    Figs. 7 and 11 do) is waited for, saying so, and the cells it finished are then read back."""
+    try:
+        lock = FolderLock(out_dir).__enter__()
+    except LockedError as held:
+        print(f"waiting: {held}", file=sys.stderr, flush=True)
+        lock = FolderLock(out_dir, wait=24 * 3600.0).__enter__()
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _remove_leftover_models(models_dir: Path, keep_models: bool) -> None:
+    """Model folders of cells a killed sweep did not finish: fine-tunes' temporary folders (``tmp*``),
+    and without ``keep_models`` every folder (a finished cell deletes its model)."""
+    if not models_dir.is_dir():
+        return
+    for p in models_dir.iterdir():
+        if p.is_dir() and (not keep_models or p.name.startswith("tmp")):
+            shutil.rmtree(p)
+
+
+def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, SweepCell, str, Path]],
+                   job: dict[str, Any], *, workers: int, n_cells: int, desc: str, progress: bool) -> None:  # fmt: skip
+    """Run the unfinished cells ``todo`` (serially, or in ``workers`` spawned processes) into ``rows``."""
+    bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc=desc, disable=not progress)
     if workers <= 1:
         cache: EncodeCache = {}
         for i, cell, digest, path in todo:
@@ -370,9 +416,6 @@ def run_sweep(
                     rows[futures[future]] = future.result()
                     bar.update()
     bar.close()
-    df = pd.DataFrame(rows)
-    df["seed"] = df["seed"].astype("Int64")
-    return df
 
 
 def _finished_cell(path: Path, digest: str) -> dict[str, Any] | None:

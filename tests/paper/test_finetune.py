@@ -379,3 +379,29 @@ def test_a_failing_cell_in_a_worker_stops_the_sweep_with_its_error(world: CIWorl
         run_sweep(world.paths["llava-next"], pref, {"random": None}, config=cfg, benchmark=benchmark,
                   out_dir=tmp_path, extra_metrics=_failing_metric, progress=False)  # fmt: skip
     assert not list(tmp_path.glob("*.json"))  # no cell taken as finished
+
+
+def test_a_sweep_cleans_what_a_killed_run_left_and_waits_for_a_live_writer(
+    world: CIWorld, benchmark: datasets.Dataset, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 21: a half-written cell file and the model folders of unfinished cells go on the next start;
+    a second sweep of the same folder waits for the lock's live holder (saying so), not racing it."""
+    import threading
+
+    from saev.cache import FolderLock
+
+    pref = load_preference(world.profile.artifacts_path / "data" / "preference_a")
+    cfg = dataclasses.replace(CFG, pool_size=8, fractions=(1.0,), seeds=(0,), max_steps=1, benchmark_per_category=1)
+    out = tmp_path / "sweep"
+    (out / "models" / "full__f1__s0").mkdir(parents=True)  # a killed cell's fine-tuned model
+    (out / "models" / "tmpabc123").mkdir()  # a killed fine-tune's temporary folder
+    (out / ".base__f0__snone.json.tmp-x1").write_text("{")  # a killed atomic write
+    lock = FolderLock(out).__enter__()  # a live writer (this process) holds the folder for a second
+    threading.Timer(1.0, lock.__exit__, args=(None, None, None)).start()
+    df = run_sweep(world.paths["llava-next"], pref, {"random": None}, config=cfg, benchmark=benchmark,
+                   out_dir=out, progress=False)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "waiting:" in err and "is being written by pid" in err
+    assert df["filter"].tolist() == ["base", "full"]
+    assert sorted(p.name for p in out.iterdir()) == ["base__f0__snone.json", "full__f1__s0.json", "models"]
+    assert not any((out / "models").iterdir())
