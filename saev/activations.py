@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from saev import distributed
 from saev.cache import atomic_save_safetensors, atomic_write_json, code_fingerprint, model_fingerprint
 from saev.config import ActivationConfig, ModelSpec
 from saev.models import LoadedModel, Modality, Sample, TokenSet
@@ -207,11 +208,58 @@ class ActivationStore:
                 yield self._run_batch(batch, first), first, len(batch)
             return
         meta = _read_json(self.cache_dir / "metadata.json")
-        if meta is not None and meta.get("complete"):
+        complete = meta is not None and bool(meta.get("complete"))
+        if distributed.is_distributed():
+            complete = distributed.broadcast_object(complete)  # every rank takes rank 0's branch
+            if not complete:
+                self._fill_cache_sharded()
+                meta = _read_json(self.cache_dir / "metadata.json")
+                complete = True
+        if complete:
             for i in range(meta["n_shards"]):
                 yield _load_shard(self.cache_dir / _shard_name(i))
             return
         yield from self._fill_cache()
+
+    def _fill_cache_sharded(self) -> None:
+        """Under ``torch.distributed``: rank r runs store batches r, r + W, r + 2W, ... into the shared
+        cache folder (each shard atomic; shards of an earlier run are kept), then rank 0 marks the cache
+        complete. Every rank then reads the shards in order: the stream one process would have made,
+        so a run resumed on another number of ranks reads the same rows."""
+        assert self.cache_dir is not None
+        n_ranks, me = distributed.world_size(), distributed.rank()
+        if distributed.is_main():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.cache_dir / "metadata.json", {**self._identity, "complete": False})
+        distributed.barrier()
+        size = self.cfg.store_batch_size_prompts
+        rows = iter(self.samples)
+        total = -(-len(self.samples) // size) if hasattr(self.samples, "__len__") else None
+        bar = tqdm(total=total, desc=f"activations @ layer {self.hook_layer} ({n_ranks} ranks)", unit="batch",
+                   disable=not (self.progress and distributed.is_main()))  # fmt: skip
+        i = first = 0
+        with bar:
+            while batch := list(itertools.islice(rows, size)):
+                path = self.cache_dir / _shard_name(i)
+                if i % n_ranks == me and not path.is_file():
+                    samples = [self.to_sample(r) if self.to_sample else r for r in batch]
+                    _save_shard(path, self._run_batch(samples, first), first, len(batch))
+                first, i = first + len(batch), i + 1
+                bar.update(1)
+        distributed.barrier()
+        if distributed.is_main():
+            counts = dict.fromkeys((Modality.TEXT, Modality.IMAGE), 0)
+            for k in range(i):
+                with safe_open(str(self.cache_dir / _shard_name(k)), framework="pt") as f:
+                    modality_N = f.get_tensor("modality_N").long()
+                for m in counts:
+                    counts[m] += int((modality_N == m).sum())
+            atomic_write_json(self.cache_dir / "metadata.json", {
+                **self._identity, "complete": True, "n_shards": i, "n_samples": first,
+                "n_tokens": sum(counts.values()),
+                "n_tokens_by_modality": {m.name.lower(): c for m, c in counts.items()},
+            })  # fmt: skip
+        distributed.barrier()
 
     def _fill_cache(self) -> Iterator[tuple[TokenRecord, int, int]]:
         """Yield the finished shards of an earlier run, then run the model for the rest, saving each shard."""

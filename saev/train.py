@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saev import distributed
 from saev.config import TrainConfig
 from saev.cache import FolderLock, atomic_write_bytes, fault_point, remove_stale_temporaries
 from saev.sae import SparseAutoencoder
@@ -253,6 +254,8 @@ def train_sae(
     """
     if out_dir is None:
         return _train_sae(activations, cfg, out_path=None, resume=resume, progress=progress, sae=sae)
+    if not distributed.is_main():  # ranks > 0 read the checkpoints; rank 0 holds the lock and writes
+        return _train_sae(activations, cfg, out_path=Path(out_dir), resume=resume, progress=False, sae=sae)
     with FolderLock(out_dir):
         remove_stale_temporaries(out_dir)
         return _train_sae(activations, cfg, out_path=Path(out_dir), resume=resume, progress=progress, sae=sae)
@@ -281,9 +284,11 @@ def _train_sae(
     stats = FiringStats(cfg.sae.d_sae, cfg, device)
     history: list[StepMetrics] = []
     start = 0
-    if out_path is not None:
+    writes = out_path is not None and distributed.is_main()
+    if writes:
         for stale in (out_path / "checkpoints").glob(".tmp-step_*"):  # left by a run killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
+    if out_path is not None:
         ckpt_dir = _latest_checkpoint(out_path)
         if ckpt_dir is not None and not resume:
             raise FileExistsError(
@@ -302,6 +307,12 @@ def _train_sae(
         sae.activation_scale = _estimate_scale(prefetched, cfg.sae.d_in)
         batches = itertools.chain(prefetched, batches)
 
+    model: torch.nn.Module = sae
+    if distributed.is_distributed():
+        if B % distributed.world_size():
+            raise ValueError(f"train_batch_size_tokens {B} does not split into {distributed.world_size()} equal rank slices")
+        # PyTorch's DDP: parameters broadcast from rank 0, gradients averaged over ranks in backward
+        model = torch.nn.parallel.DistributedDataParallel(sae, device_ids=[device] if device.type == "cuda" else None)
     last_saved = start
     pbar = tqdm(total=T, initial=start, desc="train SAE", unit="step", disable=not progress)
     try:
@@ -309,24 +320,25 @@ def _train_sae(
             batch_BD = next(batches, None)
             if batch_BD is None:
                 if out_path is not None and step - 1 > last_saved:
-                    _save_checkpoint(out_path, step - 1, cfg, sae, optimizer, stats, history)
+                    _save_checkpoint(out_path, step - 1, cfg, sae, optimizer, stats, history, write=writes)
                 raise ValueError(
                     f"the activation stream ended after {(step - 1) * B} rows, before step {step} of {T} "
                     f"(training needs {T * B} rows); the steps done are checkpointed if out_dir is set"
                 )
-            metrics = _train_step(sae, optimizer, stats, batch_BD.to(device), step, cfg)
+            metrics = _train_step(sae, optimizer, stats, batch_BD.to(device), step, cfg, model=model)
             history.append(metrics)
             pbar.update(1)
             pbar.set_postfix(loss=f"{metrics.loss:.4g}", L0=f"{metrics.l0:.1f}", refresh=False)
             due = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == T
             if out_path is not None and due:
-                _save_checkpoint(out_path, step, cfg, sae, optimizer, stats, history)
+                _save_checkpoint(out_path, step, cfg, sae, optimizer, stats, history, write=writes)
                 last_saved = step
     finally:
         pbar.close()
-    if out_path is not None:
+    if writes:
         sae.save_pretrained(out_path)
         _write_history(out_path / _HISTORY_FILENAME, history)
+    distributed.barrier()  # the other ranks return once the final SAE is on disk
     return TrainResult(sae=sae, history=history, feature_frequency_F=stats.frequency().cpu())
 
 
@@ -337,12 +349,18 @@ def _train_step(
     batch_BD: Tensor,
     step: int,
     cfg: TrainConfig,
+    *,
+    model: torch.nn.Module | None = None,
 ) -> StepMetrics:
-    """One optimiser step (1-based ``step``) in SAELens' order: forward, stats, backward, clip, Adam."""
+    """One optimiser step (1-based ``step``) in SAELens' order: forward, stats, backward, clip, Adam.
+    ``model``: ``sae`` wrapped in DDP when a process group is in use; ``batch_BD`` is then the global
+    batch, of which this rank trains on its slice, and the metrics are those of the global batch."""
     lr = learning_rate(step - 1, cfg)
     l1_coef = l1_coefficient_at(step - 1, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if model is not None and model is not sae:
+        return _ddp_step(sae, model, optimizer, stats, batch_BD, step, cfg, lr=lr, l1_coef=l1_coef)
     out = sae(batch_BD, l1_coefficient=l1_coef)
     with torch.no_grad():
         x_BD = batch_BD.to(out.sae_out.dtype)
@@ -391,6 +409,62 @@ def _train_step(
         lr=lr,
         l1_coefficient=l1_coef,
     )
+
+
+def _ddp_step(
+    sae: SparseAutoencoder,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stats: FiringStats,
+    global_BD: Tensor,
+    step: int,
+    cfg: TrainConfig,
+    *,
+    lr: float,
+    l1_coef: float,
+) -> StepMetrics:
+    """:func:`_train_step` on this rank's slice of the global batch: DDP averages the gradients (each
+    rank's loss is its slice's mean, the slices are equal, so the average is the global batch's
+    gradient); the firing counts and the metrics' sums are summed over ranks."""
+    n, r = distributed.world_size(), distributed.rank()
+    batch_BD = distributed.batch_slice(global_BD)
+    rows = batch_BD.shape[0]
+    out = model(batch_BD, l1_coefficient=l1_coef)
+    with torch.no_grad():
+        x_BD = batch_BD.to(out.sae_out.dtype)
+        z_BF = out.feature_acts.detach()
+        fired_count_F = z_BF.new_ones(rows) @ z_BF.sign()
+        bad = (~torch.isfinite(batch_BD)).any(dim=-1)
+        bad_row = int(bad.nonzero()[0, 0]) + r * rows if bad.any() else None  # in the global batch
+        sums = torch.cat([
+            torch.stack([bad.any().to(out.loss.dtype), out.loss.detach() * rows, out.mse_loss.detach() * rows,
+                         out.l1_loss.detach() * rows, (out.sae_out - x_BD).pow(2).sum(), x_BD.pow(2).sum()]),
+            x_BD.sum(dim=0),
+        ])  # fmt: skip
+        distributed.sum_(fired_count_F)
+        distributed.sum_(sums)
+        n_rows = rows * n
+        bad_any, loss, mse, l1, residual, sq = (sums[:6] / torch.tensor([1, n_rows, n_rows, n_rows, 1, 1])).tolist()
+        mean_D = sums[6:] / n_rows
+        total_variance = sq / n_rows - float(mean_D.pow(2).sum())
+        explained_variance = 1 - (residual / n_rows) / total_variance
+        l0 = float(fired_count_F.sum()) / n_rows
+    if bad_any:
+        where = ("on another rank's slice" if bad_row is None else
+                 f": row {bad_row} of the batch (row {(step - 1) * n_rows + bad_row} of the stream)")  # fmt: skip
+        raise NonFiniteError(f"non-finite activation at step {step} {where}", step=step, row=bad_row)
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss ({loss}) at step {step}", step=step)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats.update(fired_count_F, n_rows)
+    return StepMetrics(
+        step=step, tokens_seen=step * n_rows, loss=loss, mse=mse, l1=l1, l0=l0,
+        explained_variance=explained_variance, dead_features=int(stats.dead_mask().sum()), lr=lr,
+        l1_coefficient=l1_coef,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -470,14 +544,34 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     stats: FiringStats,
     history: list[StepMetrics],
+    *,
+    write: bool = True,
 ) -> None:
     """Write ``checkpoints/step_<step>`` atomically (temp folder + rename), prune old ones, and
-    rewrite ``history.csv`` to match it. A non-finite parameter stops instead of saving."""
+    rewrite ``history.csv`` to match it. A non-finite parameter stops instead of saving. ``write``
+    False (ranks > 0): check only, then wait for rank 0's write."""
     for name, p in sae.named_parameters():
         if not torch.isfinite(p).all():
             raise NonFiniteError(
                 f"parameter {name} became non-finite at step {step}; checkpoint not written", step=step
             )
+    if not write:
+        distributed.barrier()
+        return
+    _write_checkpoint(out_path, step, cfg, sae, optimizer, stats, history)
+    distributed.barrier()
+
+
+@torch.no_grad()
+def _write_checkpoint(
+    out_path: Path,
+    step: int,
+    cfg: TrainConfig,
+    sae: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    stats: FiringStats,
+    history: list[StepMetrics],
+) -> None:
     ckpt_root = out_path / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step_{step}-"))

@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes")
+"""Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
+the world stages on rank 0 while the others wait). The others run in one process so far (issue 20)."""
+
+
 def _main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -54,7 +59,25 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="world-data: the data sets to build; world: the models to train (default: all)")  # fmt: skip
     args = parser.parse_args(argv)
-    progress = not args.quiet
+    from saev import distributed
+
+    if distributed.launched() and args.stage not in DISTRIBUTED_STAGES:
+        from saev.config import ConfigError
+
+        raise ConfigError(
+            f"stage {args.stage!r} runs in one process: launch it without torchrun "
+            f"(stages that run on several: {', '.join(DISTRIBUTED_STAGES)})"
+        )
+    with distributed.run():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from saev import distributed
+
+    progress = not args.quiet and distributed.is_main()
+    if not distributed.is_main():  # rank 0 reports; the others only compute
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
     from saev.paper.profile import check_profile, load_profile
 

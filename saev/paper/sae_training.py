@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saev import distributed
 from saev.cache import atomic_write_json, cached_json, code_fingerprint, model_fingerprint, params_hash
 from saev.config import ActivationConfig, TrainConfig
 from saev.paper.common import EVAL_CODE, SAE_CODE, load_profile_model, pipeline_config_for, torch_threads
@@ -145,6 +146,8 @@ def train_one_sae(
     run = SAERun(model=model, kind=kind, path=out_dir)
     if (out_dir / "pipeline.json").is_file():
         return run
+    # Under torchrun (saev.distributed): every rank extracts its share of the store batches into the shared
+    # activation cache, then trains its slice of each batch with DDP; rank 0 writes the SAE.
     loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device)
     store = make_store(
         loaded, data, hook_layer=hook_layer, context_size=context_size,
@@ -154,7 +157,9 @@ def train_one_sae(
     )  # fmt: skip
     batches = store.training_batches(train_cfg.train_batch_size_tokens, n_passes=None)
     train_sae(batches, train_cfg, out_dir=out_dir, resume=True, progress=progress)
-    atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params})
+    if distributed.is_main():
+        atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params})
+    distributed.barrier()
     return run
 
 
@@ -177,7 +182,11 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
     """
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
-    prepare_world(profile, progress=progress)
+    if distributed.is_main():  # the world (ci/mini) is built once; the other ranks then read it
+        prepare_world(profile, progress=progress)
+    distributed.barrier()
+    if not distributed.is_main():
+        prepare_world(profile, progress=False)
     runs: dict[str, SAERun] = {}
     train_cfg = dataclasses.replace(profile.train, seed=profile.seed)
     with torch_threads(cfg.num_threads):

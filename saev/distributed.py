@@ -1,0 +1,155 @@
+"""Data-parallel runs on ``torch.distributed`` (issue 20): the process group, shards and reductions.
+
+A stage runs under ``torchrun --nproc_per_node N`` (or ``srun``) unchanged: torchrun sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``, and :func:`init` joins the
+process group from them (``nccl`` when CUDA is available, else ``gloo``). Without them every
+function here is the single-process identity, so the same code runs in one process.
+
+What the stages build on it:
+
+* SAE training (``saev.train.train_sae``) wraps the SAE in
+  ``torch.nn.parallel.DistributedDataParallel``: each rank trains on its slice of every global
+  batch (:func:`batch_slice`), DDP all-reduces (averages) the gradients, so with the same global
+  batch the ranks take the single-process step up to the order of float sums; firing counts and
+  step metrics are summed over ranks; only rank 0 writes checkpoints and the final SAE.
+* A failure on one rank stops all: :func:`run` wraps a rank's work, and a rank that raises aborts
+  the process group after printing its error, which makes torchrun stop the other ranks (its
+  default ``--max-restarts 0``), with that rank's traceback in torchrun's error summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "barrier",
+    "batch_slice",
+    "broadcast_object",
+    "init",
+    "is_distributed",
+    "is_main",
+    "rank",
+    "shard",
+    "sum_",
+    "world_size",
+]
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    """A process group with more than one rank is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Processes in the group (1 without one)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the only writer of shared artifacts."""
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Started by torchrun / srun with more than one process (``WORLD_SIZE`` > 1 in the environment)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
+    """Join the process group torchrun describes in the environment; returns whether one is in use.
+    ``backend`` None: ``nccl`` with CUDA, else ``gloo``. Idempotent; a single process (no
+    ``WORLD_SIZE`` > 1) initialises nothing."""
+    if is_distributed():
+        return True
+    if not launched():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return True
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def sum_(t: Tensor) -> Tensor:
+    """``t`` summed over ranks, in place (every rank gets the sum); the identity in one process."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (picklable objects only; ranks share the trust of one job)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shard(items: Sequence[T], *, of_rank: int | None = None, ranks: int | None = None) -> list[T]:
+    """This rank's items of ``items``: every ``world_size()``-th one starting at ``rank()`` (strided, so
+    shards differ in length by at most one and a long sample does not land on one rank)."""
+    r = rank() if of_rank is None else of_rank
+    n = world_size() if ranks is None else ranks
+    return [items[i] for i in range(r, len(items), n)]
+
+
+def batch_slice(batch_BD: Tensor, *, of_rank: int | None = None, ranks: int | None = None) -> Tensor:
+    """This rank's rows of a global batch: contiguous slice ``rank`` of ``world_size`` equal slices
+    (the global batch must divide evenly: DDP's mean of per-rank means is then the global mean)."""
+    r = rank() if of_rank is None else of_rank
+    n = world_size() if ranks is None else ranks
+    if batch_BD.shape[0] % n:
+        raise ValueError(f"a global batch of {batch_BD.shape[0]} rows does not split into {n} equal rank slices")
+    per = batch_BD.shape[0] // n
+    return batch_BD[r * per : (r + 1) * per]
+
+
+def local_slices(batches: Iterator[Tensor]) -> Iterator[Tensor]:
+    """Each global batch's slice for this rank (every rank reads the same stream)."""
+    for batch in batches:
+        yield batch_slice(batch)
+
+
+@contextlib.contextmanager
+def run(backend: str | None = None) -> Iterator[Any]:
+    """A rank's work: join the group, and on an error print it with the rank and abort the group so the
+    other ranks stop instead of waiting in a collective; destroy the group at the end."""
+    import sys
+    import traceback
+
+    joined = init(backend)
+    try:
+        yield
+    except BaseException:
+        if joined:
+            print(f"[rank {rank()}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+        raise
+    else:
+        if joined:
+            barrier()
+            dist.destroy_process_group()
