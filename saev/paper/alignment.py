@@ -551,7 +551,6 @@ def filter_sweep(
     Fig. 7's cosine, full and base cells). ``cosine_metric``: also measure every fine-tuned model's
     average cosine score (Fig. 8; :func:`model_cosine_scores`), column ``average_cosine``.
     """
-    from saev.evaluate import model_average_cosine_score
     from saev.paper.benchmark import run_sweep
 
     profile = as_profile(profile)
