@@ -33,6 +33,7 @@ __all__ = [
     "barrier",
     "batch_slice",
     "broadcast_object",
+    "gather_to_main",
     "init",
     "is_distributed",
     "is_main",
@@ -106,6 +107,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def gather_to_main(obj: T) -> list[T] | None:
+    """Every rank's ``obj`` in rank order on rank 0 (None on the others); ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[T] | None = [None] * world_size() if is_main() else None  # type: ignore[list-item]
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def shard(items: Sequence[T], *, of_rank: int | None = None, ranks: int | None = None) -> list[T]:

@@ -31,6 +31,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from saev import distributed
 from saev.activations import ActivationStore
 from saev.config import ActivationConfig
 from saev.metrics import average_cosine_score, ifd_score, lm_cross_entropy
@@ -394,11 +395,14 @@ def feature_stats(
     check_sae_matches(loaded.model, sae.d_in)
     device = _sae_device(sae)
     subset_ids = weight_subset(len(samples), weight_samples, seed)
+    if distributed.is_distributed():  # this rank's contiguous run of store batches; merged in rank order below
+        subset_ids = subset_ids[_rank_rows(len(subset_ids), batch_size)]
     stats = FeatureStats(
         sae.d_sae, sae.d_in, top_k=top_k, delta=delta, variant=variant, dtype=sae.W_enc.dtype, device=device
     )
     store = _store(loaded, _Subset(samples, subset_ids), hook_layer=hook_layer, context_size=context_size,
-                   batch_size=batch_size, to_sample=to_sample, progress=progress, tokens=tokens)
+                   batch_size=batch_size, to_sample=to_sample, progress=progress and distributed.is_main(),
+                   tokens=tokens)  # fmt: skip
     for padded in store.iter_token_batches():
         record = padded.unpadded()
         hidden_ND = record.hidden_ND.to(device)
@@ -410,7 +414,32 @@ def feature_stats(
             stats.update(hidden_ND, z_NF, is_image_N, sample_id_N, groups=groups)
         else:
             stats.update(hidden_ND, sae.encode(hidden_ND), is_image_N, sample_id_N)
+    if distributed.is_distributed():
+        stats = _merge_over_ranks(stats, device)
     return stats
+
+
+def _rank_rows(n_rows: int, batch_size: int) -> slice:
+    """This rank's rows: a contiguous run of whole store batches (the batches one process would run,
+    padding included, so the hidden states are bit-identical), ranks in order."""
+    n_batches = -(-n_rows // batch_size)
+    n, r = distributed.world_size(), distributed.rank()
+    lo, hi = r * n_batches // n, (r + 1) * n_batches // n
+    return slice(lo * batch_size, min(hi * batch_size, n_rows))
+
+
+def _merge_over_ranks(stats: FeatureStats, device: torch.device) -> FeatureStats:
+    """Every rank's accumulator merged in rank order (``FeatureStats.merge`` appends rows, and the ranks
+    hold consecutive rows): one process's result, exactly; then the same on every rank. Memory: rank 0
+    holds all ranks' tables at once (n_ranks x the table of the class docstring)."""
+    states = distributed.gather_to_main({k: v.cpu() for k, v in stats.state_dict().items()})
+    merged = None
+    if states is not None:
+        merged = FeatureStats.from_state_dict(states[0], device=device)
+        for state in states[1:]:
+            merged = merged.merge(FeatureStats.from_state_dict(state, device=device))
+        merged = merged.state_dict()
+    return FeatureStats.from_state_dict(distributed.broadcast_object(merged), device=device)
 
 
 def model_average_cosine_score(

@@ -3,12 +3,15 @@
 
     ddp_worker.py OUT_DIR [--steps T] [--rows-available N] [--fail-rank R --fail-at K] [--resume] [--norm none]
     ddp_worker.py OUT_DIR --extract FAMILY MODEL_DIR CACHE_ROOT [--steps T]
+    ddp_worker.py OUT_DIR --stats FAMILY MODEL_DIR VARIANT
 
 Trains an SAE on a seeded stream of random activations (the same global stream on every rank);
 ``--rows-available`` ends the stream early (a run stopped mid-way, checkpointed), ``--fail-rank``
 makes that rank's stream raise at its K-th chunk. ``--extract`` runs the model in ``MODEL_DIR`` over
 20 chat samples (every other one with an image) into an activation cache under ``CACHE_ROOT`` (each
 rank its share of the store batches) and trains the SAE on the cached stream, as the ``saes`` stage does.
+``--stats`` computes Algorithm 1's statistics (``saev.evaluate.feature_stats``) of a seeded SAE on the
+same samples, each rank its share, and writes every rank's merged result to ``OUT_DIR/stats_<rank>``.
 """
 
 from __future__ import annotations
@@ -50,20 +53,43 @@ def stream(rows: int, *, fail_at: int | None):
         done += n
 
 
-def extract_and_train(out_dir: Path, family: str, model_dir: Path, cache_root: Path, steps: int) -> None:
+def _samples(family: str) -> list:
     import numpy as np
     from PIL import Image
 
-    from saev.activations import ActivationStore
-    from saev.config import ActivationConfig
-    from saev.models import chat_sample, load_model
+    from saev.models import chat_sample
 
-    loaded = load_model(family, model_dir)
     samples = []
     for i in range(20):
         pixels = np.random.default_rng(i).integers(0, 256, (32, 48, 3), dtype=np.uint8)
         images = (Image.fromarray(pixels),) if i % 2 == 0 and family != "causal_lm" else ()
         samples.append(chat_sample(family, f"what is in picture {i}?", f"answer number {i}", images))
+    return samples
+
+
+def stats(out_dir: Path, family: str, model_dir: Path, variant: str) -> None:
+    from safetensors.torch import save_file
+
+    from saev.evaluate import feature_stats
+    from saev.models import load_model
+    from saev.sae import SparseAutoencoder
+
+    loaded = load_model(family, model_dir)
+    d_in = loaded.model.config.get_text_config().hidden_size
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, expansion_factor=4), generator=torch.Generator().manual_seed(0))
+    result = feature_stats(loaded, sae, _samples(family), hook_layer=1, context_size=1000, batch_size=3,
+                           weight_samples=17, top_k=3, delta=0.0, variant=variant, seed=1, progress=False)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(result.state_dict(), out_dir / f"stats_{distributed.rank()}.safetensors")
+
+
+def extract_and_train(out_dir: Path, family: str, model_dir: Path, cache_root: Path, steps: int) -> None:
+    from saev.activations import ActivationStore
+    from saev.config import ActivationConfig
+    from saev.models import load_model
+
+    loaded = load_model(family, model_dir)
+    samples = _samples(family)
     cfg = ActivationConfig(store_batch_size_prompts=3, n_batches_in_buffer=4, cache_activations=True)
     store = ActivationStore(loaded, samples, hook_layer=1, context_size=1000, cfg=cfg, cache_root=cache_root,
                             dataset_fingerprint="ddp-worker-samples", seed=0, progress=False)  # fmt: skip
@@ -85,11 +111,16 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--norm", default="expected_average_only_in")  # "none": a stream cut short keeps the scale
     ap.add_argument("--extract", nargs=3, metavar=("FAMILY", "MODEL_DIR", "CACHE_ROOT"), default=None)
+    ap.add_argument("--stats", nargs=3, metavar=("FAMILY", "MODEL_DIR", "VARIANT"), default=None)
     args = ap.parse_args()
     with distributed.run():
         if args.extract:
             family, model_dir, cache_root = args.extract
             extract_and_train(args.out_dir, family, Path(model_dir), Path(cache_root), args.steps)
+            return
+        if args.stats:
+            family, model_dir, variant = args.stats
+            stats(args.out_dir, family, Path(model_dir), variant)
             return
         fail_at = args.fail_at if args.fail_rank == distributed.rank() else None
         rows = args.steps * BATCH if args.rows_available is None else args.rows_available

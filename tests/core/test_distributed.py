@@ -134,6 +134,26 @@ def test_sharded_extraction_fills_the_cache_of_one_process_and_trains_the_same_s
         torch.testing.assert_close(w1[k], w2[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_sharded_algorithm_1_statistics_merge_to_the_single_process_result(tiny_model_dir, tmp_path: Path,
+                                                                           variant: str) -> None:  # fmt: skip
+    """Each rank feeds a contiguous run of D_s's store batches; the accumulators merged in rank order equal
+    one process's exactly (every buffer, so omega and the kept tokens too), on every rank."""
+    from saev.scoring import FeatureStats
+
+    model_dir = tiny_model_dir("llava_next")
+    for ranks in (1, 2):
+        done = _launch(tmp_path / f"r{ranks}", "--stats", "llava_next", str(model_dir), variant, ranks=ranks)
+        assert done.returncode == 0, done.stderr
+    one = load_file(tmp_path / "r1" / "stats_0.safetensors")
+    assert FeatureStats.from_state_dict(one).weights().abs().sum() > 0  # some feature is scored
+    for rank in (0, 1):
+        two = load_file(tmp_path / "r2" / f"stats_{rank}.safetensors")
+        assert one.keys() == two.keys()
+        for key in one:
+            assert torch.equal(one[key], two[key]), (rank, key)
+
+
 def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m saev.paper saes --profile P``, the cluster user's command, on the
     ci world: the same SAE folders (same keys) as one process, weights within the DDP tolerance, and
