@@ -31,7 +31,14 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from saev import distributed
-from saev.cache import atomic_save_safetensors, atomic_write_json, code_fingerprint, model_fingerprint
+from saev.cache import (
+    FolderLock,
+    atomic_save_safetensors,
+    atomic_write_json,
+    code_fingerprint,
+    model_fingerprint,
+    remove_stale_temporaries,
+)
 from saev.config import ActivationConfig, ModelSpec
 from saev.models import LoadedModel, Modality, Sample, TokenSet
 
@@ -230,6 +237,7 @@ class ActivationStore:
         n_ranks, me = distributed.world_size(), distributed.rank()
         if distributed.is_main():
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.cache_dir)  # the ranks are this folder's writers (one job)
             atomic_write_json(self.cache_dir / "metadata.json", {**self._identity, "complete": False})
         distributed.barrier()
         size = self.cfg.store_batch_size_prompts
@@ -262,9 +270,16 @@ class ActivationStore:
         distributed.barrier()
 
     def _fill_cache(self) -> Iterator[tuple[TokenRecord, int, int]]:
-        """Yield the finished shards of an earlier run, then run the model for the rest, saving each shard."""
+        """Yield the finished shards of an earlier run, then run the model for the rest, saving each shard.
+        One writer per cache folder (``FolderLock``: a second store filling it raises ``LockedError``
+        naming the holder); a killed write's temporary files are removed first."""
         assert self.cache_dir is not None
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        with FolderLock(self.cache_dir):
+            remove_stale_temporaries(self.cache_dir)
+            yield from self._fill_cache_locked()
+
+    def _fill_cache_locked(self) -> Iterator[tuple[TokenRecord, int, int]]:
+        assert self.cache_dir is not None
         atomic_write_json(self.cache_dir / "metadata.json", {**self._identity, "complete": False})
         counts = dict.fromkeys((Modality.TEXT, Modality.IMAGE), 0)
         n_shards = n_samples = 0

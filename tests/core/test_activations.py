@@ -372,3 +372,25 @@ def test_buffer_serves_half_after_n_batches_in_buffer(tiny_loaded):
     assert len(consumed) == 4 and len(served) == 3
     next(stream)
     assert len(consumed) == 6, "a refill adds n_batches_in_buffer // 2 store batches"
+
+
+def test_one_writer_per_activation_cache_and_a_killed_writes_temporaries_removed(tiny_loaded, make_image,
+                                                                                tmp_path) -> None:  # fmt: skip
+    """Issue 21: filling a cache folder takes its lock (a second writer is refused, naming the holder), and
+    the temporary file of a shard write killed mid-way is removed when the next fill starts."""
+    from saev.cache import FolderLock, LockedError
+
+    lm = tiny_loaded("llava_next")
+    samples = _samples("llava_next", make_image, n=4)
+    store = _store(lm, samples, cache_root=tmp_path, dataset_fingerprint="four")
+    store.cache_dir.mkdir(parents=True)
+    stale = store.cache_dir / ".shard_000001.safetensors.tmp-abc"
+    stale.write_bytes(b"half a shard")
+    with FolderLock(store.cache_dir):  # another writer (alive) holds the folder
+        with pytest.raises(LockedError, match="is being written by pid"):
+            next(store.iter_token_batches())
+    assert stale.exists()  # the holder's files are not touched
+    records = list(store.iter_token_batches())
+    assert not stale.exists() and not (store.cache_dir / ".lock").exists()
+    again = list(_store(lm, samples, cache_root=tmp_path, dataset_fingerprint="four").iter_token_batches())
+    assert all(torch.equal(a.hidden_ND, b.hidden_ND) for a, b in zip(records, again))
