@@ -340,6 +340,11 @@ class Profile:
     """Settings of the notebooks' experiments; required by the stages of notebooks 01-03."""
     align: AlignConfig | None = None
     """Fine-tuning on filtered preference data and its benchmark (notebooks 04-06; Table 4)."""
+    launcher: str | None = None
+    """Command prefix that runs the heavy stages on a cluster, e.g. ``torchrun --nproc_per_node 8`` or an
+    ``srun ... torchrun ...`` line: notebook 01's SAE training then runs ``<launcher> -m saev.paper saes
+    --profile <this file>`` and waits for it, and the notebook reads the SAEs it wrote. None: in the
+    notebook's own process. Only the ``saes`` stage uses it so far (issue 20)."""
     artifacts_dir: str = "artifacts/{name}"
     """Cache of generated data, models, SAEs and scores; relative paths are taken from the project root."""
     figures_dir: str = "figures/{name}"

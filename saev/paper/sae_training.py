@@ -13,6 +13,7 @@ Results are cached under ``artifacts/<profile>/`` by the hash of everything that
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -182,6 +183,8 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
     """
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
+    if profile.launcher and not os.environ.get(LAUNCHED_ENV):
+        run_stage_with_launcher(profile, "saes", progress=progress)  # then every SAE below is read back
     if distributed.is_main():  # the world (ci/mini) is built once; the other ranks then read it
         prepare_world(profile, progress=progress)
     distributed.barrier()
@@ -201,6 +204,40 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
             )  # fmt: skip
             runs[run.name] = run
     return runs
+
+
+LAUNCHED_ENV = "SAEV_LAUNCHED"
+"""Set in the environment of a stage started by a profile's launcher."""
+
+
+def run_stage_with_launcher(profile: Profile, stage: str, *, progress: bool = False) -> None:
+    """Run ``python -m saev.paper <stage>`` for ``profile`` through its ``launcher`` (torchrun, srun) and
+    wait, echoing its output; a failure raises with the command and the output's last lines."""
+    import shlex
+    import subprocess
+    import sys
+    from collections import deque
+
+    from saev.config import ConfigError
+
+    if not profile.source:
+        raise ConfigError(f"profile {profile.name!r}: a launcher needs the profile loaded from its YAML file")
+    cmd = [*shlex.split(profile.launcher), "-m", "saev.paper", stage, "--profile", str(Path(profile.source).resolve())]
+    if cmd[0] in ("python", "python3"):
+        cmd[0] = sys.executable  # the notebook kernel's interpreter, with saev installed
+    if not progress:
+        cmd.append("--quiet")
+    print(f"launching: {shlex.join(cmd)}", flush=True)
+    tail: deque[str] = deque(maxlen=40)
+    env = {**os.environ, LAUNCHED_ENV: "1"}  # the launched stage runs the work itself, not the launcher again
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=profile.root_dir, env=env) as proc:  # fmt: skip
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail.append(line)
+            print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{''.join(tail)}")
 
 
 def load_history(run: SAERun) -> pd.DataFrame:

@@ -80,3 +80,34 @@ def test_pipeline_config_comes_from_the_profile_and_is_validated() -> None:
         dataclasses.replace(ci, answer_mode="guess")
     with pytest.raises(ValueError, match="add a 'pipeline:' section"):
         pipeline_config_for(dataclasses.replace(load_profile("ci"), pipeline=None))
+
+
+def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp_path, monkeypatch, capsys) -> None:
+    """``launcher:`` (issue 20): notebook 01's ``train_saes`` runs ``<launcher> -m saev.paper saes`` and waits;
+    this process only reads the SAEs back (it never trains). Plain ``python`` here; torchrun on a cluster
+    (``tests/core/test_distributed.py`` runs that command under torchrun). A failing launch raises with its output."""
+    import shutil
+    from pathlib import Path
+
+    import saev.train
+    from saev.paper import sae_training
+
+    root = tmp_path / "run"
+    for sub in ("data", "models"):
+        shutil.copytree(ci_world.profile.artifacts_path / sub, root / "artifacts" / sub, symlinks=True)
+    text = (Path(__file__).parents[2] / "params" / "ci.yaml").read_text()
+    yaml = root / "ci.yaml"
+    yaml.write_text(f"{text}\nartifacts_dir: {root / 'artifacts'}\nfigures_dir: {root / 'figures'}\nlauncher: python\n")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the notebook's process trained an SAE instead of the launched stage")
+
+    monkeypatch.setattr(saev.train, "train_sae", no_training)
+    runs = sae_training.train_saes(load_profile(yaml))
+    assert len(runs) == 7 and all((run.path / "pipeline.json").is_file() for run in runs.values())
+    out = capsys.readouterr().out
+    assert "launching: " in out and "-m saev.paper saes --profile" in out and "total " in out
+
+    yaml.write_text(yaml.read_text().replace("launcher: python", "launcher: python -c 'raise SystemExit(5)'"))
+    with pytest.raises(RuntimeError, match="exited with 5"):
+        sae_training.train_saes(load_profile(yaml))
