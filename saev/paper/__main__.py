@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
 
         runs = sae_training.train_saes(profile, progress=progress)
         for run in runs.values():
-            print(f"{run.label}: {run.path}")
+            print(f"{run.label}: {run.path}{sae_training.run_summary(run)}")
         if "reconstruction" in todo:
             print(sae_training.evaluate_reconstruction(profile, runs, progress=progress).to_string())
         if "weights" in todo:

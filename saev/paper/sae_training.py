@@ -157,9 +157,28 @@ def train_one_sae(
         progress=progress, tokens=tokens,
     )  # fmt: skip
     batches = store.training_batches(train_cfg.train_batch_size_tokens, n_passes=None)
+    import time
+
+    import torch
+
+    from saev.train import _latest_checkpoint
+
+    cuda = torch.device(act_cfg.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    newest = _latest_checkpoint(out_dir)
+    steps_before = int(newest.name.removeprefix("step_")) if newest is not None else 0
+    start = time.perf_counter()
     train_sae(batches, train_cfg, out_dir=out_dir, resume=True, progress=progress)
+    seconds = time.perf_counter() - start
     if distributed.is_main():
-        atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params})
+        tokens = (train_cfg.total_training_steps - steps_before) * train_cfg.train_batch_size_tokens
+        stage = {  # this process's extraction + training (after a resume: the steps since)
+            "seconds": round(seconds, 1), "ranks": distributed.world_size(), "tokens": tokens,
+            "tokens_per_s": round(tokens / seconds, 1),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        }  # fmt: skip
+        atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params, "run": stage})
     distributed.barrier()
     return run
 
@@ -238,6 +257,20 @@ def run_stage_with_launcher(profile: Profile, stage: str, *, progress: bool = Fa
             print(line, end="", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited with {proc.returncode}:\n{''.join(tail)}")
+
+
+def run_summary(run: SAERun) -> str:
+    """", trained at <tokens/s> on <ranks> ranks (<s> s, peak GPU memory <GiB>)" from the run's
+    ``pipeline.json``, or "" for an SAE trained before these were recorded."""
+    import json
+
+    marker = run.path / "pipeline.json"
+    stage = json.loads(marker.read_text()).get("run") if marker.is_file() else None
+    if not stage:
+        return ""
+    memory = "" if stage["peak_gpu_memory_gib"] is None else f", peak GPU memory {stage['peak_gpu_memory_gib']} GiB"
+    return (f", trained at {stage['tokens_per_s']:,.0f} tokens/s on {stage['ranks']} rank(s) "
+            f"({stage['seconds']} s for {stage['tokens']:,} tokens, extraction included{memory})")  # fmt: skip
 
 
 def load_history(run: SAERun) -> pd.DataFrame:

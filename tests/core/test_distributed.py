@@ -173,6 +173,7 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
         done = subprocess.run([*launch, "-m", "saev.paper", "saes", "--profile", str(yaml), "--quiet"],
                               capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count(f"tokens/s on {ranks} rank(s)") == 7  # rank 0 alone reports, once per SAE
         runs[ranks] = sorted((root / "artifacts" / "saes").iterdir())
     assert [p.name for p in runs[1]] == [p.name for p in runs[2]] and len(runs[1]) == 7
     for one, two in zip(runs[1], runs[2]):
