@@ -169,13 +169,15 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
         yaml = root / "ci.yaml"
         yaml.write_text(f"{text}\nartifacts_dir: {root / 'artifacts'}\nfigures_dir: {root / 'figures'}\n")
         launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={ranks}"]  # fmt: skip
+                                                      f"--nproc_per_node={ranks}", "--log-dir", str(root / "logs"),
+                                                      "--tee", "3"]  # per-rank log files, as the README shows  # fmt: skip
         done = subprocess.run([*launch, "-m", "saev.paper", "saes", "--profile", str(yaml), "--quiet"],
                               capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         assert done.stdout.count(f"tokens/s on {ranks} rank(s)") == 7  # rank 0 alone reports, once per SAE
         runs[ranks] = sorted((root / "artifacts" / "saes").iterdir())
     assert [p.name for p in runs[1]] == [p.name for p in runs[2]] and len(runs[1]) == 7
+    assert len(list((tmp_path / "r2" / "logs").glob("**/stderr.log"))) == 2  # one per rank
     for one, two in zip(runs[1], runs[2]):
         assert (two / "pipeline.json").is_file() and not (two / ".lock").exists()
         # Over 200 steps the float-order differences of the gradient average grow through Adam (whose
