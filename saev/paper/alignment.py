@@ -455,9 +455,12 @@ class CorrelationResult(NamedTuple):
     intercept: float
     """Intercept of that line."""
     n: int
-    """Number of points."""
+    """Number of points with both values defined (the fit's points)."""
     level: float
     """Coverage of the interval (e.g. 0.95)."""
+    undefined: int = 0
+    """Points left out because a value is NaN (Fig. 8: a model with no feature of omega_k != 0 has no
+    average cosine score)."""
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -474,13 +477,20 @@ def pearson_bootstrap(
 ) -> CorrelationResult:
     """Pearson r of (x, y), the least-squares line, and a percentile bootstrap interval of r: the
     points are resampled with replacement ``n_boot`` times (seeded numpy generator); resamples
-    where x or y is constant are dropped."""
+    where x or y is constant are dropped. Points where x or y is NaN are left out and counted
+    (``undefined``); with fewer than 3 defined points every number is NaN."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x and y must be 1-d of one length, got {x.shape} and {y.shape}")
+    if len(x) < 3:
+        raise ValueError(f"need at least 3 points for a correlation, got {len(x)}")
+    defined = ~(np.isnan(x) | np.isnan(y))
+    undefined = int((~defined).sum())
+    x, y = x[defined], y[defined]
     n = len(x)
     if n < 3:
-        raise ValueError(f"need at least 3 points for a correlation, got {n}")
+        nan = float("nan")
+        return CorrelationResult(nan, nan, nan, nan, nan, n, level, undefined)
     r = float(_pearson(x, y))
     slope, intercept = np.polyfit(x, y, 1) if np.ptp(x) > 0 else (float("nan"), float(y.mean()))
     idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
@@ -489,7 +499,7 @@ def pearson_bootstrap(
     alpha = (1 - level) / 2
     low, high = np.quantile(boots, [alpha, 1 - alpha]) if len(boots) else (float("nan"), float("nan"))
     low, high = np.clip([low, high], -1.0, 1.0)  # rounding can push a resample's r past +-1
-    return CorrelationResult(r, float(low), float(high), float(slope), float(intercept), n, level)
+    return CorrelationResult(r, float(low), float(high), float(slope), float(intercept), n, level, undefined)
 
 
 # ----------------------------------------------------------------------------- sweeps (Figs. 7-11)
@@ -828,11 +838,16 @@ def model_cosine_scores(result: SweepResult) -> pd.DataFrame:
 
 def correlation_summary(fit: CorrelationResult, digits: int = 2) -> str:
     """Fig. 8's numbers and verdict as one sentence, computed from ``fit``."""
+    left_out = (f" ({fit.undefined} more have no feature with omega_k != 0, so no average cosine score)"
+                if fit.undefined else "")  # fmt: skip
+    if math.isnan(fit.r):
+        return (f"No correlation can be computed: {fit.n} fine-tuned models have an average cosine score{left_out}, "
+                "and a correlation needs at least 3 with varying scores (the paper reports r = 0.84).")  # fmt: skip
     sign = "positive" if fit.r > 0 else "negative" if fit.r < 0 else "no"
     excludes = fit.low > 0 or fit.high < 0
     return (
-        f"Pearson r = {fit.r:.{digits}f} over {fit.n} fine-tuned models, {round(100 * fit.level)}% bootstrap "
-        f"interval [{fit.low:.{digits}f}, {fit.high:.{digits}f}]: a {sign} correlation whose interval "
+        f"Pearson r = {fit.r:.{digits}f} over {fit.n} fine-tuned models{left_out}, {round(100 * fit.level)}% "
+        f"bootstrap interval [{fit.low:.{digits}f}, {fit.high:.{digits}f}]: a {sign} correlation whose interval "
         f"{'excludes' if excludes else 'includes'} 0 (the paper reports r = 0.84)."
     )
 

@@ -150,6 +150,20 @@ def test_pearson_bootstrap_interval_contains_r_and_is_seeded() -> None:
         pa.pearson_bootstrap([1.0, 2.0], [1.0, 2.0])
 
 
+def test_pearson_bootstrap_leaves_out_models_without_an_average_cosine_score() -> None:
+    """A fine-tuned model with no feature of omega_k != 0 has a NaN score (``average_cosine_score``): the
+    fit leaves it out and says how many; with fewer than 3 defined points there is no correlation."""
+    x = [0.1, float("nan"), 0.3, 0.4, float("nan"), 0.6]
+    y = [60.0, 70.0, 62.0, 65.0, 50.0, 66.0]
+    fit = pa.pearson_bootstrap(x, y, n_boot=200, seed=0)
+    clean = pa.pearson_bootstrap([0.1, 0.3, 0.4, 0.6], [60.0, 62.0, 65.0, 66.0], n_boot=200, seed=0)
+    assert (fit.n, fit.undefined) == (4, 2) and fit.r == pytest.approx(clean.r) and not np.isnan(fit.r)
+    assert "(2 more have no feature with omega_k != 0" in pa.correlation_summary(fit)
+    none = pa.pearson_bootstrap([float("nan")] * 4 + [0.2, 0.3], [1.0, 2, 3, 4, 5, 6], n_boot=50)
+    assert np.isnan(none.r) and (none.n, none.undefined) == (2, 4)
+    assert pa.correlation_summary(none).startswith("No correlation can be computed: 2 fine-tuned models")
+
+
 def test_pearson_bootstrap_of_a_perfect_line() -> None:
     fit = pa.pearson_bootstrap([1, 2, 3, 4, 5], [3, 5, 7, 9, 11], n_boot=200)
     assert fit.r == pytest.approx(1.0) and fit.low == pytest.approx(1.0) and fit.high <= 1.0
