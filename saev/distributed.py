@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -38,7 +38,6 @@ __all__ = [
     "is_distributed",
     "is_main",
     "rank",
-    "shard",
     "sum_",
     "world_size",
 ]
@@ -118,29 +117,14 @@ def gather_to_main(obj: T) -> list[T] | None:
     return out
 
 
-def shard(items: Sequence[T], *, of_rank: int | None = None, ranks: int | None = None) -> list[T]:
-    """This rank's items of ``items``: every ``world_size()``-th one starting at ``rank()`` (strided, so
-    shards differ in length by at most one and a long sample does not land on one rank)."""
-    r = rank() if of_rank is None else of_rank
-    n = world_size() if ranks is None else ranks
-    return [items[i] for i in range(r, len(items), n)]
-
-
-def batch_slice(batch_BD: Tensor, *, of_rank: int | None = None, ranks: int | None = None) -> Tensor:
+def batch_slice(batch_BD: Tensor) -> Tensor:
     """This rank's rows of a global batch: contiguous slice ``rank`` of ``world_size`` equal slices
     (the global batch must divide evenly: DDP's mean of per-rank means is then the global mean)."""
-    r = rank() if of_rank is None else of_rank
-    n = world_size() if ranks is None else ranks
+    r, n = rank(), world_size()
     if batch_BD.shape[0] % n:
         raise ValueError(f"a global batch of {batch_BD.shape[0]} rows does not split into {n} equal rank slices")
     per = batch_BD.shape[0] // n
     return batch_BD[r * per : (r + 1) * per]
-
-
-def local_slices(batches: Iterator[Tensor]) -> Iterator[Tensor]:
-    """Each global batch's slice for this rank (every rank reads the same stream)."""
-    for batch in batches:
-        yield batch_slice(batch)
 
 
 @contextlib.contextmanager

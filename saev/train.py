@@ -390,25 +390,41 @@ def _train_step(
             step=step,
             row=row,
         )
+    return _update(sae, optimizer, stats, out.loss, fired_count_F, batch_BD.shape[0], step,
+                   loss=loss, mse=mse, l1=l1, l0=l0, explained_variance=explained_variance, lr=lr, l1_coef=l1_coef)  # fmt: skip
+
+
+def _update(
+    sae: SparseAutoencoder,
+    optimizer: torch.optim.Optimizer,
+    stats: FiringStats,
+    loss_t: Tensor,
+    fired_count_F: Tensor,
+    n_rows: int,
+    step: int,
+    *,
+    loss: float,
+    mse: float,
+    l1: float,
+    l0: float,
+    explained_variance: float,
+    lr: float,
+    l1_coef: float,
+) -> StepMetrics:
+    """The rest of a step once its metrics are known (over the global batch under DDP): backward, clip,
+    Adam, firing statistics."""
     if not math.isfinite(loss):
         raise NonFiniteError(f"non-finite loss ({loss}) at step {step}", step=step)
-    out.loss.backward()
+    loss_t.backward()
     torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    stats.update(fired_count_F, batch_BD.shape[0])
+    stats.update(fired_count_F, n_rows)
     return StepMetrics(
-        step=step,
-        tokens_seen=step * batch_BD.shape[0],
-        loss=loss,
-        mse=mse,
-        l1=l1,
-        l0=l0,
-        explained_variance=explained_variance,
-        dead_features=int(stats.dead_mask().sum()),
-        lr=lr,
+        step=step, tokens_seen=step * n_rows, loss=loss, mse=mse, l1=l1, l0=l0,
+        explained_variance=explained_variance, dead_features=int(stats.dead_mask().sum()), lr=lr,
         l1_coefficient=l1_coef,
-    )
+    )  # fmt: skip
 
 
 def _ddp_step(
@@ -453,18 +469,8 @@ def _ddp_step(
         where = ("on another rank's slice" if bad_row is None else
                  f": row {bad_row} of the batch (row {(step - 1) * n_rows + bad_row} of the stream)")  # fmt: skip
         raise NonFiniteError(f"non-finite activation at step {step} {where}", step=step, row=bad_row)
-    if not math.isfinite(loss):
-        raise NonFiniteError(f"non-finite loss ({loss}) at step {step}", step=step)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), GRAD_CLIP_NORM)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    stats.update(fired_count_F, n_rows)
-    return StepMetrics(
-        step=step, tokens_seen=step * n_rows, loss=loss, mse=mse, l1=l1, l0=l0,
-        explained_variance=explained_variance, dead_features=int(stats.dead_mask().sum()), lr=lr,
-        l1_coefficient=l1_coef,
-    )  # fmt: skip
+    return _update(sae, optimizer, stats, out.loss, fired_count_F, n_rows, step,
+                   loss=loss, mse=mse, l1=l1, l0=l0, explained_variance=explained_variance, lr=lr, l1_coef=l1_coef)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the stream
@@ -558,20 +564,6 @@ def _save_checkpoint(
     if not write:
         distributed.barrier()
         return
-    _write_checkpoint(out_path, step, cfg, sae, optimizer, stats, history)
-    distributed.barrier()
-
-
-@torch.no_grad()
-def _write_checkpoint(
-    out_path: Path,
-    step: int,
-    cfg: TrainConfig,
-    sae: SparseAutoencoder,
-    optimizer: torch.optim.Optimizer,
-    stats: FiringStats,
-    history: list[StepMetrics],
-) -> None:
     ckpt_root = out_path / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-step_{step}-"))
@@ -604,6 +596,7 @@ def _write_checkpoint(
     for old in _checkpoint_steps(ckpt_root)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(ckpt_root / f"step_{old}")
     _write_history(out_path / _HISTORY_FILENAME, history)
+    distributed.barrier()  # the other ranks go on once the checkpoint is complete
 
 
 def _optimizer_tensors(sae: SparseAutoencoder, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
