@@ -199,6 +199,10 @@ def _merge_into(kept: _Bucket, cand: _Bucket, cand_hidden: _HiddenLookup, k: int
 _BLOCK_ROWS = 16
 """Rows per group when ``FeatureStats.update`` gets no ``groups`` hint."""
 
+HINT_MAX_ROWS = 32
+"""``FeatureStats.update`` ignores a ``groups`` hint with more rows per group than this on average: a
+coarse group's maximum rules out few of its rows (benchmarks/bench_groups_hint.py, issue 19)."""
+
 
 def _block_max(z_NF: Tensor, block: int = _BLOCK_ROWS) -> tuple[Tensor, Tensor]:
     """Groups of ``block`` consecutive rows and the max of z over each: (group_N, max_GF)."""
@@ -394,7 +398,8 @@ class FeatureStats:
         groups of rows, so the full (N, n_features) matrix is read once. ``groups`` is an
         optional hint ``(group_N, max_GF)``: a group index per row and, per group, an upper
         bound of z over its rows (e.g. the per-sample, per-modality max a caller already
-        has); without it the groups are blocks of consecutive rows. The result is the same.
+        has); without it, or when its groups average more than ``HINT_MAX_ROWS`` rows, the
+        groups are blocks of consecutive rows. The result is the same.
         The paper variant reads only entries above delta, so z may hold any value <= 0
         where the ReLU would put 0 (``SparseAutoencoder.encode_preact``).
         """
@@ -415,7 +420,7 @@ class FeatureStats:
         f = self.n_features
         if self.variant == "paper":
             bound_2F = self._storage.bound(self.delta)  # text features, then image features
-            if groups is None:
+            if groups is None or n > HINT_MAX_ROWS * groups[1].shape[0]:  # no hint, or too coarse to filter
                 groups = _block_max(z_NF)
             for feat_C, row_C in _paper_candidates(
                 z_NF, is_image_N, bound_2F[:f], bound_2F[f:], groups[0].to(dev), groups[1].to(dev),

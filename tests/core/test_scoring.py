@@ -226,6 +226,29 @@ def test_group_hints_and_pre_relu_inputs_give_the_same_state(data, rows, delta, 
     assert torch.equal(hinted.weights(), whole.weights())
 
 
+def test_a_coarse_groups_hint_is_replaced_by_blocks(monkeypatch):
+    """A hint with more than ``HINT_MAX_ROWS`` rows per group filters worse than 16-row blocks
+    (benchmarks/bench_groups_hint.py): ``update`` uses the blocks instead, with the same result."""
+    import saev.scoring as scoring
+
+    calls = []
+    block_max = scoring._block_max
+    monkeypatch.setattr(scoring, "_block_max", lambda z, *a: calls.append(len(z)) or block_max(z, *a))
+    gen = torch.Generator().manual_seed(0)
+    n, f, d = 4 * scoring.HINT_MAX_ROWS, 12, 3
+    z, hidden = torch.relu(torch.randn(n, f, generator=gen)) * 3, torch.randn(n, d, generator=gen)
+    is_image = torch.arange(n) >= n // 2
+    reference = FeatureStats(f, d, top_k=2, delta=1.0).update(hidden, z, is_image)
+    assert calls == [n]
+    for n_groups, blocks in ((2, True), (4, False), (8, False)):
+        calls.clear()
+        group = torch.arange(n) * n_groups // n
+        max_gf = torch.zeros(n_groups, f).index_reduce_(0, group, z, "amax", include_self=True)
+        hinted = FeatureStats(f, d, top_k=2, delta=1.0).update(hidden, z, is_image, groups=(group, max_gf))
+        assert calls == ([n] if blocks else []), n_groups
+        assert_states_equal(hinted, reference)
+
+
 @SETTINGS
 @given(st.data(), token_rows(), st.sampled_from(["paper", "released"]))
 def test_merge_is_concatenation_and_associative(data, rows, variant):
