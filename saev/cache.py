@@ -14,12 +14,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,24 +29,25 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 __all__ = [
+    "FolderLock",
     "KEY_VERSION",
+    "LockedError",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
-    "FolderLock",
-    "LockedError",
     "cached_json",
-    "fault_point",
-    "remove_stale_temporaries",
     "code_fingerprint",
     "dataset_fingerprint",
+    "fault_point",
     "file_digest",
     "json_default",
     "model_fingerprint",
     "params_hash",
     "path_fingerprint",
+    "remove_stale_temporaries",
+    "waiting_lock",
 ]
 
 KEY_VERSION = 1
@@ -116,8 +118,9 @@ class FolderLock:
     holder's pid and host) exclusively, or raises :class:`LockedError` naming the holder; a lock whose
     process on this host is gone is broken and taken over. Released (deleted) on exit."""
 
-    def __init__(self, folder: str | os.PathLike, *, wait: float = 0.0) -> None:
-        self.path = Path(folder) / ".lock"
+    def __init__(self, folder: str | os.PathLike, *, wait: float = 0.0, name: str = ".lock") -> None:
+        self.path = Path(folder) / name
+        """The lock file (``name``: several locks in one folder, e.g. one per model of ``models/``)."""
         self.wait = wait
         """Seconds to wait for a live holder to finish before raising (0: raise at once)."""
 
@@ -143,7 +146,10 @@ class FolderLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder is not None and (holder.get("host") != me["host"] or _alive(holder.get("pid"))):
+                if holder is None and _age(self.path) < _UNREADABLE_LOCK_GRACE:
+                    holder = {"pid": "?", "host": me["host"], "starting": True}  # being written by its taker
+                if holder is not None and (holder.get("host") != me["host"] or holder.get("starting")
+                                           or _alive(holder.get("pid"))):  # fmt: skip
                     raise LockedError(
                         f"{self.path.parent} is being written by pid {holder.get('pid')} on {holder.get('host')} "
                         f"(lock {self.path}); wait for it, or delete the lock if that process is gone"
@@ -166,6 +172,38 @@ class FolderLock:
         holder = self._holder()
         if holder is not None and holder.get("pid") == os.getpid():
             self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def waiting_lock(folder: str | os.PathLike, *, name: str = ".lock", wait: float = 24 * 3600.0) -> Iterator[None]:
+    """Hold ``folder``'s lock (:class:`FolderLock`); a live holder (another run writing the same
+    artifact) is waited for up to ``wait`` seconds, saying so on stderr, so that the caller can then
+    read back what it finished."""
+    import sys
+
+    try:
+        lock = FolderLock(folder, name=name).__enter__()
+    except LockedError as held:
+        print(f"waiting: {held}", file=sys.stderr, flush=True)
+        lock = FolderLock(folder, name=name, wait=wait).__enter__()
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+_UNREADABLE_LOCK_GRACE = 10.0
+"""Seconds during which an empty or unreadable lock counts as held: its taker creates it, then writes
+its pid, and a second writer reading in between must not break it."""
+
+
+def _age(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return float("inf")
 
 
 def _alive(pid: Any) -> bool:

@@ -14,15 +14,13 @@ one JSON per finished cell, so an interrupted sweep resumes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +31,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from saev.cache import (
-    FolderLock,
-    LockedError,
     atomic_write_json,
     dataset_fingerprint,
     model_fingerprint,
     remove_stale_temporaries,
+    waiting_lock,
 )
 from saev.metrics import normalize_answer
 from saev.models import LoadedModel, chat_sample, greedy_answers, model_family, tokenizer_of
@@ -339,7 +336,7 @@ def run_sweep(
     }
     job = dict(model_dir=model_dir, family=family, pools=pools, pool_rows=pool_rows, scores=scores, config=config,
                benchmark=benchmark, out_dir=out_dir, keep_models=keep_models, extra_metrics=extra_metrics)  # fmt: skip
-    with _sweep_lock(out_dir):  # one writer per sweep folder; what a killed run left half-written goes first
+    with waiting_lock(out_dir):  # one writer per sweep folder; what a killed run left half-written goes first
         remove_stale_temporaries(out_dir)
         _remove_leftover_models(out_dir / "models", keep_models)
         rows: list[dict[str, Any] | None] = []
@@ -360,21 +357,6 @@ def run_sweep(
     df = pd.DataFrame(rows)
     df["seed"] = df["seed"].astype("Int64")
     return df
-
-
-@contextlib.contextmanager
-def _sweep_lock(out_dir: Path) -> Iterator[None]:
-    """Hold the sweep folder's lock; a live holder (another notebook sweeping the same model and set, as
-    Figs. 7 and 11 do) is waited for, saying so, and the cells it finished are then read back."""
-    try:
-        lock = FolderLock(out_dir).__enter__()
-    except LockedError as held:
-        print(f"waiting: {held}", file=sys.stderr, flush=True)
-        lock = FolderLock(out_dir, wait=24 * 3600.0).__enter__()
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _remove_leftover_models(models_dir: Path, keep_models: bool) -> None:

@@ -34,7 +34,8 @@ Each model folder holds ``train_config.json`` (the config and its hash: a
 finished folder with the same hash is never retrained) and ``eval.json`` (held-out metrics,
 :class:`ModelEval`). Training is deterministic given the training seed (:func:`train_seed`)
 and resumes from the ``<name>.partial/`` checkpoints of an interrupted run; the finished
-folder appears by an atomic rename.
+folder appears by an atomic rename. One process trains a model at a time (``models/.<name>.lock``,
+``saev.cache.waiting_lock``): a second run waits for it and takes its finished model.
 
 Run ``python -m saev.paper world --profile mini`` or call :func:`train_world_models`.
 """
@@ -56,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from saev.cache import atomic_write_json, code_fingerprint
+from saev.cache import atomic_write_json, code_fingerprint, waiting_lock
 from saev.models import NO_TRUNCATION, greedy_answers, pad_token_id
 from saev.shapesworld.config import StageConfig, WorldConfig, WorldModelsConfig
 from saev.shapesworld.resumable import (
@@ -260,7 +261,11 @@ def _train_chain(
     with deterministic_torch(cfg.num_threads):
         for name in names:
             try:
-                _train_stage(ctx, name, specs[name], hashes[name])
+                # one trainer per model: a second run (another notebook, or a killed run's orphaned
+                # worker) that holds it is waited for, and what it finished is taken as is
+                with waiting_lock(ctx.models_dir, name=f".{name}.lock"):
+                    if not _is_complete(ctx.models_dir / name, hashes[name]):
+                        _train_stage(ctx, name, specs[name], hashes[name])
             except BaseException as error:  # a worker waiting for this model must not wait forever
                 ctx.models_dir.mkdir(parents=True, exist_ok=True)
                 _failed_marker(ctx.models_dir, name).write_text(f"{type(error).__name__}: {error}\n")

@@ -123,6 +123,27 @@ def test_a_lock_held_by_a_live_process_refuses_a_second_writer_and_a_dead_ones_i
             FolderLock(tmp_path).__enter__()
 
 
+def test_an_empty_lock_counts_as_held_while_young_and_is_broken_when_old(tmp_path):
+    """A taker creates the lock, then writes its pid: a second writer reading in between finds it empty
+    and must not break it; an empty lock older than the grace period was left by a killed taker."""
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    with pytest.raises(LockedError, match="being written"):
+        FolderLock(tmp_path).__enter__()
+    old = time.time() - 2 * saev.cache._UNREADABLE_LOCK_GRACE
+    os.utime(lock, (old, old))
+    with FolderLock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_several_named_locks_share_a_folder(tmp_path):
+    with FolderLock(tmp_path, name=".a.lock"), FolderLock(tmp_path, name=".b.lock"):
+        with pytest.raises(LockedError):
+            FolderLock(tmp_path, name=".a.lock").__enter__()
+    assert not list(tmp_path.iterdir())
+
+
 def test_leftover_temporary_files_are_removed_on_the_next_start(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     stale = tmp_path / ".sae_weights.safetensors.tmp-abc123"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,67 @@ def test_interrupted_training_resumes_to_identical_weights(ci_world: CIWorld, tm
     reference = load_file(ci_world.paths["text-lm"] / "model.safetensors")
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def _train_text_lm(profile: Any) -> None:
+    torch.set_num_threads(1)
+    train_world_models(profile, names=["text-lm"], progress=False)
+
+
+@pytest.mark.parametrize(("seed", "sig"), [(0, signal.SIGKILL), (1, signal.SIGTERM)])
+def test_a_kill_at_a_random_time_resumes_to_identical_weights(ci_world: CIWorld, tmp_path: Path, seed: int,
+                                                              sig: int) -> None:  # fmt: skip
+    """The real trainer in a forked process, killed at a seeded random time after its first checkpoint;
+    the next run takes the dead process's model lock, resumes and ends with the uninterrupted weights."""
+    import multiprocessing
+    import random
+    import time
+
+    shutil.copytree(ci_world.profile.artifacts_path / "data", tmp_path / "data")
+    profile = dataclasses.replace(ci_world.profile, artifacts_dir=str(tmp_path))
+    proc = multiprocessing.get_context("fork").Process(target=_train_text_lm, args=(profile,))
+    proc.start()
+    latest = tmp_path / "models" / "text-lm.partial" / "latest.json"
+    deadline = time.monotonic() + 300
+    while proc.is_alive() and not latest.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))
+    if proc.is_alive():
+        os.kill(proc.pid, sig)
+    proc.join(60)
+    assert (tmp_path / "models" / ".text-lm.lock").exists() or proc.exitcode == 0  # a killed holder's lock stays
+    path = train_world_models(profile, names=["text-lm"], progress=False)["text-lm"]
+    resumed = load_file(path / "model.safetensors")
+    reference = load_file(ci_world.paths["text-lm"] / "model.safetensors")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+    assert not (tmp_path / "models" / "text-lm.partial").exists()
+    assert not (tmp_path / "models" / ".text-lm.lock").exists()
+
+
+def test_a_model_held_by_a_live_trainer_is_waited_for(ci_world: CIWorld, tmp_path: Path, monkeypatch) -> None:
+    """Another live process holding a model's lock (a second notebook, or an orphaned worker of a killed
+    run) makes the trainer wait, saying so, instead of training the same folder at once."""
+    import multiprocessing
+    import time
+
+    import saev.cache
+
+    shutil.copytree(ci_world.profile.artifacts_path / "data", tmp_path / "data")
+    profile = dataclasses.replace(ci_world.profile, artifacts_dir=str(tmp_path))
+    sleeper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+    sleeper.start()
+    try:
+        (tmp_path / "models").mkdir()
+        (tmp_path / "models" / ".text-lm.lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename}))
+        real = saev.cache.FolderLock.__init__
+        monkeypatch.setattr(saev.cache.FolderLock, "__init__",
+                            lambda self, folder, *, wait=0.0, name=".lock": real(self, folder, wait=min(wait, 1.0), name=name))  # fmt: skip
+        with pytest.raises(saev.cache.LockedError, match=rf"being written by pid {sleeper.pid}"):
+            train_world_models(profile, names=["text-lm"], progress=False)
+        assert not (tmp_path / "models" / "text-lm.partial").exists()  # nothing was trained
+    finally:
+        sleeper.kill()
+        sleeper.join()
 
 
 def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
