@@ -47,7 +47,9 @@ __all__ = [
     "ReconstructionLosses",
     "feature_stats",
     "ifd_scores",
+    "merge_stats_over_ranks",
     "model_average_cosine_score",
+    "rank_rows",
     "reconstruction_losses",
     "score_dataset",
     "weight_subset",
@@ -396,7 +398,7 @@ def feature_stats(
     device = _sae_device(sae)
     subset_ids = weight_subset(len(samples), weight_samples, seed)
     if distributed.is_distributed():  # this rank's contiguous run of store batches; merged in rank order below
-        subset_ids = subset_ids[_rank_rows(len(subset_ids), batch_size)]
+        subset_ids = subset_ids[rank_rows(len(subset_ids), batch_size)]
     stats = FeatureStats(
         sae.d_sae, sae.d_in, top_k=top_k, delta=delta, variant=variant, dtype=sae.W_enc.dtype, device=device
     )
@@ -415,11 +417,11 @@ def feature_stats(
         else:
             stats.update(hidden_ND, sae.encode(hidden_ND), is_image_N, sample_id_N)
     if distributed.is_distributed():
-        stats = _merge_over_ranks(stats, device)
+        stats = merge_stats_over_ranks(stats, device)
     return stats
 
 
-def _rank_rows(n_rows: int, batch_size: int) -> slice:
+def rank_rows(n_rows: int, batch_size: int) -> slice:
     """This rank's rows: a contiguous run of whole store batches (the batches one process would run,
     padding included, so the hidden states are bit-identical), ranks in order."""
     n_batches = -(-n_rows // batch_size)
@@ -428,7 +430,7 @@ def _rank_rows(n_rows: int, batch_size: int) -> slice:
     return slice(lo * batch_size, min(hi * batch_size, n_rows))
 
 
-def _merge_over_ranks(stats: FeatureStats, device: torch.device) -> FeatureStats:
+def merge_stats_over_ranks(stats: FeatureStats, device: torch.device) -> FeatureStats:
     """Every rank's accumulator merged in rank order (``FeatureStats.merge`` appends rows, and the ranks
     hold consecutive rows): one process's result, exactly; then the same on every rank. Memory: rank 0
     holds all ranks' tables at once (n_ranks x the table of the class docstring)."""

@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes")
+DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes", "weights")
 """Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
-the world stages on rank 0 while the others wait). The others run in one process so far (issue 20)."""
+``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; the world stages on rank 0
+while the others wait). The others run in one process so far (issue 20)."""
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,8 @@ def cross_modal_stats(
     interleaved training documents; cached in ``artifacts/<profile>/weights/<sae>-<hash>.safetensors``."""
     from safetensors.torch import load_file
 
-    from saev.evaluate import weight_subset
+    from saev import distributed
+    from saev.evaluate import merge_stats_over_ranks, rank_rows, weight_subset
     from saev.models import Modality
     from saev.scoring import FeatureStats, KeptTokens
 
@@ -137,7 +138,10 @@ def cross_modal_stats(
             sae = run.load()
             loaded = load_profile_model(profile, model)
             subset = weight_subset(len(data.rows), cfg.weight_samples, profile.seed).tolist()
-            sliced = DataSlice(data.name, data.rows.select(subset), params_hash([data.fingerprint, subset]))
+            # under torchrun each rank runs a contiguous run of whole store batches; merged in rank order below
+            mine = rank_rows(len(subset), cfg.eval_batch_size)
+            ours = subset[mine]
+            sliced = DataSlice(data.name, data.rows.select(ours), params_hash([data.fingerprint, ours]))
             store = make_store(
                 loaded, sliced, hook_layer=spec.hook_layer, context_size=spec.context_size,
                 act_cfg=ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size), cache_root=None,
@@ -149,13 +153,19 @@ def cross_modal_stats(
                 record = padded.unpadded()  # padding (kept for the released L0) enters no feature's tokens
                 hidden = record.hidden_ND.float()
                 is_image = record.modality_N == Modality.IMAGE
-                stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N)
+                stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N + mine.start)
                 positions.append(record.position_N)
-            kept = stats.kept_tokens()
-            tensors = {"weights": stats.weights(), "positions": torch.cat(positions),
-                       "sample_rows": torch.tensor(subset),
-                       **{f"kept.{k}": v.contiguous() for k, v in kept._asdict().items()}}  # fmt: skip
-            atomic_save_safetensors(path, tensors)
+            positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+            if distributed.is_distributed():  # exact: FeatureStats.merge appends the next rank's rows
+                stats = merge_stats_over_ranks(stats, stats.device)
+                gathered = distributed.gather_to_main(positions)
+                positions = torch.cat(gathered) if gathered is not None else positions
+            if distributed.is_main():
+                kept = stats.kept_tokens()
+                tensors = {"weights": stats.weights(), "positions": positions, "sample_rows": torch.tensor(subset),
+                           **{f"kept.{k}": v.contiguous() for k, v in kept._asdict().items()}}  # fmt: skip
+                atomic_save_safetensors(path, tensors)
+            distributed.barrier()
     t = load_file(str(path))
     kept = KeptTokens(*(t[f"kept.{k}"] for k in KeptTokens._fields))
     return CrossModalStats(t["weights"], kept, t["positions"], t["sample_rows"])

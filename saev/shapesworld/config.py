@@ -289,6 +289,12 @@ class WorldModelsConfig:
     """LLaVA's stage 1 ("feature alignment"): before ``llava_next`` (stage 2), the projector and
     the image-newline embedding alone learn on the captions, tower and language model frozen,
     so that image tokens land where the language model reads words; None: stage 2 only."""
+    projector_word_anchor: StageConfig | None = None
+    """Before the projector stages (issue 17's shared-representation lever, a departure from LLaVA,
+    whose stage 1 is captioning alone): the projector alone learns, tower and language model frozen,
+    to map each object patch near the language model's input embeddings of its colour and shape words
+    (cosine logits over the colour words and over the shape words, temperature 0.1, cross-entropy on
+    the object patches of every anyres view); None: no such stage."""
     vision_hidden_size: int = 32
     """Width of LLaVA-NeXT's CLIP vision tower (16-wide attention heads)."""
     vision_num_layers: int = 2

@@ -311,6 +311,8 @@ def _train_spec(
         "anole": ("anole", *qa, "image_generation_fraction"),
     }[name]
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
+    if name == "llava-next" and cfg.projector_word_anchor is not None:  # only when set: earlier models stay cached
+        values["projector_word_anchor"] = dataclasses.asdict(cfg.projector_word_anchor)
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
     for key in ("sft_hallucination", "interleaved_fraction"):  # only when set: the models of before stay cached
         if name != "text-lm" and getattr(cfg, key):
@@ -534,6 +536,9 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         text_lm = load_model("causal_lm", _wait_for(ctx, DEPENDENCIES[name])).model
         loaded.model.model.language_model.load_state_dict(text_lm.model.state_dict(), strict=True)
         loaded.model.lm_head.load_state_dict(text_lm.lm_head.state_dict(), strict=True)
+        if cfg.projector_word_anchor is not None:
+            _anchor_projector(ctx, loaded, cfg.projector_word_anchor, pixels_of=pixels_of, labels_of=labels_of,
+                              features=lambda pixels: tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:])  # fmt: skip
     if name == "chameleon":
         vq = loaded.model.model.vqmodel
         cell = 2 ** (len(vq.config.channel_multiplier) - 1)  # one latent per downsampled cell
@@ -553,6 +558,50 @@ def _initial_model(ctx: _Context, name: str, partial_dir: Path) -> Any:
         loaded.model.model.vqmodel.requires_grad_(False)  # Chameleon's tokenizer is frozen
         _init_code_embeddings(loaded, seed=ctx.seed)
     return loaded
+
+
+def _anchor_projector(
+    ctx: _Context,
+    loaded: Any,
+    stage: StageConfig,
+    *,
+    pixels_of: Callable[[list[Any]], torch.Tensor],
+    labels_of: Callable[[str], tuple[torch.Tensor, ...]],
+    features: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """``WorldModelsConfig.projector_word_anchor``: the projector maps each object patch's tower
+    features near the frozen input embeddings of its colour and shape words (cosine logits over each
+    attribute's words, temperature 0.1); tower and language model do not learn here."""
+    from saev.shapesworld.world import COLORS, SHAPES
+
+    tokenizer = loaded.processor.tokenizer
+    embed = loaded.model.get_input_embeddings().weight.detach()
+    word_rows = []
+    for words in (list(COLORS), list(SHAPES)):  # label v + 1 is words[v]; the word's last token, as the check reads it
+        ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][-1] for w in words]
+        word_rows.append(F.normalize(embed[ids], dim=-1))
+    projector = loaded.model.model.multi_modal_projector
+    rows = _training_rows(ctx, ("captions", "vqa"))
+    with torch.no_grad():
+        feats = torch.cat([features(pixels_of([r["image"] for r in chunk]).flatten(0, -4)) for chunk in _chunks(rows, 256)])
+    per_row = [labels_of(r["scene"]) for r in rows]
+    labels = [torch.stack([lab[k] for lab in per_row]).flatten(0, -2) for k in range(2)]  # colour, shape
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    stream = "llava-next/projector-word-anchor"
+    for step in progress_bar(range(stage.steps), desc=stream, disable=not ctx.progress):
+        idx = torch.randint(len(feats), (stage.batch_size,), generator=step_generator(ctx.seed, stream, step))
+        out = F.normalize(projector(feats[idx]).flatten(0, 1), dim=-1)
+        loss = torch.zeros(())
+        for words, lab in zip(word_rows, labels):
+            target = lab[idx].flatten()
+            on = target > 0
+            if bool(on.any()):
+                loss = loss + F.cross_entropy(out[on] @ words.T / 0.1, target[on] - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(stage, step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _patch_labels(scene_json: str, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

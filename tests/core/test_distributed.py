@@ -191,6 +191,21 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
         w1, w2 = _weights(one), _weights(two)
         for k in w1:
             assert float((w1[k] - w2[k]).abs().max()) <= 0.05 * float(w1[k].abs().max()), (one.name, k)
+    # Alg. 1's omega (the weights stage) on 2 ranks equals one process's on the same SAE-V, exactly
+    weights = {}
+    for ranks in (2, 1):
+        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={ranks}"]  # fmt: skip
+        done = subprocess.run([*launch, "-m", "saev.paper", "weights", "--profile", str(yaml), "--quiet"],
+                              capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        (file,) = (tmp_path / "r2" / "artifacts" / "weights").glob("*.safetensors")
+        weights[ranks] = load_file(file)
+        file.rename(tmp_path / f"weights-{ranks}.safetensors")
+    assert weights[1].keys() == weights[2].keys()
+    for k in weights[1]:
+        assert torch.equal(weights[1][k], weights[2][k]), k
+    assert int((weights[1]["weights"] != 0).sum()) > 0  # something was measured
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "saev.paper", "fig07", "--profile", str(yaml)],
                              capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
