@@ -213,6 +213,55 @@ def test_a_model_held_by_a_live_trainer_is_waited_for(ci_world: CIWorld, tmp_pat
         sleeper.join()
 
 
+def test_the_word_anchor_maps_object_patches_onto_their_words(ci_world: CIWorld, tmp_path: Path) -> None:
+    """``projector_word_anchor`` (issue 17's shared-representation lever) on the ci llava-next: afterwards the
+    projected object patches of each colour retrieve that colour's word embedding (centred cosine, top-1
+    over the colours) far above chance, where the trained ci model's projector (no anchor) does not."""
+    from saev.shapesworld.world import COLORS
+
+    world, cfg = ci_world.profile.world, load_profile("ci").world_models
+    ctx = world_models._Context(profile_seed=ci_world.profile.seed, cfg=cfg, world=world, stop_after=None,
+                                data_dir=ci_world.profile.artifacts_path / "data", models_dir=tmp_path, progress=False)  # fmt: skip
+    loaded = load_model("llava_next", ci_world.paths["llava-next"])
+    tower, layer = loaded.model.model.vision_tower, loaded.model.config.vision_feature_layer
+    vision = loaded.model.config.vision_config
+    cell = world.image_size * vision.patch_size // vision.image_size
+
+    def features(pixels: torch.Tensor) -> torch.Tensor:
+        return tower(pixels, output_hidden_states=True).hidden_states[layer][:, 1:]
+
+    def pixels_of(images: list) -> torch.Tensor:
+        return world_models._anyres_views(loaded, images)
+
+    def labels_of(scene: str) -> tuple:
+        return world_models._tile_labels(scene, cell)
+
+    rows = world_models._training_rows(ctx, ("captions",))[:200]
+    with torch.no_grad():
+        feats = features(pixels_of([r["image"] for r in rows]).flatten(0, -4))
+    colour = torch.stack([labels_of(r["scene"])[0] for r in rows]).flatten(0, -2)
+    tok = loaded.processor.tokenizer
+    ids = [tok(" " + c, add_special_tokens=False)["input_ids"][-1] for c in COLORS]
+
+    def retrieval() -> float:
+        with torch.no_grad():
+            out = loaded.model.model.multi_modal_projector(feats)
+            means = torch.stack([out[colour == v + 1].mean(0) for v in range(len(ids))])
+            words = loaded.model.get_input_embeddings().weight[ids]
+            a = torch.nn.functional.normalize(means - means.mean(0), dim=1)
+            b = torch.nn.functional.normalize(words - words.mean(0), dim=1)
+            return float(((a @ b.T).argmax(1) == torch.arange(len(ids))).float().mean())
+
+    before = retrieval()
+    lm_before = {k: v.clone() for k, v in loaded.model.model.language_model.state_dict().items()}
+    world_models._anchor_projector(ctx, loaded, StageConfig(steps=150, batch_size=32, lr=0.003),
+                                   pixels_of=pixels_of, labels_of=labels_of, features=features)  # fmt: skip
+    after = retrieval()
+    print(f"colour retrieval of the projected patches: {before:.2f} before, {after:.2f} after")
+    assert after >= 0.8 and after > before, (before, after)
+    assert all(torch.equal(v, lm_before[k]) for k, v in loaded.model.model.language_model.state_dict().items())
+
+
 def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
     """Training feeds precomputed VQ code ids; the adapter feeds pixels: same logits."""
     import datasets
