@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -98,6 +99,42 @@ class _CenteredEncode(torch.autograd.Function):
         return g_x, g_W, g_F if need_b else None, g_bd
 
 
+class _TopKEncode(torch.autograd.Function):
+    """TopK training encode as sparse work (issue 19; EleutherAI's sparsify does the same): the forward
+    is the one dense product ``(x - b_dec) @ W_enc + b_enc`` and a topk; the backward touches only the k
+    kept features of each row. Returns ``relu(values)`` (B, k) and their feature indices (B, k).
+    Gradients: W_enc's columns of the kept features by an index_add over rows (in chunks of rows, so
+    no (batch x k x d_in) tensor exists at once), b_enc's by an index_add, b_dec's as one mat-vec; they
+    equal the dense autograd path up to float summation order (``tests/core/test_sae.py``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        centred_BD = x_BD - b_dec
+        values_BK, idx_BK = torch.topk(torch.addmm(b_enc, centred_BD, W_enc), k=k, dim=-1, sorted=False)
+        acts_BK = values_BK.relu()
+        ctx.save_for_backward(centred_BD, W_enc, idx_BK, acts_BK)
+        ctx.mark_non_differentiable(idx_BK)
+        return acts_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx: Any, g_BK: Tensor, _g_idx: Tensor | None) -> tuple[Tensor | None, ...]:
+        centred_BD, W_enc, idx_BK, acts_BK = ctx.saved_tensors
+        _, need_W, need_b, need_bd, _ = ctx.needs_input_grad
+        g_BK = g_BK * (acts_BK > 0)  # the ReLU
+        d_sae = W_enc.shape[1]
+        g_F = torch.zeros(d_sae, dtype=g_BK.dtype, device=g_BK.device).index_add_(0, idx_BK.flatten(), g_BK.flatten())
+        g_W = None
+        if need_W:
+            g_FD = torch.zeros(d_sae, centred_BD.shape[1], dtype=W_enc.dtype, device=W_enc.device)
+            rows = max(1, (1 << 22) // max(1, idx_BK.shape[1] * centred_BD.shape[1]))  # ~16 MB of fp32 per chunk
+            for r0 in range(0, len(idx_BK), rows):
+                g_RK, idx_RK = g_BK[r0 : r0 + rows], idx_BK[r0 : r0 + rows]
+                g_FD.index_add_(0, idx_RK.flatten(), (g_RK[..., None] * centred_BD[r0 : r0 + rows, None, :]).flatten(0, 1))
+            g_W = g_FD.t()
+        g_bd = -(W_enc.mv(g_F)) if need_bd else None
+        return None, g_W, g_F if need_b else None, g_bd, None
+
+
 class SparseAutoencoder(nn.Module):
     """SAELens-compatible "standard" (ReLU + L1) or "topk" sparse autoencoder.
 
@@ -161,6 +198,14 @@ class SparseAutoencoder(nn.Module):
             return torch.zeros_like(pre_BF).scatter_(-1, idx_BK, values_BK.relu())
         return pre_BF.relu_()  # in place: addmm's backward needs its inputs, not its output
 
+    sparse_topk_training: bool = True
+    """Train the topk architecture with sparse decoding and a sparse backward (:class:`_TopKEncode`;
+    issue 19); False: the dense autograd path (the two agree up to float summation order)."""
+
+    def _sparse_topk(self) -> bool:
+        return (self.cfg.architecture == "topk" and self.sparse_topk_training and self.cfg.apply_b_dec_to_input
+                and torch.is_grad_enabled() and self.W_enc.requires_grad)  # fmt: skip
+
     def encode(self, x_BD: Tensor) -> Tensor:
         """Feature activations z_BF of raw activations x_BD (Eq. 1)."""
         return self._encode_scaled(self._scale_in(x_BD))
@@ -191,8 +236,16 @@ class SparseAutoencoder(nn.Module):
         value); it is ignored by "topk", whose loss is the MSE alone.
         """
         xs_BD = self._scale_in(x_BD)
-        z_BF = self._encode_scaled(xs_BD)
-        out_BD = z_BF @ self.W_dec + self.b_dec
+        if self._sparse_topk():
+            # training a topk SAE: decode the k kept features only (embedding_bag: a weighted sum of k
+            # decoder rows per token, and its backward touches those rows only); z is for the statistics
+            acts_BK, idx_BK = _TopKEncode.apply(xs_BD, self.W_enc, self.b_enc, self.b_dec, self.cfg.k)
+            out_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK, mode="sum") + self.b_dec
+            z_BF = torch.zeros(len(xs_BD), self.d_sae, dtype=acts_BK.dtype, device=acts_BK.device).scatter_(
+                -1, idx_BK, acts_BK.detach())
+        else:
+            z_BF = self._encode_scaled(xs_BD)
+            out_BD = z_BF @ self.W_dec + self.b_dec
         mse_loss = (out_BD - xs_BD).pow(2).sum(dim=-1).mean()
         if self.cfg.architecture == "topk":
             l1_loss = mse_loss.new_zeros(())

@@ -317,3 +317,32 @@ def test_training_gradients_equal_autograd_with_b_dec_as_a_mat_vec(architecture,
             assert torch.equal(lever[name], p.grad), name
     with torch.no_grad():  # inference takes the fused addmm path and gives the same activations
         torch.testing.assert_close(sae.encode(x), SparseAutoencoder._encode_scaled(sae, x))
+
+
+@pytest.mark.parametrize(("d_in", "d_sae", "k", "scale"), [(8, 32, 4, None), (16, 96, 7, 1.7), (5, 20, 20, None)])
+def test_sparse_topk_training_equals_the_dense_path(d_in, d_sae, k, scale):
+    """Issue 19's sparse topk step (``_TopKEncode`` + ``embedding_bag`` decoding) gives the dense autograd
+    path's outputs, loss and every parameter's gradient, up to float summation order."""
+    gen = torch.Generator().manual_seed(d_in)
+    cfg = SAEConfig(d_in=d_in, expansion_factor=d_sae // d_in, architecture="topk", k=k)
+    sae = SparseAutoencoder(cfg, generator=gen)
+    with torch.no_grad():  # non-zero biases, so b_dec's and b_enc's gradients are exercised
+        sae.b_dec.normal_(generator=gen)
+        sae.b_enc.normal_(generator=gen)
+    sae.activation_scale = scale
+    x = torch.randn(33, d_in, generator=gen) * 2
+    outs, grads = {}, {}
+    for sparse in (True, False):
+        sae.sparse_topk_training = sparse
+        assert sae._sparse_topk() is sparse
+        sae.zero_grad(set_to_none=True)
+        out = sae(x)
+        (out.loss + out.sae_out.square().mean()).backward()  # also a gradient through the reconstruction itself
+        outs[sparse], grads[sparse] = out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+    for field in ("sae_out", "feature_acts", "loss", "mse_loss"):
+        torch.testing.assert_close(getattr(outs[True], field), getattr(outs[False], field), rtol=1e-5, atol=1e-5)
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert int((outs[True].feature_acts > 0).sum(1).max()) <= k
+    with torch.no_grad():  # inference never takes the sparse path
+        assert not sae._sparse_topk()
