@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_with",
     "cached_json",
+    "cached_json_is_current",
     "code_fingerprint",
     "dataset_fingerprint",
     "fault_point",
@@ -263,15 +264,25 @@ def params_hash(params: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cached_json(path: Path, compute: Callable[[], Any], params: Any) -> Any:
+def cached_json_is_current(path: Path, params: Any) -> bool:
+    """Whether :func:`cached_json` would read ``path`` for ``params`` instead of computing."""
+    try:
+        return json.loads(path.read_text()).get("key") == params_hash(params)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def cached_json(path: Path, compute: Callable[[], Any], params: Any, *, write: bool = True) -> Any:
     """The ``result`` stored in JSON file ``path`` if it was made from the same ``params``,
-    else ``compute()``, written there atomically with its params first."""
+    else ``compute()``, written there atomically with its params first (``write=False``: not written,
+    e.g. on the ranks other than 0 of a distributed stage)."""
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == params_hash(params):
             return stored["result"]
     result = compute()
-    atomic_write_json(path, {"key": params_hash(params), "params": params, "result": result})
+    if write:
+        atomic_write_json(path, {"key": params_hash(params), "params": params, "result": result})
     return result
 
 

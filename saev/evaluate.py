@@ -297,13 +297,17 @@ def score_dataset(
             device=device,
         )
         sets = _SampleSets(n_samples, n_features, delta, variant)
-    store = _store(loaded, samples, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
-                   to_sample=to_sample, progress=progress, tokens=tokens)
+    # Under torchrun each rank scores a contiguous run of whole store batches (bit-identical hidden
+    # states); every per-sample array is zero outside its rows, so summing over ranks is exact.
+    mine = rank_rows(n_samples, batch_size)
+    ours = samples if mine == slice(0, n_samples) else _Subset(samples, torch.arange(mine.start, mine.stop))
+    store = _store(loaded, ours, hook_layer=hook_layer, context_size=context_size, batch_size=batch_size,
+                   to_sample=to_sample, progress=progress and distributed.is_main(), tokens=tokens)  # fmt: skip
     for padded in store.iter_token_batches():
         record = padded.unpadded()
         hidden_ND = record.hidden_ND.to(device)
         is_image_N = (record.modality_N == Modality.IMAGE).to(device)
-        sample_id_N = record.sample_id_N.to(device)
+        sample_id_N = (record.sample_id_N + mine.start).to(device)  # ids in ``samples``
         groups = None
         if paper:
             z_NF = sae.encode_preact(hidden_ND)  # only entries > delta >= 0 are read: no ReLU pass
@@ -324,12 +328,13 @@ def score_dataset(
                 z_PF = sae.encode(padded.hidden_ND.to(device))
                 keep_P = (padded.modality_N != Modality.SPECIAL).to(device)
                 z_NF = z_PF[keep_P]
-                scorer.update(z_PF, (padded.modality_N == Modality.IMAGE).to(device), padded.sample_id_N.to(device),
-                              in_sets=keep_P, in_l0=(padded.position_N >= 1).to(device))  # fmt: skip
+                scorer.update(z_PF, (padded.modality_N == Modality.IMAGE).to(device),
+                              (padded.sample_id_N + mine.start).to(device), in_sets=keep_P,
+                              in_l0=(padded.position_N >= 1).to(device))  # fmt: skip
             if sets is not None:
                 sets.update(*_pool_rows(z_NF, is_image_N, sample_id_N))
         if stats is not None:
-            in_N = in_subset_S[record.sample_id_N].to(device)
+            in_N = in_subset_S[record.sample_id_N + mine.start].to(device)
             if bool(in_N.all()):
                 stats.update(hidden_ND, z_NF, is_image_N, sample_id_N, groups=groups)
             elif bool(in_N.any()):
@@ -338,6 +343,13 @@ def score_dataset(
     if scorer is not None:
         result = scorer.scores()
         l0_S, cooccurrence_S, cosine_S = result.l0, result.cooccurrence, result.cosine
+    if distributed.is_distributed():
+        l0_S, cooccurrence_S = distributed.sum_(l0_S.cpu()), distributed.sum_(cooccurrence_S.cpu())
+        if cosine_S is not None:
+            cosine_S = distributed.sum_(cosine_S.cpu())
+        if stats is not None:
+            stats = merge_stats_over_ranks(stats, device)
+            sets.bits = distributed.sum_(torch.from_numpy(sets.bits).to(torch.int32)).to(torch.uint8).numpy()
     if stats is not None:
         weights = stats.weights()
         cosine_S = sets.weighted_sums(weights)
@@ -535,13 +547,17 @@ class _Splice:
 
 
 def _sample_batches(
-    samples: Sequence[Any], batch_size: int, to_sample: Callable[[Any], Any] | None, desc: str, progress: bool
+    samples: Sequence[Any], batch_size: int, to_sample: Callable[[Any], Any] | None, desc: str, progress: bool,
+    rows: slice | None = None,
 ) -> Iterator[tuple[int, list[Any]]]:
+    """(first index, rows) of each batch of ``batch_size`` consecutive samples (within ``rows``, a slice
+    starting at a multiple of ``batch_size``: the batches one process would run)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for first in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", disable=not progress):
-        rows = [samples[i] for i in range(first, min(first + batch_size, len(samples)))]
-        yield first, [to_sample(r) for r in rows] if to_sample else rows
+    lo, hi = (0, len(samples)) if rows is None else (rows.start, rows.stop)
+    for first in tqdm(range(lo, hi, batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = [samples[i] for i in range(first, min(first + batch_size, hi))]
+        yield first, [to_sample(r) for r in batch] if to_sample else batch
 
 
 @torch.inference_mode()
@@ -671,8 +687,9 @@ def ifd_scores(
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = loaded.model.device
-    given, alone = torch.empty(len(samples)), torch.empty(len(samples))
-    for first, batch in _sample_batches(samples, batch_size, to_qa, "IFD", progress):
+    given, alone = torch.zeros(len(samples)), torch.zeros(len(samples))
+    mine = rank_rows(len(samples), batch_size)  # under torchrun: this rank's batches, summed over ranks below
+    for first, batch in _sample_batches(samples, batch_size, to_qa, "IFD", progress and distributed.is_main(), mine):
         ids = list(range(first, first + len(batch)))
         full = loaded.build_inputs(
             [chat_sample(family, q.question, q.answer, tuple(q.images)) for q in batch],
@@ -714,4 +731,6 @@ def ifd_scores(
         logits = loaded.model(input_ids=alone_ids_BT, attention_mask=alone_mask_BT, use_cache=False).logits
         alone[first : first + len(batch)] = lm_cross_entropy(
             logits, alone_ids_BT, alone_answer_BT, reduction="sample").cpu()
+    if distributed.is_distributed():
+        given, alone = distributed.sum_(given), distributed.sum_(alone)
     return IFDScores(ifd=ifd_score(given, alone), loss_given_prompt=given, loss_alone=alone)

@@ -43,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes", "weights")
+DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes", "weights", "scores")
 """Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
-``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; the world stages on rank 0
-while the others wait). The others run in one process so far (issue 20)."""
+``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; ``scores``: each rank
+scores (Alg. 1-3, IFD) its shard of the pairs, merged exactly; the world stages on rank 0 while the
+others wait). The others run in one process so far (issue 20)."""
 
 
 def _main(argv: list[str] | None = None) -> int:

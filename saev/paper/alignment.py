@@ -34,11 +34,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from saev.cache import cached_json, code_fingerprint, model_fingerprint, params_hash
-from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads
+from saev.cache import cached_json, cached_json_is_current, code_fingerprint, model_fingerprint, params_hash
+from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads, writer_lock
 from saev.paper.finetune import random_scores
 from saev.paper.profile import AlignConfig, Profile, as_profile
-from saev.paper.sae_training import train_saes
+from saev.paper.sae_training import launches, run_stage_with_launcher, train_saes
 
 if TYPE_CHECKING:
     import datasets
@@ -194,6 +194,7 @@ def preference_scores(
     """
     import pandas as pd
 
+    from saev import distributed
     from saev.evaluate import QASample, ifd_scores, score_dataset
 
     profile = as_profile(profile)
@@ -247,8 +248,11 @@ def preference_scores(
         out["random"] = random_scores(len(rows), profile.seed).tolist()
         return out
 
-    with torch_threads(cfg.num_threads):
-        result = cached_json(path, compute, params)
+    if not cached_json_is_current(path, params) and launches(profile):  # notebook 04 on a cluster
+        run_stage_with_launcher(profile, "scores", progress=progress)
+    with torch_threads(cfg.num_threads), writer_lock(path):  # under torchrun every rank scores its shard; rank 0 writes
+        result = cached_json(path, compute, params, write=distributed.is_main())
+    distributed.barrier()
     labels = {c: data[c] for c in ("defect", "category") if c in data.column_names}  # the world's labels
     frame = pd.DataFrame({"row": rows, **labels, "length": [float(len(a)) for a in data["chosen"]]})
     for column in (*SCORE_COLUMNS, "ifd_raw"):

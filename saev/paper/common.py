@@ -31,6 +31,7 @@ __all__ = [
     "pipeline_config_for",
     "torch_threads",
     "write_table",
+    "writer_lock",
 ]
 
 SAE_CODE = ("saev.activations", "saev.models", "saev.sae", "saev.train")
@@ -85,3 +86,18 @@ def write_table(table: pd.DataFrame, profile: str | Path | Profile, name: str) -
     body = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
     atomic_write_text(md_path, "\n".join([header, rule, *body]) + "\n")
     return csv_path, md_path
+
+
+@contextlib.contextmanager
+def writer_lock(path: Path) -> Iterator[None]:
+    """One writer per cached file ``path`` (``<folder>/.<name>.lock``): a second notebook computing the
+    same artifact waits (saying so) and then reads it. Under torchrun the ranks write collectively and
+    rank 0 alone writes, so no lock is taken there (a rank waiting on it would stall the others)."""
+    from saev import distributed
+    from saev.cache import waiting_lock
+
+    if distributed.is_distributed():
+        yield
+        return
+    with waiting_lock(path.parent, name=f".{path.name}.lock"):
+        yield

@@ -23,10 +23,10 @@ from torch import Tensor
 from saev.cache import atomic_save_safetensors, atomic_write_text, code_fingerprint, model_fingerprint, params_hash
 from saev.config import ActivationConfig, ConfigError
 from saev.metrics import normalize_answer
-from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads
+from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads, writer_lock
 from saev.paper.data import DataSlice, data_slice, interleaved_sample, load_role
 from saev.paper.profile import PipelineConfig, Profile, as_profile
-from saev.paper.sae_training import SAERun, make_store
+from saev.paper.sae_training import SAERun, launches, make_store, run_stage_with_launcher
 from saev.patches import (
     CropVariant,
     PatchMethod,
@@ -114,10 +114,7 @@ def cross_modal_stats(
     interleaved training documents; cached in ``artifacts/<profile>/weights/<sae>-<hash>.safetensors``."""
     from safetensors.torch import load_file
 
-    from saev import distributed
-    from saev.evaluate import merge_stats_over_ranks, rank_rows, weight_subset
-    from saev.models import Modality
-    from saev.scoring import FeatureStats, KeptTokens
+    from saev.scoring import KeptTokens
 
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
@@ -133,42 +130,56 @@ def cross_modal_stats(
     if (cfg.variant, cfg.tokens) != ("paper", "paper"):
         params |= {"variant": cfg.variant, "tokens": cfg.tokens}
     path = profile.artifacts_path / "weights" / f"{run.path.name}-{params_hash(params)[:12]}.safetensors"
-    if not path.is_file():
-        with torch_threads(cfg.num_threads), torch.inference_mode():
-            sae = run.load()
-            loaded = load_profile_model(profile, model)
-            subset = weight_subset(len(data.rows), cfg.weight_samples, profile.seed).tolist()
-            # under torchrun each rank runs a contiguous run of whole store batches; merged in rank order below
-            mine = rank_rows(len(subset), cfg.eval_batch_size)
-            ours = subset[mine]
-            sliced = DataSlice(data.name, data.rows.select(ours), params_hash([data.fingerprint, ours]))
-            store = make_store(
-                loaded, sliced, hook_layer=spec.hook_layer, context_size=spec.context_size,
-                act_cfg=ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size), cache_root=None,
-                seed=profile.seed, require_images=True, progress=progress, tokens=cfg.tokens,
-            )  # fmt: skip
-            stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta, variant=cfg.variant)
-            positions = []
-            for padded in store.iter_token_batches():
-                record = padded.unpadded()  # padding (kept for the released L0) enters no feature's tokens
-                hidden = record.hidden_ND.float()
-                is_image = record.modality_N == Modality.IMAGE
-                stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N + mine.start)
-                positions.append(record.position_N)
-            positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
-            if distributed.is_distributed():  # exact: FeatureStats.merge appends the next rank's rows
-                stats = merge_stats_over_ranks(stats, stats.device)
-                gathered = distributed.gather_to_main(positions)
-                positions = torch.cat(gathered) if gathered is not None else positions
-            if distributed.is_main():
-                kept = stats.kept_tokens()
-                tensors = {"weights": stats.weights(), "positions": positions, "sample_rows": torch.tensor(subset),
-                           **{f"kept.{k}": v.contiguous() for k, v in kept._asdict().items()}}  # fmt: skip
-                atomic_save_safetensors(path, tensors)
-            distributed.barrier()
+    if not path.is_file() and launches(profile):  # notebook 03 on a cluster: the stage under torchrun/srun
+        run_stage_with_launcher(profile, "weights", progress=progress)
+    with writer_lock(path):
+        if not path.is_file():  # (again: a writer waited for may have written it)
+            _compute_cross_modal_stats(profile, cfg, model, spec, run, data, path, progress=progress)
     t = load_file(str(path))
     kept = KeptTokens(*(t[f"kept.{k}"] for k in KeptTokens._fields))
     return CrossModalStats(t["weights"], kept, t["positions"], t["sample_rows"])
+
+
+def _compute_cross_modal_stats(profile: Profile, cfg: PipelineConfig, model: str, spec, run: SAERun,
+                               data: DataSlice, path: Path, *, progress: bool) -> None:  # fmt: skip
+    """:func:`cross_modal_stats`' computation, written to ``path`` (by rank 0 under torchrun)."""
+    from saev import distributed
+    from saev.evaluate import merge_stats_over_ranks, rank_rows, weight_subset
+    from saev.models import Modality
+    from saev.scoring import FeatureStats
+
+    with torch_threads(cfg.num_threads), torch.inference_mode():
+        sae = run.load()
+        loaded = load_profile_model(profile, model)
+        subset = weight_subset(len(data.rows), cfg.weight_samples, profile.seed).tolist()
+        # under torchrun each rank runs a contiguous run of whole store batches; merged in rank order below
+        mine = rank_rows(len(subset), cfg.eval_batch_size)
+        ours = subset[mine]
+        sliced = DataSlice(data.name, data.rows.select(ours), params_hash([data.fingerprint, ours]))
+        store = make_store(
+            loaded, sliced, hook_layer=spec.hook_layer, context_size=spec.context_size,
+            act_cfg=ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size), cache_root=None,
+            seed=profile.seed, require_images=True, progress=progress, tokens=cfg.tokens,
+        )  # fmt: skip
+        stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta, variant=cfg.variant)
+        positions = []
+        for padded in store.iter_token_batches():
+            record = padded.unpadded()  # padding (kept for the released L0) enters no feature's tokens
+            hidden = record.hidden_ND.float()
+            is_image = record.modality_N == Modality.IMAGE
+            stats.update(hidden, sae.encode(hidden), is_image, record.sample_id_N + mine.start)
+            positions.append(record.position_N)
+        positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+        if distributed.is_distributed():  # exact: FeatureStats.merge appends the next rank's rows
+            stats = merge_stats_over_ranks(stats, stats.device)
+            gathered = distributed.gather_to_main(positions)
+            positions = torch.cat(gathered) if gathered is not None else positions
+        if distributed.is_main():
+            kept = stats.kept_tokens()
+            tensors = {"weights": stats.weights(), "positions": positions, "sample_rows": torch.tensor(subset),
+                       **{f"kept.{k}": v.contiguous() for k, v in kept._asdict().items()}}  # fmt: skip
+            atomic_save_safetensors(path, tensors)
+        distributed.barrier()
 
 
 # ----------------------------------------------------------------------------- patch filtering (notebook 03)

@@ -343,8 +343,9 @@ class Profile:
     launcher: str | None = None
     """Command prefix that runs the heavy stages on a cluster, e.g. ``torchrun --nproc_per_node 8`` or an
     ``srun ... torchrun ...`` line: notebook 01's SAE training then runs ``<launcher> -m saev.paper saes
-    --profile <this file>`` and waits for it, and the notebook reads the SAEs it wrote. None: in the
-    notebook's own process. Only the ``saes`` stage uses it so far (issue 20)."""
+    --profile <this file>`` and waits for it, and the notebook reads the SAEs it wrote; so do notebook
+    03's omega (stage ``weights``) and notebook 04's pair scores (stage ``scores``) when not cached yet.
+    None: in the notebook's own process. The fine-tuning sweeps do not use it yet (issue 20)."""
     artifacts_dir: str = "artifacts/{name}"
     """Cache of generated data, models, SAEs and scores; relative paths are taken from the project root."""
     figures_dir: str = "figures/{name}"

@@ -202,7 +202,7 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
     """
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
-    if profile.launcher and not os.environ.get(LAUNCHED_ENV):
+    if launches(profile):
         run_stage_with_launcher(profile, "saes", progress=progress)  # then every SAE below is read back
     if distributed.is_main():  # the world (ci/mini) is built once; the other ranks then read it
         prepare_world(profile, progress=progress)
@@ -227,6 +227,12 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
 
 LAUNCHED_ENV = "SAEV_LAUNCHED"
 """Set in the environment of a stage started by a profile's launcher."""
+
+
+def launches(profile: Profile) -> bool:
+    """Whether a heavy notebook cell of ``profile`` runs its stage through the profile's ``launcher``:
+    one is set and this process is not already a launched stage (nor a rank of one)."""
+    return bool(profile.launcher) and not os.environ.get(LAUNCHED_ENV) and not distributed.launched()
 
 
 def run_stage_with_launcher(profile: Profile, stage: str, *, progress: bool = False) -> None:

@@ -206,6 +206,20 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
     for k in weights[1]:
         assert torch.equal(weights[1][k], weights[2][k]), k
     assert int((weights[1]["weights"] != 0).sum()) > 0  # something was measured
+    # the per-pair scores of the preference pools (Alg. 1-3 in both readings, IFD) on 2 ranks: one process's
+    scores = {}
+    for ranks in (2, 1):
+        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      f"--nproc_per_node={ranks}"]  # fmt: skip
+        done = subprocess.run([*launch, "-m", "saev.paper", "scores", "--profile", str(yaml), "--quiet"],
+                              capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        files = sorted((tmp_path / "r2" / "artifacts" / "align" / "scores").glob("*.json"))
+        assert files
+        scores[ranks] = {f.name: json.loads(f.read_text())["result"] for f in files}
+        for f in files:
+            f.unlink()
+    assert scores[1] == scores[2] and all(len(r["l0"]) > 1 for r in scores[1].values())
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "saev.paper", "fig07", "--profile", str(yaml)],
                              capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip

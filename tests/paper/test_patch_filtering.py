@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,35 @@ def test_classification_patch_scores_in_both_semantics(family, tiny_loaded, make
     assert both.scores.shape == paper.scores.shape
     l0 = patch_filtering.PATCH_METHODS.index("l0")
     assert (both.scores[:, l0] >= released_tokens.scores[:, l0]).all()  # z != 0 counts more than z > delta
+
+
+def _hold_and_write(path: str, seconds: float) -> None:
+    import time
+
+    from saev.paper.common import writer_lock
+
+    with writer_lock(Path(path)):
+        time.sleep(seconds)
+        Path(path).write_text("written by the first writer")
+
+
+def test_a_second_writer_of_a_cached_file_waits_for_the_first_and_reads_its_result(tmp_path, capsys):
+    """``writer_lock`` (omega in weights/, pair scores in align/scores/): one writer per cached file; a
+    second notebook computing the same artifact waits, saying so, and then finds it written."""
+    import multiprocessing
+    import time
+
+    from saev.paper.common import writer_lock
+
+    path = tmp_path / "weights" / "sae-abc.safetensors"
+    path.parent.mkdir()
+    first = multiprocessing.get_context("fork").Process(target=_hold_and_write, args=(str(path), 1.5))
+    first.start()
+    lock = path.parent / f".{path.name}.lock"
+    deadline = time.monotonic() + 30
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with writer_lock(path):
+        assert path.read_text() == "written by the first writer"
+    first.join(30)
+    assert "waiting: " in capsys.readouterr().err and not lock.exists()

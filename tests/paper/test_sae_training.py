@@ -107,6 +107,22 @@ def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp
     assert len(runs) == 7 and all((run.path / "pipeline.json").is_file() for run in runs.values())
     out = capsys.readouterr().out
     assert "launching: " in out and "-m saev.paper saes --profile" in out and "total " in out
+    # notebook 03's omega and notebook 04's pair scores go through the launcher too, when not cached
+    import saev.scoring
+    from saev.paper import alignment, patch_filtering
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("the notebook's process ran Algorithm 1 instead of the launched stage")
+
+    monkeypatch.setattr(saev.scoring.FeatureStats, "update", no_scoring)
+    profile = load_profile(yaml)
+    stats = patch_filtering.cross_modal_stats(profile, runs)
+    assert "-m saev.paper weights --profile" in capsys.readouterr().out and stats.weights.numel() > 0
+    model, pref_set = alignment.DEFECT_RUNS[0]
+    frame = alignment.preference_scores(profile, model, pref_set)
+    assert "-m saev.paper scores --profile" in capsys.readouterr().out and len(frame) > 0
+    alignment.preference_scores(profile, model, pref_set)  # cached now: the scores stage is not launched again
+    assert "-m saev.paper scores" not in capsys.readouterr().out
 
     yaml.write_text(yaml.read_text().replace("launcher: python", "launcher: python -c 'raise SystemExit(5)'"))
     with pytest.raises(RuntimeError, match="exited with 5"):
