@@ -154,6 +154,15 @@ def test_sharded_algorithm_1_statistics_merge_to_the_single_process_result(tiny_
             assert torch.equal(one[key], two[key]), (rank, key)
 
 
+def _run_stage(stage: str, yaml: Path, ranks: int) -> None:
+    """``python -m saev.paper <stage>`` on ``ranks`` processes (torchrun when more than one); must succeed."""
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={ranks}"]  # fmt: skip
+    done = subprocess.run([*launch, "-m", "saev.paper", stage, "--profile", str(yaml), "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m saev.paper saes --profile P``, the cluster user's command, on the
     ci world: the same SAE folders (same keys) as one process, weights within the DDP tolerance, and
@@ -194,11 +203,7 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
     # Alg. 1's omega (the weights stage) on 2 ranks equals one process's on the same SAE-V, exactly
     weights = {}
     for ranks in (2, 1):
-        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={ranks}"]  # fmt: skip
-        done = subprocess.run([*launch, "-m", "saev.paper", "weights", "--profile", str(yaml), "--quiet"],
-                              capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+        _run_stage("weights", yaml, ranks)
         (file,) = (tmp_path / "r2" / "artifacts" / "weights").glob("*.safetensors")
         weights[ranks] = load_file(file)
         file.rename(tmp_path / f"weights-{ranks}.safetensors")
@@ -209,11 +214,7 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
     # the per-pair scores of the preference pools (Alg. 1-3 in both readings, IFD) on 2 ranks: one process's
     scores = {}
     for ranks in (2, 1):
-        launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                      f"--nproc_per_node={ranks}"]  # fmt: skip
-        done = subprocess.run([*launch, "-m", "saev.paper", "scores", "--profile", str(yaml), "--quiet"],
-                              capture_output=True, text=True, timeout=300, env=_env())  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+        _run_stage("scores", yaml, ranks)
         files = sorted((tmp_path / "r2" / "artifacts" / "align" / "scores").glob("*.json"))
         assert files
         scores[ranks] = {f.name: json.loads(f.read_text())["result"] for f in files}
