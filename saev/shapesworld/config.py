@@ -295,6 +295,11 @@ class WorldModelsConfig:
     to map each object patch near the language model's input embeddings of its colour and shape words
     (cosine logits over the colour words and over the shape words, temperature 0.1, cross-entropy on
     the object patches of every anyres view); None: no such stage."""
+    projector_anchor_norm: float | None = None
+    """With ``projector_word_anchor``: the weight of a second term of that stage, the squared log-ratio of
+    every projected patch's norm to the mean norm of the language model's input embeddings, so that image
+    tokens enter at the scale of words (issue 17: without it they carry 70-100x the norm of the word
+    embeddings and 3-5x that of text tokens at the hook layer); None: the norm is free."""
     vision_hidden_size: int = 32
     """Width of LLaVA-NeXT's CLIP vision tower (16-wide attention heads)."""
     vision_num_layers: int = 2
@@ -415,6 +420,11 @@ class WorldModelsConfig:
                 )
         if self.patch_pretrain_views not in ("base", "all"):
             raise ValueError(f"world_models.patch_pretrain_views must be 'base' or 'all', got {self.patch_pretrain_views!r}")
+        if self.projector_anchor_norm is not None:
+            if self.projector_word_anchor is None:
+                raise ValueError("world_models.projector_anchor_norm needs world_models.projector_word_anchor")
+            if not self.projector_anchor_norm > 0:  # also refuses NaN
+                raise ValueError(f"world_models.projector_anchor_norm must be > 0, got {self.projector_anchor_norm}")
         if self.vision_tower_lr_ratio < 0:
             raise ValueError(f"world_models.vision_tower_lr_ratio must be >= 0, got {self.vision_tower_lr_ratio}")
         if not 0 <= self.interleaved_fraction < 1:

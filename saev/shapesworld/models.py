@@ -313,6 +313,8 @@ def _train_spec(
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
     if name == "llava-next" and cfg.projector_word_anchor is not None:  # only when set: earlier models stay cached
         values["projector_word_anchor"] = dataclasses.asdict(cfg.projector_word_anchor)
+        if cfg.projector_anchor_norm is not None:
+            values["projector_anchor_norm"] = cfg.projector_anchor_norm
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
     for key in ("sft_hallucination", "interleaved_fraction"):  # only when set: the models of before stay cached
         if name != "text-lm" and getattr(cfg, key):
@@ -580,6 +582,8 @@ def _anchor_projector(
     for words in (list(COLORS), list(SHAPES)):  # label v + 1 is words[v]; the word's last token, as the check reads it
         ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"][-1] for w in words]
         word_rows.append(F.normalize(embed[ids], dim=-1))
+    norm_weight = ctx.cfg.projector_anchor_norm
+    log_word_norm = embed.norm(dim=-1).mean().log()
     projector = loaded.model.model.multi_modal_projector
     rows = _training_rows(ctx, ("captions", "vqa"))
     with torch.no_grad():
@@ -590,8 +594,11 @@ def _anchor_projector(
     stream = "llava-next/projector-word-anchor"
     for step in progress_bar(range(stage.steps), desc=stream, disable=not ctx.progress):
         idx = torch.randint(len(feats), (stage.batch_size,), generator=step_generator(ctx.seed, stream, step))
-        out = F.normalize(projector(feats[idx]).flatten(0, 1), dim=-1)
+        projected = projector(feats[idx]).flatten(0, 1)
+        out = F.normalize(projected, dim=-1)
         loss = torch.zeros(())
+        if norm_weight is not None:  # every patch, object or background, at the scale of the word embeddings
+            loss = loss + norm_weight * (projected.norm(dim=-1).log() - log_word_norm).pow(2).mean()
         for words, lab in zip(word_rows, labels):
             target = lab[idx].flatten()
             on = target > 0

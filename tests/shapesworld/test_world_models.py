@@ -261,6 +261,24 @@ def test_the_word_anchor_maps_object_patches_onto_their_words(ci_world: CIWorld,
     assert after >= 0.8 and after > before, (before, after)
     assert all(torch.equal(v, lm_before[k]) for k, v in loaded.model.model.language_model.state_dict().items())
 
+    # ``projector_anchor_norm``: the same stage also brings every projected patch to the words' scale
+    word_norm = float(loaded.model.get_input_embeddings().weight.norm(dim=-1).mean())
+    with torch.no_grad():
+        ratio = float(loaded.model.model.multi_modal_projector(feats).norm(dim=-1).mean()) / word_norm
+    normed = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, projector_word_anchor=StageConfig(50, 1, 1e-3),
+                                                              projector_anchor_norm=1.0))  # fmt: skip
+    world_models._anchor_projector(normed, loaded, StageConfig(steps=150, batch_size=32, lr=0.003),
+                                   pixels_of=pixels_of, labels_of=labels_of, features=features)  # fmt: skip
+    with torch.no_grad():
+        ratio_after = float(loaded.model.model.multi_modal_projector(feats).norm(dim=-1).mean()) / word_norm
+    print(f"projected patch norm / word embedding norm: {ratio:.1f} before, {ratio_after:.2f} after")
+    assert abs(math.log(ratio_after)) < 0.25 < abs(math.log(ratio)), (ratio, ratio_after)
+    assert retrieval() >= 0.8
+    with pytest.raises(ValueError, match="projector_anchor_norm needs"):
+        dataclasses.replace(cfg, projector_word_anchor=None, projector_anchor_norm=1.0)
+    with pytest.raises(ValueError, match="projector_anchor_norm must be > 0"):
+        dataclasses.replace(cfg, projector_word_anchor=StageConfig(50, 1, 1e-3), projector_anchor_norm=float("nan"))
+
 
 def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
     """Training feeds precomputed VQ code ids; the adapter feeds pixels: same logits."""
