@@ -223,12 +223,17 @@ def preference_scores(
         profile.artifacts_path / "align" / "scores" / f"{model}--{pref_set}--{params_hash(params)[:12]}.json"
     )
 
+    part_paths = {part: path.with_name(f".{path.stem}.{part}.json") for part in ("paper", "released", "ifd")}
+
     def compute() -> dict[str, list]:
+        # Three passes, each kept on disk as it ends (a part file with the same key): a run killed during
+        # one resumes from it, the finished passes read back; the part files go once the whole file is written.
         loaded = load_profile_model(profile, model)
         sae = run.load()
         family = loaded.family
         out: dict[str, list] = {}
-        for variant in ("paper", "released"):
+
+        def sae_scores(variant: str) -> dict[str, list]:
             scores = score_dataset(
                 loaded, sae, data, hook_layer=spec.hook_layer, context_size=spec.context_size,
                 batch_size=cfg.eval_batch_size, weight_samples=cfg.weight_samples, top_k=cfg.top_k,
@@ -236,15 +241,20 @@ def preference_scores(
                 to_sample=lambda row: preference_sample(family, row), progress=progress, tokens=cfg.tokens,
             )  # fmt: skip
             suffix = "" if variant == "paper" else "_released"
-            for method in ("cosine", "cooccurrence", "l0"):
-                out[method + suffix] = scores.scores(method).double().tolist()
-        ifd = ifd_scores(
-            loaded, data, context_size=spec.context_size, batch_size=cfg.eval_batch_size,
-            to_qa=lambda row: QASample(row["question"], row["chosen"], (row["image"].convert("RGB"),)),
-            progress=progress,
-        ).ifd.double().numpy()  # fmt: skip
-        out["ifd_raw"] = [float(v) for v in ifd]
-        out["ifd"] = [float(v) for v in ifd_selection_score(ifd)]
+            return {method + suffix: scores.scores(method).double().tolist() for method in ("cosine", "cooccurrence", "l0")}
+
+        def ifd_part() -> dict[str, list]:
+            ifd = ifd_scores(
+                loaded, data, context_size=spec.context_size, batch_size=cfg.eval_batch_size,
+                to_qa=lambda row: QASample(row["question"], row["chosen"], (row["image"].convert("RGB"),)),
+                progress=progress,
+            ).ifd.double().numpy()  # fmt: skip
+            return {"ifd_raw": [float(v) for v in ifd], "ifd": [float(v) for v in ifd_selection_score(ifd)]}
+
+        write = distributed.is_main()
+        for variant in ("paper", "released"):
+            out.update(cached_json(part_paths[variant], lambda: sae_scores(variant), params, write=write))
+        out.update(cached_json(part_paths["ifd"], ifd_part, params, write=write))
         out["random"] = random_scores(len(rows), profile.seed).tolist()
         return out
 
@@ -252,6 +262,9 @@ def preference_scores(
         run_stage_with_launcher(profile, "scores", progress=progress)
     with torch_threads(cfg.num_threads), writer_lock(path):  # under torchrun every rank scores its shard; rank 0 writes
         result = cached_json(path, compute, params, write=distributed.is_main())
+        if distributed.is_main():
+            for part in part_paths.values():
+                part.unlink(missing_ok=True)
     distributed.barrier()
     labels = {c: data[c] for c in ("defect", "category") if c in data.column_names}  # the world's labels
     frame = pd.DataFrame({"row": rows, **labels, "length": [float(len(a)) for a in data["chosen"]]})

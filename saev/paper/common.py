@@ -91,7 +91,8 @@ def write_table(table: pd.DataFrame, profile: str | Path | Profile, name: str) -
 @contextlib.contextmanager
 def writer_lock(path: Path) -> Iterator[None]:
     """One writer per cached file ``path`` (``<folder>/.<name>.lock``): a second notebook computing the
-    same artifact waits (saying so) and then reads it. Under torchrun the ranks write collectively and
+    same artifact waits (saying so) and then reads it; the temporary files of this artifact's killed writes
+    (``.<stem>*.tmp-*``) go once the lock is held. Under torchrun the ranks write collectively and
     rank 0 alone writes, so no lock is taken there (a rank waiting on it would stall the others)."""
     from saev import distributed
     from saev.cache import waiting_lock
@@ -100,4 +101,6 @@ def writer_lock(path: Path) -> Iterator[None]:
         yield
         return
     with waiting_lock(path.parent, name=f".{path.name}.lock"):
+        for stale in path.parent.glob(f".*{path.stem}*.tmp-*"):  # this artifact's (and its parts') killed writes
+            stale.unlink(missing_ok=True)
         yield

@@ -334,3 +334,63 @@ def test_preference_scores_in_the_released_token_set(patched) -> None:
     # BOS and the markers join the text, padding joins the released L0: the L0 scores move
     assert not np.allclose(scores["l0_released"], paper_scores["l0_released"])
     assert (scores["cooccurrence"] >= paper_scores["cooccurrence"]).all()  # more text and image rows
+
+
+def test_an_interrupted_scoring_run_keeps_its_finished_passes(patched, monkeypatch, tmp_path) -> None:
+    """Issue 21: ``preference_scores`` keeps each finished pass (paper, released, IFD) on disk; a run
+    stopped in its third pass resumes without redoing the first two, ends equal to an uninterrupted
+    run, and removes the part files; a run SIGKILLed at a seeded random time resumes to the same frame."""
+    import dataclasses
+    import multiprocessing
+    import os
+    import random
+    import signal
+    import time
+
+    pa.preference_data(patched, "a")  # the world's data, shared by the three artifact folders below
+    straight_profile = dataclasses.replace(patched, artifacts_dir=str(tmp_path / "straight"))
+    for profile in (straight_profile,):
+        (profile.artifacts_path).mkdir(parents=True)
+        (profile.artifacts_path / "data").symlink_to(patched.artifacts_path / "data")
+    start = time.perf_counter()
+    want = pa.preference_scores(straight_profile, "llava-next", "a")
+    seconds = time.perf_counter() - start
+
+    stopped = dataclasses.replace(patched, artifacts_dir=str(tmp_path / "stopped"))
+    stopped.artifacts_path.mkdir(parents=True)
+    (stopped.artifacts_path / "data").symlink_to(patched.artifacts_path / "data")
+    import saev.evaluate
+
+    real_ifd, real_score = saev.evaluate.ifd_scores, saev.evaluate.score_dataset
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(saev.evaluate, "ifd_scores", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pa.preference_scores(stopped, "llava-next", "a")
+    scores_dir = stopped.artifacts_path / "align" / "scores"
+    assert sorted(p.name.split(".")[-2] for p in scores_dir.glob(".*.json")) == ["paper", "released"]
+    monkeypatch.setattr(saev.evaluate, "ifd_scores", real_ifd)
+    monkeypatch.setattr(saev.evaluate, "score_dataset", interrupted)  # the finished passes must be read back
+    pd.testing.assert_frame_equal(pa.preference_scores(stopped, "llava-next", "a"), want)
+    assert [p.name for p in scores_dir.iterdir()] == [next(scores_dir.glob("llava-next--a--*.json")).name]
+    monkeypatch.setattr(saev.evaluate, "score_dataset", real_score)
+
+    killed = dataclasses.replace(patched, artifacts_dir=str(tmp_path / "killed"))
+    killed.artifacts_path.mkdir(parents=True)
+    (killed.artifacts_path / "data").symlink_to(patched.artifacts_path / "data")
+
+    def child() -> None:
+        torch.set_num_threads(1)
+        pa.preference_scores(killed, "llava-next", "a")
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    time.sleep(random.Random(0).uniform(0.3, 0.9) * seconds)
+    if proc.is_alive():
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.join(120)
+    pd.testing.assert_frame_equal(pa.preference_scores(killed, "llava-next", "a"), want)
+    left = [p.name for p in (killed.artifacts_path / "align" / "scores").iterdir()]
+    assert len(left) == 1 and not any(".tmp-" in n or n.startswith(".") for n in left), left
