@@ -405,3 +405,59 @@ def test_a_sweep_cleans_what_a_killed_run_left_and_waits_for_a_live_writer(
     assert df["filter"].tolist() == ["base", "full"]
     assert sorted(p.name for p in out.iterdir()) == ["base__f0__snone.json", "full__f1__s0.json", "models"]
     assert not any((out / "models").iterdir())
+
+
+def _sweep_in_child(model_dir: str, data_dir: str, bench_dir: str, out: str) -> None:
+    """A sweep in a forked process (the kill tests): the same call as the parent's uninterrupted one."""
+    torch.set_num_threads(1)
+    pref = load_preference(data_dir)
+    run_sweep(model_dir, pref, {"random": None}, config=_KILL_CFG, benchmark=load_benchmark(bench_dir), out_dir=out,
+              progress=False)  # fmt: skip
+
+
+_KILL_CFG = dataclasses.replace(CFG, pool_size=8, fractions=(0.5, 1.0), seeds=(0,), max_steps=2,
+                                benchmark_per_category=1)  # fmt: skip
+
+
+@pytest.mark.parametrize(("seed", "sig"), [(0, "SIGKILL"), (1, "SIGTERM"), (2, "SIGINT")])
+def test_a_sweep_killed_at_a_random_time_resumes_to_the_uninterrupted_rows_and_answers(
+    world: CIWorld, benchmark: datasets.Dataset, tmp_path: Path, seed: int, sig: str
+) -> None:
+    """Issue 21: a sweep process killed after a seeded random delay (while fine-tuning, scoring or
+    writing a cell), then rerun, ends with every cell's row (timings aside) and answers equal to an
+    uninterrupted sweep's, and leaves no temporary file, model folder or lock behind."""
+    import multiprocessing
+    import os
+    import random
+    import signal
+    import time
+
+    data_dir = world.profile.artifacts_path / "data" / "preference_a"
+    bench_dir = world.profile.artifacts_path / "data" / "benchmark"
+    model_dir = world.paths["llava-next"]
+    straight = tmp_path / "straight"
+    start = time.perf_counter()
+    _sweep_in_child(str(model_dir), str(data_dir), str(bench_dir), str(straight))
+    seconds = time.perf_counter() - start
+    out = tmp_path / "killed"
+    proc = multiprocessing.get_context("fork").Process(target=_sweep_in_child,
+                                                       args=(str(model_dir), str(data_dir), str(bench_dir), str(out)))  # fmt: skip
+    proc.start()
+    time.sleep(random.Random(seed).uniform(0.2, 0.9) * seconds)  # somewhere inside the run, not before it
+    if proc.is_alive():
+        os.kill(proc.pid, getattr(signal, sig))
+    proc.join(120)
+    assert proc.exitcode is not None
+    _sweep_in_child(str(model_dir), str(data_dir), str(bench_dir), str(out))
+    names = sorted(p.name for p in straight.glob("*.json"))
+    assert names == sorted(p.name for p in out.glob("*.json")) == ["base__f0__snone.json", "full__f1__s0.json",
+                                                                   "random__f0.5__s0.json"]  # fmt: skip
+    for name in names:
+        want, got = json.loads((straight / name).read_text()), json.loads((out / name).read_text())
+        assert got["hash"] == want["hash"] and got["answers"] == want["answers"], name
+        timing = [k for k in want["row"] if k.startswith("seconds")]
+        assert {k: v for k, v in got["row"].items() if k not in timing} == {
+            k: v for k, v in want["row"].items() if k not in timing}, name  # fmt: skip
+    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".lock")]
+    assert not leftovers, leftovers
+    assert not (out / "models").exists() or not any((out / "models").iterdir())
