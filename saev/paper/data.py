@@ -486,9 +486,11 @@ def load_role(profile: Profile, name: str) -> tuple[datasets.Dataset, str]:
     return _LOADERS[name](path), path_fingerprint(path)
 
 
-def data_slice(profile: Profile, name: str, part: Literal["train", "eval"], cfg: PipelineConfig) -> DataSlice:
+def data_slice(profile: Profile, name: str, part: Literal["train", "eval"], cfg: PipelineConfig, *,
+               check: bool = True) -> DataSlice:  # fmt: skip
     """The training rows (the first ones, at most ``train_docs``, never the held-out ones) or
-    the held-out rows (the last ``eval_docs``) of data set ``name``."""
+    the held-out rows (the last ``eval_docs``) of data set ``name``. ``check=False``: the user's images
+    are not decoded here (for the key alone; the stage that reads the rows checks them)."""
     ds, source = load_role(profile, name)
     n = len(ds)
     if cfg.eval_docs >= n:
@@ -498,6 +500,6 @@ def data_slice(profile: Profile, name: str, part: Literal["train", "eval"], cfg:
     start, stop = (0, min(cfg.train_docs, n - cfg.eval_docs)) if part == "train" else (n - cfg.eval_docs, n)
     key = params_hash({"data": source, "rows": [start, stop], "format": SAMPLE_FORMAT})
     rows = ds.select(range(start, stop))
-    if profile.world is None and name == "interleaved":  # user data: every image of the slice decodes
+    if check and profile.world is None and name == "interleaved":  # user data: every image of the slice decodes
         check_images(rows, ("images",), str(profile.data_path(name)), first_row=start)
     return DataSlice(name, rows, key)

@@ -100,6 +100,27 @@ def make_store(
     )  # fmt: skip
 
 
+def _sae_run(
+    model_dir: Path, data: DataSlice, *, family: str, model: str, kind: str, hook_layer: int, context_size: int,
+    train_cfg: TrainConfig, act_cfg: ActivationConfig, saes_dir: Path, seed: int, dtype: str, tokens: str,
+) -> tuple[SAERun, dict[str, Any], str]:
+    """The run folder of :func:`train_one_sae` (finished when it holds ``pipeline.json``), its params and
+    key; reads the checkpoint's fingerprint only, loads no model."""
+    params = {
+        "model": model_fingerprint(Path(model_dir)), "family": family, "dtype": dtype, "kind": kind,
+        "data": data.fingerprint, "hook_layer": hook_layer, "context_size": context_size,
+        # checkpoint frequency does not change the SAE (a resumed run ends bit-identical): not in the key
+        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "checkpoint_every"},
+        "store": {"n_batches_in_buffer": act_cfg.n_batches_in_buffer,
+                  "store_batch_size_prompts": act_cfg.store_batch_size_prompts},
+        "seed": seed, "code": code_fingerprint(*SAE_CODE),
+    }  # fmt: skip
+    if tokens != "paper":  # (paper runs keep their earlier keys)
+        params["tokens"] = tokens
+    key = params_hash(params)
+    return SAERun(model=model, kind=kind, path=saes_dir / f"{model}-{kind}-{key[:12]}"), params, key
+
+
 def train_one_sae(
     model_dir: Path,
     data: DataSlice,
@@ -131,20 +152,10 @@ def train_one_sae(
     from saev.models import load_model
     from saev.train import train_sae
 
-    params = {
-        "model": model_fingerprint(Path(model_dir)), "family": family, "dtype": dtype, "kind": kind,
-        "data": data.fingerprint, "hook_layer": hook_layer, "context_size": context_size,
-        # checkpoint frequency does not change the SAE (a resumed run ends bit-identical): not in the key
-        "train": {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "checkpoint_every"},
-        "store": {"n_batches_in_buffer": act_cfg.n_batches_in_buffer,
-                  "store_batch_size_prompts": act_cfg.store_batch_size_prompts},
-        "seed": seed, "code": code_fingerprint(*SAE_CODE),
-    }  # fmt: skip
-    if tokens != "paper":  # (paper runs keep their earlier keys)
-        params["tokens"] = tokens
-    key = params_hash(params)
-    out_dir = saes_dir / f"{model}-{kind}-{key[:12]}"
-    run = SAERun(model=model, kind=kind, path=out_dir)
+    run, params, key = _sae_run(model_dir, data, family=family, model=model, kind=kind, hook_layer=hook_layer,
+                                context_size=context_size, train_cfg=train_cfg, act_cfg=act_cfg, saes_dir=saes_dir,
+                                seed=seed, dtype=dtype, tokens=tokens)  # fmt: skip
+    out_dir = run.path
     if (out_dir / "pipeline.json").is_file():
         return run
     # Under torchrun (saev.distributed): every rank extracts its share of the store batches into the shared
@@ -202,7 +213,8 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
     """
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
-    if launches(profile):
+    train_cfg = dataclasses.replace(profile.train, seed=profile.seed)
+    if launches(profile) and _finished_runs(profile, cfg, train_cfg) is None:
         run_stage_with_launcher(profile, "saes", progress=progress)  # then every SAE below is read back
     if distributed.is_main():  # the world (ci/mini) is built once; the other ranks then read it
         prepare_world(profile, progress=progress)
@@ -210,7 +222,6 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
     if not distributed.is_main():
         prepare_world(profile, progress=False)
     runs: dict[str, SAERun] = {}
-    train_cfg = dataclasses.replace(profile.train, seed=profile.seed)
     with torch_threads(cfg.num_threads):
         for model, kind in _sae_plan(profile):
             spec = profile.models[model]
@@ -222,6 +233,26 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
                 seed=profile.seed, dtype=spec.dtype, progress=progress, tokens=cfg.tokens,
             )  # fmt: skip
             runs[run.name] = run
+    return runs
+
+
+def _finished_runs(profile: Profile, cfg: PipelineConfig, train_cfg: TrainConfig) -> dict[str, SAERun] | None:
+    """Every SAE of notebook 01 when all are already trained (a launcher need not start), else None; loads
+    no model (the checkpoints' fingerprints and the data slices' keys only)."""
+    runs = {}
+    for model, kind in _sae_plan(profile):
+        if not profile.model_path(model).is_dir():  # a world not built yet, or a checkpoint not there
+            return None
+        spec = profile.models[model]
+        run, _, _ = _sae_run(
+            profile.model_path(model), data_slice(profile, SAE_KINDS[kind], "train", cfg, check=False),
+            family=spec.family, model=model, kind=kind, hook_layer=spec.hook_layer, context_size=spec.context_size,
+            train_cfg=train_cfg, act_cfg=profile.activations, saes_dir=profile.artifacts_path / "saes",
+            seed=profile.seed, dtype=spec.dtype, tokens=cfg.tokens,
+        )  # fmt: skip
+        if not (run.path / "pipeline.json").is_file():
+            return None
+        runs[run.name] = run
     return runs
 
 

@@ -125,5 +125,8 @@ def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp
     assert "-m saev.paper scores" not in capsys.readouterr().out
 
     yaml.write_text(yaml.read_text().replace("launcher: python", "launcher: python -c 'raise SystemExit(5)'"))
+    again = sae_training.train_saes(load_profile(yaml))  # every SAE is trained: nothing to launch
+    assert again == runs and "launching: " not in capsys.readouterr().out
+    (next(iter(runs.values())).path / "pipeline.json").unlink()  # one SAE unfinished: the stage is launched
     with pytest.raises(RuntimeError, match="exited with 5"):
         sae_training.train_saes(load_profile(yaml))
