@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes", "weights", "scores")
+DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes", "weights", "patch-filter", "scores")
 """Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
-``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; ``scores``: each rank
+``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; ``patch-filter``: each rank
+scores and answers whole batches of Fig. 6's images and masked images, gathered on rank 0; ``scores``: each rank
 scores (Alg. 1-3, IFD) its shard of the pairs, merged exactly; the world stages on rank 0 while the
 others wait). The others run in one process so far (issue 20)."""
 
@@ -120,7 +121,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"omega: {n_scored} features with omega != 0, max {float(stats.weights.max()):.3f}")
         if "patch-filter" in todo:
             result = patch_filtering.patch_filter_experiment(profile, runs, progress=progress)
-            print(patch_filtering.fig06_table(result.accuracy).to_string())
+            if distributed.is_main():
+                print(patch_filtering.fig06_table(result.accuracy).to_string())
     if set(todo) & {"scores", "defects", "fig07", "fig09", "fig10", "fig11"}:
         from saev.paper import alignment
 

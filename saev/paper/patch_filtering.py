@@ -265,6 +265,23 @@ AnswerFn = Callable[[list["Image.Image"]], list[str]]
 """Maps images (with the fixed prompt implied) to the model's answers."""
 
 
+def _answer_all(answer_fn: AnswerFn, queue: list[Image.Image], batch_size: int) -> list[str]:
+    """``answer_fn`` over ``queue`` in batches of ``batch_size``; under torchrun each rank answers a contiguous
+    run of whole batches (the batches one process would run, so the answers are the same) and every rank
+    gets all answers, in order."""
+    from saev import distributed
+    from saev.evaluate import rank_rows
+
+    mine = rank_rows(len(queue), batch_size)
+    answers: list[str] = []
+    for start in range(mine.start, mine.stop, batch_size):
+        answers += answer_fn(queue[start : min(start + batch_size, mine.stop)])
+    if distributed.is_distributed():
+        gathered = distributed.gather_to_main(answers)
+        answers = distributed.broadcast_object([a for part in gathered for a in part] if gathered else None)
+    return answers
+
+
 def accuracy_under_masking(
     answer_fn: AnswerFn,
     images: Sequence[Image.Image],
@@ -317,9 +334,7 @@ def accuracy_under_masking(
                 ranking = scores[i, methods.index(method)]
             queue.append(mask_image(image, ranking, fraction, grid, seed=_tie_seed(seed, i), ties=ties,
                                     variant=crop))
-    answers: list[str] = []
-    for start in range(0, len(queue), batch_size):
-        answers += answer_fn(queue[start : start + batch_size])
+    answers = _answer_all(answer_fn, queue, batch_size)
     correct = torch.tensor(
         [normalize_answer(a) == normalize_answer(references[k % n]) for k, a in enumerate(answers)]
     )
@@ -483,6 +498,9 @@ def patch_filter_experiment(
     import pandas as pd
     from safetensors.torch import load_file
 
+    from saev import distributed
+    from saev.evaluate import rank_rows
+
     profile = as_profile(profile)
     cfg = pipeline_config_for(profile)
     model = cfg.transfer_mllm
@@ -500,16 +518,26 @@ def patch_filter_experiment(
     key = params_hash(params)[:12]
     out_dir = profile.artifacts_path / "patches"
     scores_path, acc_path = out_dir / f"scores-{key}.safetensors", out_dir / f"accuracy-{key}.csv"
+    if not (scores_path.is_file() and acc_path.is_file()) and launches(profile):  # notebook 03 on a cluster
+        run_stage_with_launcher(profile, "patch-filter", progress=progress)
     with torch_threads(cfg.num_threads):
         loaded = load_profile_model(profile, model)
         grid = loaded.image_layout((images[0].height, images[0].width)).grid
         if not scores_path.is_file():
-            computed = classification_patch_scores(
-                loaded, run.load(), images, question=task.question, hook_layer=spec.hook_layer,
+            # under torchrun each rank scores a contiguous run of whole store batches; rank 0 writes them all
+            mine = rank_rows(len(images), cfg.eval_batch_size)
+            computed = None if mine.start >= mine.stop else classification_patch_scores(
+                loaded, run.load(), images[mine], question=task.question, hook_layer=spec.hook_layer,
                 context_size=spec.context_size, weights=stats.weights, delta=cfg.delta,
-                batch_size=cfg.eval_batch_size, progress=progress, variant=cfg.variant, tokens=cfg.tokens,
+                batch_size=cfg.eval_batch_size, progress=progress and distributed.is_main(), variant=cfg.variant,
+                tokens=cfg.tokens,
             )  # fmt: skip
-            atomic_save_safetensors(scores_path, computed._asdict())
+            parts = distributed.gather_to_main(computed)
+            if distributed.is_main():
+                parts = [p for p in parts if p is not None]  # a rank with no whole batch left scored nothing
+                atomic_save_safetensors(scores_path, {k: torch.cat([getattr(p, k) for p in parts])
+                                                      for k in PatchScores._fields})  # fmt: skip
+            distributed.barrier()
         saved = load_file(str(scores_path))
         scores, methods = saved["scores"], PATCH_METHODS
         oracle = oracle_patch_scores(task, grid)
@@ -527,7 +555,9 @@ def patch_filter_experiment(
                 methods=methods, random_seeds=cfg.random_seeds, n_subsets=cfg.n_subsets,
                 batch_size=cfg.eval_batch_size, seed=profile.seed, crop=cfg.patch_crop,
             )  # fmt: skip
-            atomic_write_text(acc_path, accuracy.to_csv(index=False))
+            if distributed.is_main():
+                atomic_write_text(acc_path, accuracy.to_csv(index=False))
+            distributed.barrier()
     return PatchFilterResult(accuracy=pd.read_csv(acc_path), scores=scores, grid=grid, rows=rows, methods=methods,
                              n_cooccurring=saved["n_cooccurring"], seed=profile.seed, crop=cfg.patch_crop)  # fmt: skip
 

@@ -221,6 +221,18 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
         for f in files:
             f.unlink()
     assert scores[1] == scores[2] and all(len(r["l0"]) > 1 for r in scores[1].values())
+    # Fig. 6 (patch-filter: Alg. 4-7 patch scores of the images, then answers on every masked image) on 2 ranks
+    patches = {}
+    for ranks in (2, 1):
+        _run_stage("patch-filter", yaml, ranks)
+        folder = tmp_path / "r2" / "artifacts" / "patches"
+        (scores_file,), (accuracy_file,) = folder.glob("scores-*.safetensors"), folder.glob("accuracy-*.csv")
+        patches[ranks] = load_file(scores_file), accuracy_file.read_text()
+        shutil.rmtree(folder)
+    assert patches[1][1] == patches[2][1] and patches[1][1].count("\n") > 10
+    assert patches[1][0].keys() == patches[2][0].keys()
+    for k in patches[1][0]:
+        assert torch.equal(patches[1][0][k], patches[2][0][k]), k
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                               "-m", "saev.paper", "fig07", "--profile", str(yaml)],
                              capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
