@@ -118,6 +118,10 @@ def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp
     profile = load_profile(yaml)
     stats = patch_filtering.cross_modal_stats(profile, runs)
     assert "-m saev.paper weights --profile" in capsys.readouterr().out and stats.weights.numel() > 0
+    monkeypatch.setattr(patch_filtering, "classification_patch_scores", no_scoring)
+    monkeypatch.setattr(patch_filtering, "accuracy_under_masking", no_scoring)
+    fig06 = patch_filtering.patch_filter_experiment(profile, runs)
+    assert "-m saev.paper patch-filter --profile" in capsys.readouterr().out and len(fig06.accuracy) > 0
     model, pref_set = alignment.DEFECT_RUNS[0]
     frame = alignment.preference_scores(profile, model, pref_set)
     assert "-m saev.paper scores --profile" in capsys.readouterr().out and len(frame) > 0
