@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import saev.cache
 from saev.models import (
     IMAGE_PLACEHOLDER,
     NO_TRUNCATION,
@@ -472,9 +473,11 @@ def finetune(
             "config": config_dict(config),
         }
         (tmp_dir / "align.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        saev.cache.fault_point()  # write boundaries of the interruption tests (``$SAEV_KILL_AT_WRITE``)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
+        saev.cache.fault_point()
     return out_dir
 
 

@@ -394,3 +394,46 @@ def test_an_interrupted_scoring_run_keeps_its_finished_passes(patched, monkeypat
     pd.testing.assert_frame_equal(pa.preference_scores(killed, "llava-next", "a"), want)
     left = [p.name for p in (killed.artifacts_path / "align" / "scores").iterdir()]
     assert len(left) == 1 and not any(".tmp-" in n or n.startswith(".") for n in left), left
+
+
+def test_a_scoring_run_killed_at_every_write_boundary_resumes_to_the_same_scores(patched, monkeypatch, tmp_path) -> None:
+    """Issue 21: ``preference_scores`` SIGKILLed at each write boundary in turn (before and after the
+    rename of every part file and of the scores file), then rerun: the uninterrupted frame, only the
+    scores file left."""
+    import dataclasses
+    import multiprocessing
+    import os
+    import signal
+
+    import saev.cache
+
+    pa.preference_data(patched, "a")
+
+    def profile_in(name: str):
+        profile = dataclasses.replace(patched, artifacts_dir=str(tmp_path / name))
+        profile.artifacts_path.mkdir(parents=True)
+        (profile.artifacts_path / "data").symlink_to(patched.artifacts_path / "data")
+        return profile
+
+    counted: list[int] = []
+    real = saev.cache.fault_point
+    monkeypatch.setattr(saev.cache, "fault_point", lambda: counted.append(1))
+    want = pa.preference_scores(profile_in("straight"), "llava-next", "a")
+    monkeypatch.setattr(saev.cache, "fault_point", real)
+    assert len(counted) >= 8  # three part files and the scores file, before and after each rename
+
+    def child(profile, k: int) -> None:
+        os.environ["SAEV_KILL_AT_WRITE"] = str(k)
+        saev.cache._faults_seen = 0
+        torch.set_num_threads(1)
+        pa.preference_scores(profile, "llava-next", "a")
+
+    for k in range(1, len(counted) + 1):
+        profile = profile_in(f"kill{k}")
+        proc = multiprocessing.get_context("fork").Process(target=child, args=(profile, k))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode == -signal.SIGKILL, (k, proc.exitcode)
+        pd.testing.assert_frame_equal(pa.preference_scores(profile, "llava-next", "a"), want)
+        left = [p.name for p in (profile.artifacts_path / "align" / "scores").iterdir()]
+        assert len(left) == 1 and not left[0].startswith("."), (k, left)

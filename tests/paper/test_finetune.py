@@ -407,8 +407,16 @@ def test_a_sweep_cleans_what_a_killed_run_left_and_waits_for_a_live_writer(
     assert not any((out / "models").iterdir())
 
 
-def _sweep_in_child(model_dir: str, data_dir: str, bench_dir: str, out: str) -> None:
-    """A sweep in a forked process (the kill tests): the same call as the parent's uninterrupted one."""
+def _sweep_in_child(model_dir: str, data_dir: str, bench_dir: str, out: str, kill_at: int | None = None) -> None:
+    """A sweep in a forked process (the kill tests): the same call as the parent's uninterrupted one;
+    ``kill_at``: SIGKILL itself at that write boundary (``saev.cache.fault_point``)."""
+    import os
+
+    import saev.cache
+
+    if kill_at is not None:
+        os.environ["SAEV_KILL_AT_WRITE"] = str(kill_at)
+        saev.cache._faults_seen = 0
     torch.set_num_threads(1)
     pref = load_preference(data_dir)
     run_sweep(model_dir, pref, {"random": None}, config=_KILL_CFG, benchmark=load_benchmark(bench_dir), out_dir=out,
@@ -417,11 +425,66 @@ def _sweep_in_child(model_dir: str, data_dir: str, bench_dir: str, out: str) -> 
 
 _KILL_CFG = dataclasses.replace(CFG, pool_size=8, fractions=(0.5, 1.0), seeds=(0,), max_steps=2,
                                 benchmark_per_category=1)  # fmt: skip
+_KILL_CELLS = ["base__f0__snone.json", "full__f1__s0.json", "random__f0.5__s0.json"]
+
+
+def _assert_same_sweep(straight: Path, out: Path) -> None:
+    """Every cell of ``out`` equals ``straight``'s (rows, timings aside, and answers); nothing left behind."""
+    names = sorted(p.name for p in straight.glob("*.json"))
+    assert names == sorted(p.name for p in out.glob("*.json")) == _KILL_CELLS
+    for name in names:
+        want, got = json.loads((straight / name).read_text()), json.loads((out / name).read_text())
+        assert got["hash"] == want["hash"] and got["answers"] == want["answers"], name
+        timing = [k for k in want["row"] if k.startswith("seconds")]
+        assert {k: v for k, v in got["row"].items() if k not in timing} == {
+            k: v for k, v in want["row"].items() if k not in timing}, name  # fmt: skip
+    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".lock")]
+    assert not leftovers, leftovers
+    assert not (out / "models").exists() or not any((out / "models").iterdir())
+
+
+@pytest.fixture(scope="module")
+def straight_sweep(world: CIWorld, tmp_path_factory: pytest.TempPathFactory) -> tuple[tuple[str, str, str], Path, float]:
+    """The uninterrupted small sweep of the kill tests: (model, data, benchmark folders), its folder, seconds."""
+    import time
+
+    args = (str(world.paths["llava-next"]), str(world.profile.artifacts_path / "data" / "preference_a"),
+            str(world.profile.artifacts_path / "data" / "benchmark"))  # fmt: skip
+    out = tmp_path_factory.mktemp("straight_sweep")
+    start = time.perf_counter()
+    _sweep_in_child(*args, str(out))
+    return args, out, time.perf_counter() - start
+
+
+def test_a_sweep_killed_at_every_write_boundary_resumes_to_the_uninterrupted_cells(
+    straight_sweep: tuple[tuple[str, str, str], Path, float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 21: a sweep SIGKILLed at each write boundary in turn (before and after every atomic rename:
+    cell files, fine-tuned model folders), then rerun, ends with the uninterrupted sweep's cells."""
+    import multiprocessing
+    import signal
+
+    import saev.cache
+
+    args, straight, _ = straight_sweep
+    counted: list[int] = []
+    monkeypatch.setattr(saev.cache, "fault_point", lambda: counted.append(1))
+    _sweep_in_child(*args, str(tmp_path / "count"))
+    monkeypatch.undo()
+    assert len(counted) >= 10  # 3 cell files and 2 model folders, before and after each rename
+    for k in range(1, len(counted) + 1):
+        out = tmp_path / f"kill{k}"
+        proc = multiprocessing.get_context("fork").Process(target=_sweep_in_child, args=(*args, str(out), k))
+        proc.start()
+        proc.join(120)
+        assert proc.exitcode == -signal.SIGKILL, (k, proc.exitcode)
+        _sweep_in_child(*args, str(out))
+        _assert_same_sweep(straight, out)
 
 
 @pytest.mark.parametrize(("seed", "sig"), [(0, "SIGKILL"), (1, "SIGTERM"), (2, "SIGINT")])
 def test_a_sweep_killed_at_a_random_time_resumes_to_the_uninterrupted_rows_and_answers(
-    world: CIWorld, benchmark: datasets.Dataset, tmp_path: Path, seed: int, sig: str
+    straight_sweep: tuple[tuple[str, str, str], Path, float], tmp_path: Path, seed: int, sig: str
 ) -> None:
     """Issue 21: a sweep process killed after a seeded random delay (while fine-tuning, scoring or
     writing a cell), then rerun, ends with every cell's row (timings aside) and answers equal to an
@@ -432,32 +495,14 @@ def test_a_sweep_killed_at_a_random_time_resumes_to_the_uninterrupted_rows_and_a
     import signal
     import time
 
-    data_dir = world.profile.artifacts_path / "data" / "preference_a"
-    bench_dir = world.profile.artifacts_path / "data" / "benchmark"
-    model_dir = world.paths["llava-next"]
-    straight = tmp_path / "straight"
-    start = time.perf_counter()
-    _sweep_in_child(str(model_dir), str(data_dir), str(bench_dir), str(straight))
-    seconds = time.perf_counter() - start
+    args, straight, seconds = straight_sweep
     out = tmp_path / "killed"
-    proc = multiprocessing.get_context("fork").Process(target=_sweep_in_child,
-                                                       args=(str(model_dir), str(data_dir), str(bench_dir), str(out)))  # fmt: skip
+    proc = multiprocessing.get_context("fork").Process(target=_sweep_in_child, args=(*args, str(out)))
     proc.start()
     time.sleep(random.Random(seed).uniform(0.2, 0.9) * seconds)  # somewhere inside the run, not before it
     if proc.is_alive():
         os.kill(proc.pid, getattr(signal, sig))
     proc.join(120)
     assert proc.exitcode is not None
-    _sweep_in_child(str(model_dir), str(data_dir), str(bench_dir), str(out))
-    names = sorted(p.name for p in straight.glob("*.json"))
-    assert names == sorted(p.name for p in out.glob("*.json")) == ["base__f0__snone.json", "full__f1__s0.json",
-                                                                   "random__f0.5__s0.json"]  # fmt: skip
-    for name in names:
-        want, got = json.loads((straight / name).read_text()), json.loads((out / name).read_text())
-        assert got["hash"] == want["hash"] and got["answers"] == want["answers"], name
-        timing = [k for k in want["row"] if k.startswith("seconds")]
-        assert {k: v for k, v in got["row"].items() if k not in timing} == {
-            k: v for k, v in want["row"].items() if k not in timing}, name  # fmt: skip
-    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name or p.name.startswith(".lock")]
-    assert not leftovers, leftovers
-    assert not (out / "models").exists() or not any((out / "models").iterdir())
+    _sweep_in_child(*args, str(out))
+    _assert_same_sweep(straight, out)
