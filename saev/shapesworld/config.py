@@ -300,6 +300,10 @@ class WorldModelsConfig:
     every projected patch's norm to the mean norm of the language model's input embeddings, so that image
     tokens enter at the scale of words (issue 17: without it they carry 70-100x the norm of the word
     embeddings and 3-5x that of text tokens at the hook layer); None: the norm is free."""
+    projector_anchor_stage2: float | None = None
+    """With ``projector_word_anchor``: the anchor's loss (its norm term included) is kept through stage 2,
+    weighted by this and added to the language-model loss at every step (batches of the anchor's
+    ``batch_size`` views); None: stage 2 has the language-model loss alone, as LLaVA's."""
     vision_hidden_size: int = 32
     """Width of LLaVA-NeXT's CLIP vision tower (16-wide attention heads)."""
     vision_num_layers: int = 2
@@ -420,6 +424,11 @@ class WorldModelsConfig:
                 )
         if self.patch_pretrain_views not in ("base", "all"):
             raise ValueError(f"world_models.patch_pretrain_views must be 'base' or 'all', got {self.patch_pretrain_views!r}")
+        if self.projector_anchor_stage2 is not None:
+            if self.projector_word_anchor is None:
+                raise ValueError("world_models.projector_anchor_stage2 needs world_models.projector_word_anchor")
+            if not self.projector_anchor_stage2 > 0:
+                raise ValueError(f"world_models.projector_anchor_stage2 must be > 0, got {self.projector_anchor_stage2}")
         if self.projector_anchor_norm is not None:
             if self.projector_word_anchor is None:
                 raise ValueError("world_models.projector_anchor_norm needs world_models.projector_word_anchor")

@@ -313,8 +313,9 @@ def _train_spec(
     values = {k: dataclasses.asdict(cfg)[k] for k in (*shared, *own)}
     if name == "llava-next" and cfg.projector_word_anchor is not None:  # only when set: earlier models stay cached
         values["projector_word_anchor"] = dataclasses.asdict(cfg.projector_word_anchor)
-        if cfg.projector_anchor_norm is not None:
-            values["projector_anchor_norm"] = cfg.projector_anchor_norm
+        for key in ("projector_anchor_norm", "projector_anchor_stage2"):  # only when set
+            if getattr(cfg, key) is not None:
+                values[key] = getattr(cfg, key)
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
     for key in ("sft_hallucination", "interleaved_fraction"):  # only when set: the models of before stay cached
         if name != "text-lm" and getattr(cfg, key):
@@ -361,6 +362,8 @@ class _Context:
     progress: bool
     hashes: dict[str, str] = field(default_factory=dict)
     """Config hash of every model this call trains or reuses (for :func:`_wait_for`)."""
+    extra_loss: dict[str, Callable[[int], torch.Tensor]] = field(default_factory=dict)
+    """Per model, a ``step -> loss`` added to its stage's loss (``projector_anchor_stage2``)."""
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
@@ -412,6 +415,12 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
         _align_projector(ctx, loaded, ctx.cfg.projector_pretrain, partial_dir / "projector", digest)
     data = _stage_data(ctx, name, loaded)
     loss_at = _make_loss_at(loaded, data, stage, seed=ctx.seed, stream=name)
+    extra = ctx.extra_loss.pop(name, None)
+    if extra is not None:  # projector_anchor_stage2: the word anchor kept through stage 2
+        lm_loss_at = loss_at
+
+        def loss_at(step: int) -> torch.Tensor:
+            return lm_loss_at(step) + extra(step)
     lr_scales = None
     if name == "llava-next" and ctx.cfg.vision_tower_lr_ratio > 0:
         lr_scales = dict.fromkeys(loaded.model.model.vision_tower.parameters(), ctx.cfg.vision_tower_lr_ratio)
@@ -573,7 +582,40 @@ def _anchor_projector(
 ) -> None:
     """``WorldModelsConfig.projector_word_anchor``: the projector maps each object patch's tower
     features near the frozen input embeddings of its colour and shape words (cosine logits over each
-    attribute's words, temperature 0.1); tower and language model do not learn here."""
+    attribute's words, temperature 0.1); tower and language model do not learn here. With
+    ``projector_anchor_stage2`` the same loss is kept for stage 2 (``ctx.extra_loss``)."""
+    projector = loaded.model.model.multi_modal_projector
+    stream = "llava-next/projector-word-anchor"
+    loss_at = _anchor_loss(ctx, loaded, stage.batch_size, pixels_of=pixels_of, labels_of=labels_of,
+                           features=features, stream=stream)  # fmt: skip
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    for step in progress_bar(range(stage.steps), desc=stream, disable=not ctx.progress):
+        loss = loss_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(stage, step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if ctx.cfg.projector_anchor_stage2 is not None:
+        ctx.extra_loss["llava-next"] = _anchor_loss(
+            ctx, loaded, stage.batch_size, pixels_of=pixels_of, labels_of=labels_of, features=features,
+            stream="llava-next/anchor-stage2", weight=ctx.cfg.projector_anchor_stage2,
+        )  # fmt: skip
+
+
+def _anchor_loss(
+    ctx: _Context,
+    loaded: Any,
+    batch_size: int,
+    *,
+    pixels_of: Callable[[list[Any]], torch.Tensor],
+    labels_of: Callable[[str], tuple[torch.Tensor, ...]],
+    features: Callable[[torch.Tensor], torch.Tensor],
+    stream: str,
+    weight: float = 1.0,
+) -> Callable[[int], torch.Tensor]:
+    """``step -> weight x`` the word-anchor loss of a batch of ``batch_size`` views drawn by
+    ``step_generator(seed, stream, step)`` (tower features computed once: the tower is frozen)."""
     from saev.shapesworld.world import COLORS, SHAPES
 
     tokenizer = loaded.processor.tokenizer
@@ -590,10 +632,9 @@ def _anchor_projector(
         feats = torch.cat([features(pixels_of([r["image"] for r in chunk]).flatten(0, -4)) for chunk in _chunks(rows, 256)])
     per_row = [labels_of(r["scene"]) for r in rows]
     labels = [torch.stack([lab[k] for lab in per_row]).flatten(0, -2) for k in range(2)]  # colour, shape
-    optimizer = torch.optim.AdamW(projector.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
-    stream = "llava-next/projector-word-anchor"
-    for step in progress_bar(range(stage.steps), desc=stream, disable=not ctx.progress):
-        idx = torch.randint(len(feats), (stage.batch_size,), generator=step_generator(ctx.seed, stream, step))
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = torch.randint(len(feats), (batch_size,), generator=step_generator(ctx.seed, stream, step))
         projected = projector(feats[idx]).flatten(0, 1)
         out = F.normalize(projected, dim=-1)
         loss = torch.zeros(())
@@ -604,11 +645,9 @@ def _anchor_projector(
             on = target > 0
             if bool(on.any()):
                 loss = loss + F.cross_entropy(out[on] @ words.T / 0.1, target[on] - 1)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(stage, step)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return loss if weight == 1.0 else weight * loss
+
+    return loss_at
 
 
 def _patch_labels(scene_json: str, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

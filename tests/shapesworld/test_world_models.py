@@ -274,6 +274,22 @@ def test_the_word_anchor_maps_object_patches_onto_their_words(ci_world: CIWorld,
     print(f"projected patch norm / word embedding norm: {ratio:.1f} before, {ratio_after:.2f} after")
     assert abs(math.log(ratio_after)) < 0.25 < abs(math.log(ratio)), (ratio, ratio_after)
     assert retrieval() >= 0.8
+    # ``projector_anchor_stage2``: the stage leaves its loss, weighted, for stage 2 to add at every step
+    staged = dataclasses.replace(ctx, cfg=dataclasses.replace(cfg, projector_word_anchor=StageConfig(50, 1, 1e-3),
+                                                              projector_anchor_stage2=0.5), extra_loss={})  # fmt: skip
+    world_models._anchor_projector(staged, loaded, StageConfig(steps=1, batch_size=16, lr=1e-9, warmup_steps=0),
+                                   pixels_of=pixels_of, labels_of=labels_of, features=features)  # fmt: skip
+    extra = staged.extra_loss["llava-next"]
+    unweighted = world_models._anchor_loss(ctx, loaded, 16, pixels_of=pixels_of, labels_of=labels_of,
+                                           features=features, stream="llava-next/anchor-stage2")  # fmt: skip
+    loaded.model.zero_grad(set_to_none=True)
+    loss = extra(3)
+    loss.backward()
+    assert float(loss) > 0 and torch.allclose(loss.detach(), 0.5 * unweighted(3).detach())
+    assert all(p.grad is not None for p in loaded.model.model.multi_modal_projector.parameters())
+    assert all(p.grad is None for p in loaded.model.model.language_model.parameters())
+    with pytest.raises(ValueError, match="projector_anchor_stage2 needs"):
+        dataclasses.replace(cfg, projector_word_anchor=None, projector_anchor_stage2=1.0)
     with pytest.raises(ValueError, match="projector_anchor_norm needs"):
         dataclasses.replace(cfg, projector_word_anchor=None, projector_anchor_norm=1.0)
     with pytest.raises(ValueError, match="projector_anchor_norm must be > 0"):
