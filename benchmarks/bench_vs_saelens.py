@@ -3,9 +3,11 @@
 Both train the same initial weights on the same activations with the same configuration (Adam,
 constant learning rate, no normalisation, no checkpoints), for the "standard" (ReLU + L1) and the
 "topk" architecture (SAELens' TopK without its AuxK loss and decoder-norm rescaling, which saev does
-not implement). The activations are synthetic but sparse like a residual stream's: each row is a
+not implement), and "standard-sparse": saev's standard SAE with sparse decoding
+(``SparseAutoencoder.sparse_standard_training``) against the same SAELens standard trainer. The activations are synthetic but sparse like a residual stream's: each row is a
 sum of ``--active`` random atoms of a 4 x d_in dictionary plus noise, so the SAEs reach a realistic
-L0 (topk: k; standard: what ``--l1`` gives, printed, not tuned). Each trainer runs ``--steps`` steps
+L0 (topk: k; standard: both trainers start from weights whose ``b_enc`` is one constant chosen so that
+the first batch's L0 is ``--l0``, then what ``--l1`` gives, printed). Each trainer runs ``--steps`` steps
 after one warm-up step (each trainer's own step function timed by a wrapper: forward, statistics, backward, clipping, Adam), in
 ``--rounds`` interleaved rounds. Printed per architecture and shape: ms per step (median over
 rounds), tokens/s and the ratio saev / SAELens, and the MSE and L0 of both on the last step's batch;
@@ -13,7 +15,8 @@ and, measured at the same shape in the same run, the time of the step's six dens
 decode, and their gradients), the floor of a dense step.
 
     python benchmarks/bench_vs_saelens.py [--shapes 256x4096 1024x16384] [--batch 4096 1024] [--steps 8]
-        [--rounds 3] [--threads 1] [--architectures standard topk] [--k 64] [--l1 5.0]
+        [--rounds 3] [--threads 1] [--architectures standard standard-sparse topk] [--k 64] [--l1 5.0] [--l0 100]
+        [--max-density D]
 """
 
 from __future__ import annotations
@@ -73,9 +76,18 @@ def timed_steps(step_owner, name: str, times: list[float]) -> None:  # noqa: ANN
     setattr(step_owner, name, wrapper)
 
 
-def run_saev(cfg: TrainConfig, init: SparseAutoencoder, data: torch.Tensor) -> tuple[list[float], SparseAutoencoder]:
+MAX_DENSITY: float | None = None
+"""``--max-density``: the sparse standard step's density bound (None: the library's default)."""
+
+
+def run_saev(
+    cfg: TrainConfig, init: SparseAutoencoder, data: torch.Tensor, sparse: bool = False
+) -> tuple[list[float], SparseAutoencoder]:
     sae = SparseAutoencoder(cfg.sae)
     sae.load_state_dict(init.state_dict())
+    sae.sparse_standard_training = sparse
+    if MAX_DENSITY is not None:
+        sae.sparse_standard_max_density = MAX_DENSITY
     times: list[float] = []
     original = saev.train._train_step
     timed_steps(saev.train, "_train_step", times)
@@ -131,28 +143,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--architectures", nargs="+", default=["standard", "topk"])
+    ap.add_argument("--architectures", nargs="+", default=["standard", "standard-sparse", "topk"])
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--l1", type=float, default=5.0)
     ap.add_argument("--active", type=int, default=32, help="dictionary atoms per activation row")
+    ap.add_argument("--l0", type=float, default=100.0, help="standard: the initial L0 set through b_enc (0: zero b_enc)")
+    ap.add_argument("--max-density", type=float, default=None,
+                    help="standard-sparse: sparse_standard_max_density (default: the library's); 1 forces sparse steps")
     args = ap.parse_args()
+    global MAX_DENSITY
+    MAX_DENSITY = args.max_density
     torch.set_num_threads(args.threads)
     import sae_lens
 
     print(f"torch {torch.__version__}, sae_lens {sae_lens.__version__}, {torch.get_num_threads()} thread(s); "
           f"{args.steps} timed steps per run after 1 warm-up, median of {args.rounds} interleaved rounds")  # fmt: skip
-    print(f"{'shape':>11} {'arch':>8} {'batch':>6} {'saev ms':>8} {'SAELens ms':>10} {'x':>5} {'saev tok/s':>11} "
+    print(f"{'shape':>11} {'arch':>15} {'batch':>6} {'saev ms':>8} {'SAELens ms':>10} {'x':>5} {'saev tok/s':>11} "
           f"{'6 matmuls ms':>12} {'MSE saev/SL':>16} {'L0 saev/SL':>14}")  # fmt: skip
     for shape, batch in zip(args.shapes, itertools.cycle(args.batch)):
         d_in, d_sae = (int(v) for v in shape.split("x"))
         data = activations(d_in, (args.steps + 1) * batch, args.active, seed=0)
         floor = dense_matmuls_ms(d_in, d_sae, batch)
         for arch in args.architectures:
-            cfg = train_config(d_in, d_sae, batch, args.steps + 1, arch, args.k, args.l1)
+            architecture = "standard" if arch.startswith("standard") else arch
+            cfg = train_config(d_in, d_sae, batch, args.steps + 1, architecture, args.k, args.l1)
             init = SparseAutoencoder(cfg.sae, generator=torch.Generator().manual_seed(0))
+            if architecture == "standard" and args.l0 > 0:
+                with torch.no_grad():  # one threshold for every feature: the first batch's L0 is --l0
+                    pre = (data[:batch] - init.b_dec) @ init.W_enc
+                    init.b_enc.fill_(-float(pre.flatten().kthvalue(int(pre.numel() * (1 - args.l0 / d_sae))).values))
             ours_ms, theirs_ms = [], []
             for _ in range(args.rounds):
-                t_ours, ours = run_saev(cfg, init, data)
+                t_ours, ours = run_saev(cfg, init, data, sparse=arch == "standard-sparse")
                 t_theirs, theirs = run_saelens(cfg, init, data)
                 ours_ms.append(statistics.median(t_ours[1:]) * 1000)
                 theirs_ms.append(statistics.median(t_theirs[1:]) * 1000)
@@ -160,7 +182,7 @@ def main() -> None:
             last = data[-batch:]
             mse_o, l0_o = metrics(ours.encode, ours.decode, last)
             mse_t, l0_t = metrics(theirs.encode, theirs.decode, last)
-            print(f"{shape:>11} {arch:>8} {batch:>6} {o:>8.1f} {t:>10.1f} {t / o:>5.2f} {batch / o * 1000:>11,.0f} "
+            print(f"{shape:>11} {arch:>15} {batch:>6} {o:>8.1f} {t:>10.1f} {t / o:>5.2f} {batch / o * 1000:>11,.0f} "
                   f"{floor:>12.1f} {mse_o:>7.3f}/{mse_t:<8.3f} {l0_o:>6.1f}/{l0_t:<7.1f}")  # fmt: skip
 
 

@@ -83,20 +83,21 @@ class _CenteredEncode(torch.autograd.Function):
     autograd's up to float summation order."""
 
     @staticmethod
-    def forward(ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor) -> Tensor:
+    def forward(ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre_BF: Tensor | None = None) -> Tensor:
         centred_BD = x_BD - b_dec
         ctx.save_for_backward(centred_BD, W_enc)
-        return torch.addmm(b_enc, centred_BD, W_enc)
+        # pre_BF: this very product, already computed without autograd (the sparse standard step's fallback)
+        return torch.addmm(b_enc, centred_BD, W_enc) if pre_BF is None else pre_BF.clone()
 
     @staticmethod
     def backward(ctx: Any, g_BF: Tensor) -> tuple[Tensor | None, ...]:
         centred_BD, W_enc = ctx.saved_tensors
-        need_x, need_W, need_b, need_bd = ctx.needs_input_grad
+        need_x, need_W, need_b, need_bd, _ = ctx.needs_input_grad
         g_W = centred_BD.t().mm(g_BF) if need_W else None
         g_F = g_BF.sum(0) if (need_b or need_bd) else None
         g_bd = -(W_enc.mv(g_F)) if need_bd else None
         g_x = g_BF.mm(W_enc.t()) if need_x else None
-        return g_x, g_W, g_F if need_b else None, g_bd
+        return g_x, g_W, g_F if need_b else None, g_bd, None
 
 
 class _TopKEncode(torch.autograd.Function):
@@ -130,6 +131,41 @@ class _TopKEncode(torch.autograd.Function):
             for r0 in range(0, len(idx_BK), rows):
                 g_RK, idx_RK = g_BK[r0 : r0 + rows], idx_BK[r0 : r0 + rows]
                 g_FD.index_add_(0, idx_RK.flatten(), (g_RK[..., None] * centred_BD[r0 : r0 + rows, None, :]).flatten(0, 1))
+            g_W = g_FD.t()
+        g_bd = -(W_enc.mv(g_F)) if need_bd else None
+        return None, g_W, g_F if need_b else None, g_bd, None
+
+
+class _ReLUSparseEncode(torch.autograd.Function):
+    """Standard (ReLU) training encode as sparse work (issue 19): the dense pre-activations ``pre_BF``
+    (computed once, without autograd, by the caller) are kept only where positive, as ``acts_N`` at
+    ``(rows_N, feats_N)`` in row-major order. The backward touches those entries only: W_enc's
+    gradient by chunked index_adds of ``g x centred input``, b_enc's by an index_add, b_dec's as one
+    mat-vec; equal to the dense autograd path up to float summation order (``tests/core/test_sae.py``)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre_BF: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        rows_N, feats_N = (pre_BF > 0).nonzero(as_tuple=True)
+        acts_N = pre_BF[rows_N, feats_N]
+        ctx.save_for_backward(x_BD - b_dec, W_enc, rows_N, feats_N)
+        ctx.mark_non_differentiable(rows_N, feats_N)
+        return acts_N, rows_N, feats_N
+
+    @staticmethod
+    def backward(ctx: Any, g_N: Tensor, _g_rows: Tensor | None, _g_feats: Tensor | None) -> tuple[Tensor | None, ...]:
+        centred_BD, W_enc, rows_N, feats_N = ctx.saved_tensors
+        _, need_W, need_b, need_bd, _ = ctx.needs_input_grad
+        d_in, d_sae = W_enc.shape
+        g_F = torch.zeros(d_sae, dtype=g_N.dtype, device=g_N.device).index_add_(0, feats_N, g_N)
+        g_W = None
+        if need_W:
+            g_FD = torch.zeros(d_sae, d_in, dtype=W_enc.dtype, device=W_enc.device)
+            chunk = max(1, (1 << 22) // max(1, d_in))  # ~16 MB of fp32 per chunk of entries
+            for n0 in range(0, len(g_N), chunk):
+                rows, feats = rows_N[n0 : n0 + chunk], feats_N[n0 : n0 + chunk]
+                g_FD.index_add_(0, feats, g_N[n0 : n0 + chunk, None] * centred_BD[rows])
             g_W = g_FD.t()
         g_bd = -(W_enc.mv(g_F)) if need_bd else None
         return None, g_W, g_F if need_b else None, g_bd, None
@@ -183,10 +219,10 @@ class SparseAutoencoder(nn.Module):
         x_BD = x_BD.to(self.W_enc.dtype)
         return x_BD if self.activation_scale is None else x_BD * self.activation_scale
 
-    def _encode_scaled(self, x_BD: Tensor) -> Tensor:
+    def _encode_scaled(self, x_BD: Tensor, pre_BF: Tensor | None = None) -> Tensor:
         if self.cfg.apply_b_dec_to_input and torch.is_grad_enabled() and self.b_dec.requires_grad:
             # training: b_dec's gradient through the input as a mat-vec (issue 19, x1.15 per step)
-            pre_BF = _CenteredEncode.apply(x_BD, self.W_enc, self.b_enc, self.b_dec)
+            pre_BF = _CenteredEncode.apply(x_BD, self.W_enc, self.b_enc, self.b_dec, pre_BF)
         else:
             if self.cfg.apply_b_dec_to_input:
                 x_BD = x_BD - self.b_dec
@@ -205,6 +241,20 @@ class SparseAutoencoder(nn.Module):
     def _sparse_topk(self) -> bool:
         return (self.cfg.architecture == "topk" and self.sparse_topk_training and self.cfg.apply_b_dec_to_input
                 and torch.is_grad_enabled() and self.W_enc.requires_grad)  # fmt: skip
+
+    sparse_standard_training: bool = False
+    """True: train the standard architecture with sparse decoding and a sparse backward whenever a
+    batch's fraction of active (token, feature) entries is at most ``sparse_standard_max_density``
+    (:class:`_ReLUSparseEncode`; issue 19); False (the default until a mini run and a GPU have measured
+    it): always the dense autograd path. The two agree up to float summation order; the choice is made
+    per batch from its own activations, so a resumed run takes the same path at every step."""
+    sparse_standard_max_density: float = 0.05
+    """The sparse step's density bound: on CPU at 1,024 x 16,384 it is x2.14 / x1.37 / x1.02 / x0.55 a dense
+    step at densities 1.3% / 4.1% / 7.9% / 14.5% (``benchmarks/RESULTS.md``, 2026-12-03)."""
+
+    def _sparse_standard(self) -> bool:
+        return (self.cfg.architecture == "standard" and self.sparse_standard_training
+                and self.cfg.apply_b_dec_to_input and torch.is_grad_enabled() and self.W_enc.requires_grad)  # fmt: skip
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Feature activations z_BF of raw activations x_BD (Eq. 1)."""
@@ -236,6 +286,7 @@ class SparseAutoencoder(nn.Module):
         value); it is ignored by "topk", whose loss is the MSE alone.
         """
         xs_BD = self._scale_in(x_BD)
+        sparse = None
         if self._sparse_topk():
             # training a topk SAE: decode the k kept features only (embedding_bag: a weighted sum of k
             # decoder rows per token, and its backward touches those rows only); z is for the statistics
@@ -243,18 +294,38 @@ class SparseAutoencoder(nn.Module):
             out_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK, mode="sum") + self.b_dec
             z_BF = torch.zeros(len(xs_BD), self.d_sae, dtype=acts_BK.dtype, device=acts_BK.device).scatter_(
                 -1, idx_BK, acts_BK.detach())
+        elif self._sparse_standard() and (sparse := self._sparse_relu(xs_BD))[0] is not None:
+            # training a standard SAE at low density: decode each token's active features only
+            # (embedding_bag over variable-length bags); z (the detached ReLU) is for the statistics
+            (acts_N, rows_N, feats_N), z_BF = sparse
+            counts_B = torch.bincount(rows_N, minlength=len(xs_BD))
+            out_BD = F.embedding_bag(feats_N, self.W_dec, counts_B.cumsum(0) - counts_B, per_sample_weights=acts_N,
+                                     mode="sum") + self.b_dec  # fmt: skip
         else:
-            z_BF = self._encode_scaled(xs_BD)
+            z_BF = self._encode_scaled(xs_BD, None if sparse is None else sparse[1])
             out_BD = z_BF @ self.W_dec + self.b_dec
         mse_loss = (out_BD - xs_BD).pow(2).sum(dim=-1).mean()
         if self.cfg.architecture == "topk":
             l1_loss = mse_loss.new_zeros(())
+        elif sparse is not None and sparse[0] is not None:
+            coef = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
+            l1_loss = coef * (acts_N * self.W_dec.norm(dim=-1)[feats_N]).sum() / len(xs_BD)
         else:
             coef = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
             # z >= 0 after the ReLU, so sum_k |z_k| * ||W_dec[k]|| is a mat-vec product.
             l1_loss = coef * (z_BF @ self.W_dec.norm(dim=-1)).mean()
         sae_out_BD = out_BD if self.activation_scale is None else out_BD / self.activation_scale
         return SAEOutput(sae_out_BD, z_BF, mse_loss + l1_loss, mse_loss, l1_loss)
+
+    def _sparse_relu(self, xs_BD: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor] | None, Tensor]:
+        """``((acts_N, rows_N, feats_N), z_BF)`` of :class:`_ReLUSparseEncode` when the batch is sparse
+        enough, else ``(None, pre_BF)``: the dense path then reuses the pre-activations."""
+        with torch.no_grad():
+            pre_BF = torch.addmm(self.b_enc, xs_BD - self.b_dec, self.W_enc)
+            if int((pre_BF > 0).sum()) > self.sparse_standard_max_density * pre_BF.numel():
+                return None, pre_BF
+        entries = _ReLUSparseEncode.apply(xs_BD, self.W_enc, self.b_enc, self.b_dec, pre_BF)
+        return entries, pre_BF.relu_()
 
     # ------------------------------------------------------------------ saving
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saev.config import SAEConfig
-from saev.sae import SAELENS_FORMAT_VERSION, SparseAutoencoder, UnsafeCheckpointError
+from saev.sae import SAELENS_FORMAT_VERSION, SAEOutput, SparseAutoencoder, UnsafeCheckpointError
 
 
 def _random_sae(cfg: SAEConfig, seed: int = 0) -> SparseAutoencoder:
@@ -308,7 +308,7 @@ def test_training_gradients_equal_autograd_with_b_dec_as_a_mat_vec(architecture,
     sae(x).loss.backward()
     lever = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad(set_to_none=True)
-    monkeypatch.setattr(m._CenteredEncode, "apply", staticmethod(lambda x, W, b, bd: torch.addmm(b, x - bd, W)))
+    monkeypatch.setattr(m._CenteredEncode, "apply", staticmethod(lambda x, W, b, bd, pre=None: torch.addmm(b, x - bd, W)))
     sae(x).loss.backward()
     for name, p in sae.named_parameters():
         if name == "b_dec":
@@ -317,6 +317,37 @@ def test_training_gradients_equal_autograd_with_b_dec_as_a_mat_vec(architecture,
             assert torch.equal(lever[name], p.grad), name
     with torch.no_grad():  # inference takes the fused addmm path and gives the same activations
         torch.testing.assert_close(sae.encode(x), SparseAutoencoder._encode_scaled(sae, x))
+
+
+@pytest.mark.parametrize(("d_in", "d_sae", "shift", "scale"), [(8, 32, 0.5, None), (16, 96, 1.0, 1.7), (64, 1024, 2.0, None)])
+def test_sparse_standard_training_equals_the_dense_path(d_in, d_sae, shift, scale):
+    """Issue 19's sparse standard step (``_ReLUSparseEncode`` + variable-length ``embedding_bag`` decoding)
+    gives the dense path's outputs, losses and every parameter's gradient up to float summation order; the
+    dense fallback above ``sparse_standard_max_density`` reuses the pre-activations and is bit-identical."""
+    gen = torch.Generator().manual_seed(d_in)
+    sae = SparseAutoencoder(SAEConfig(d_in=d_in, expansion_factor=d_sae // d_in, l1_coefficient=3.0), generator=gen)
+    with torch.no_grad():  # non-zero biases (b_enc shifted down: densities 2-20%)
+        sae.b_dec.normal_(generator=gen)
+        sae.b_enc.normal_(generator=gen).sub_(shift)
+    sae.activation_scale = scale
+    x = torch.randn(33, d_in, generator=gen) * 2
+    outs, grads = {}, {}
+    for case, (on, max_density) in {"sparse": (True, 1.0), "fallback": (True, 0.0), "dense": (False, 1.0)}.items():
+        sae.sparse_standard_training, sae.sparse_standard_max_density = on, max_density
+        assert sae._sparse_standard() is on
+        sae.zero_grad(set_to_none=True)
+        out = sae(x, l1_coefficient=2.0)
+        (out.loss + out.sae_out.square().mean()).backward()
+        outs[case], grads[case] = out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+    assert 0 < float((outs["dense"].feature_acts > 0).float().mean()) < 0.25
+    for field in SAEOutput._fields:
+        torch.testing.assert_close(getattr(outs["sparse"], field), getattr(outs["dense"], field), rtol=1e-5, atol=1e-5)
+        assert torch.equal(getattr(outs["fallback"], field), getattr(outs["dense"], field)), field
+    for name in grads["dense"]:
+        torch.testing.assert_close(grads["sparse"][name], grads["dense"][name], rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(grads["fallback"][name], grads["dense"][name]), name
+    with torch.no_grad():  # inference never takes the sparse path
+        assert not sae._sparse_standard()
 
 
 @pytest.mark.parametrize(("d_in", "d_sae", "k", "scale"), [(8, 32, 4, None), (16, 96, 7, 1.7), (5, 20, 20, None)])
