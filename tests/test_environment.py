@@ -39,6 +39,27 @@ def test_torch_is_pinned_everywhere():
     assert "torch==2.13.0" in constraints
 
 
+def test_constraints_pin_every_dependency_within_its_range():
+    """constraints.txt locks the environment (a fresh clone installs the versions that recorded the ci
+    notebooks): every pyproject dependency has one ``==`` pin there, inside pyproject's range."""
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not a '==' pin"
+            key = re.sub(r"[-_.]+", "-", name).lower()
+            assert key not in pins, f"constraints.txt pins {name} twice"
+            pins[key] = version
+    project = _pyproject()["project"]
+    for req in map(Requirement, project["dependencies"] + project["optional-dependencies"]["test"]):
+        key = re.sub(r"[-_.]+", "-", req.name).lower()
+        assert key in pins, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[key], prereleases=True), f"{req.name}=={pins[key]} is outside {req}"
+
+
 def test_jupyterlab_is_installed_to_open_the_notebooks():
     import sys
 
