@@ -371,6 +371,15 @@ class ActivationStore:
         }
 
 
+def buffer_memory(act_cfg: ActivationConfig, context_size: int, d_in: int, dtype: str) -> int:
+    """Bytes of :meth:`ActivationStore.training_batches`' full buffer: ``n_batches_in_buffer`` store
+    batches of ``store_batch_size_prompts`` x ``context_size`` token rows of ``d_in`` values in the
+    model's ``dtype`` (an upper bound: padding is not kept). While it shuffles, the concatenation and
+    its permuted copy exist beside the pending batches (up to 3x this; not measured)."""
+    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return act_cfg.n_batches_in_buffer * act_cfg.store_batch_size_prompts * context_size * d_in * itemsize
+
+
 def _shuffle(parts: list[torch.Tensor | None], generator: torch.Generator) -> torch.Tensor:
     """Concatenate the non-None parts (once: the buffer is large) and permute the rows."""
     present = [p for p in parts if p is not None]

@@ -132,6 +132,24 @@ class NonFiniteError(FloatingPointError):
         """Row of the batch (0-based) holding the first non-finite value, if it came from the data."""
 
 
+MEMORY_FIT_PER_TOKEN_FEATURE = 4.82
+"""Values per (token, feature) of a training batch held at a step's peak (pre-activations, activations and
+their gradients), fitted on five CPU shapes by ``benchmarks/bench_memory.py`` (within 5-8% at 0.4-1.1 GB;
+the smallest shape, 0.25 GB, carries a fixed ~0.13 GB the fit leaves out)."""
+
+
+def training_memory(cfg: TrainConfig) -> dict[str, int]:
+    """Predicted peak bytes of :func:`train_sae` beyond what the process held before: ``state``
+    (weights, gradients and Adam's two moments: 4 values per parameter) and ``batch`` (
+    :data:`MEMORY_FIT_PER_TOKEN_FEATURE` values per token and feature), and their ``total``. Measured
+    on CPU in fp32 only; on a GPU the CUDA context and the caching allocator add their own."""
+    s = cfg.sae
+    itemsize = torch.empty((), dtype=getattr(torch, s.dtype)).element_size()
+    state = 4 * itemsize * (2 * s.d_in * s.d_sae + s.d_sae + s.d_in)
+    batch = int(MEMORY_FIT_PER_TOKEN_FEATURE * itemsize * cfg.train_batch_size_tokens * s.d_sae)
+    return {"state": state, "batch": batch, "total": state + batch}
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Learning rate of the 0-based ``step``: closed form of SAELens' ``get_lr_scheduler``.
 

@@ -158,6 +158,13 @@ def train_one_sae(
     out_dir = run.path
     if (out_dir / "pipeline.json").is_file():
         return run
+    predicted = predicted_memory(train_cfg, act_cfg, context_size, dtype)
+    if progress and distributed.is_main():
+        size = {k: f"{v:.2f} GiB" if v >= 1 else f"{v * 1024:.1f} MiB" for k, v in predicted.items()}
+        print(f"{model} {kind}: predicted memory: SAE training {size['sae_training_gib']} (weights, "
+              f"gradients and Adam {size['sae_state_gib']}, batch {size['sae_batch_gib']}), "
+              f"activation buffer {size['activation_buffer_gib']} ({dtype}; the model not included)",
+              flush=True)  # fmt: skip
     # Under torchrun (saev.distributed): every rank extracts its share of the store batches into the shared
     # activation cache, then trains its slice of each batch with DDP; rank 0 writes the SAE.
     loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device)
@@ -188,10 +195,30 @@ def train_one_sae(
             "seconds": round(seconds, 1), "ranks": distributed.world_size(), "tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "predicted_memory_gib": predicted,  # issue 19: read beside the measured peak
         }  # fmt: skip
         atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params, "run": stage})
     distributed.barrier()
     return run
+
+
+def predicted_memory(
+    train_cfg: TrainConfig, act_cfg: ActivationConfig, context_size: int, dtype: str
+) -> dict[str, float]:
+    """GiB that :func:`train_one_sae` is predicted to need for the SAE's training
+    (``saev.train.training_memory``) and the activation buffer (``saev.activations.buffer_memory``);
+    the extraction model is not included."""
+    from saev.activations import buffer_memory
+    from saev.train import training_memory
+
+    sae = training_memory(train_cfg)
+    gib = 2**30
+    return {
+        "sae_training_gib": round(sae["total"] / gib, 3), "sae_state_gib": round(sae["state"] / gib, 3),
+        "sae_batch_gib": round(sae["batch"] / gib, 3),
+        "activation_buffer_gib": round(buffer_memory(act_cfg, context_size, train_cfg.sae.d_in, dtype) / gib,
+                                       3),
+    }  # fmt: skip
 
 
 def _sae_plan(profile: Profile) -> list[tuple[str, str]]:
