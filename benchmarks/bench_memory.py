@@ -1,8 +1,9 @@
 """Peak memory of SAE training (``saev.train.train_sae``, fp32, Adam) measured at CPU-sized shapes, and
 the same model extrapolated to the paper's SAEs (issue 19's memory table).
 
-Each shape trains a few steps in a fresh subprocess; its peak resident memory (``ru_maxrss``) minus the
-process's resident memory just before the SAE is built is the training's own peak. The model it is read
+Each shape trains a few steps in a fresh subprocess; its peak resident memory (``VmHWM``, reset just
+before the SAE is built; ``ru_maxrss`` would carry the parent's peak across exec) minus its resident
+memory at that moment is the training's own peak (Linux only). The model it is read
 against: state = 16 bytes per parameter (weights, gradients, Adam's two moments; parameters
 2 * d_in * d_sae + d_sae + d_in) plus ``c`` float32 values per (token, feature) of a batch (pre-activations,
 activations and their gradients); ``c`` is fitted on the measured shapes (least squares, through the
@@ -34,7 +35,7 @@ PAPER = [  # (label, d_in, d_sae, batch tokens)
 ]
 
 _CHILD = r"""
-import json, resource, sys, tempfile
+import json, sys, tempfile
 import torch
 from saev.config import SAEConfig, TrainConfig
 from saev.train import train_sae
@@ -42,15 +43,17 @@ d_in, d_sae, batch, steps, threads = (int(a) for a in sys.argv[1:6])
 torch.set_num_threads(threads)
 g = torch.Generator().manual_seed(0)
 data = [torch.randn(batch, d_in, generator=g) for _ in range(2)]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def status(key):  # KiB
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current resident size
+before = status("VmRSS")
 cfg = TrainConfig(sae=SAEConfig(d_in=d_in, expansion_factor=d_sae // d_in, l1_coefficient=1.0),
                   lr=1e-4, lr_warm_up_steps=0, lr_decay_steps=0, train_batch_size_tokens=batch,
                   total_training_steps=steps, feature_sampling_window=steps, dead_feature_window=steps,
                   checkpoint_every=0, seed=0)
 with tempfile.TemporaryDirectory() as out:
     train_sae((data[i % 2] for i in range(10**6)), cfg, out_dir=out, progress=False)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_bytes": (after - before) * 1024}))
+print(json.dumps({"peak_bytes": (status("VmHWM") - before) * 1024}))
 """
 
 

@@ -76,18 +76,16 @@ def timed_steps(step_owner, name: str, times: list[float]) -> None:  # noqa: ANN
     setattr(step_owner, name, wrapper)
 
 
-MAX_DENSITY: float | None = None
-"""``--max-density``: the sparse standard step's density bound (None: the library's default)."""
-
-
 def run_saev(
-    cfg: TrainConfig, init: SparseAutoencoder, data: torch.Tensor, sparse: bool = False
+    cfg: TrainConfig, init: SparseAutoencoder, data: torch.Tensor, sparse: bool = False,
+    max_density: float | None = None,
 ) -> tuple[list[float], SparseAutoencoder]:
+    """``sparse``: the sparse standard step, with ``max_density`` as its bound (None: the library's)."""
     sae = SparseAutoencoder(cfg.sae)
     sae.load_state_dict(init.state_dict())
     sae.sparse_standard_training = sparse
-    if MAX_DENSITY is not None:
-        sae.sparse_standard_max_density = MAX_DENSITY
+    if max_density is not None:
+        sae.sparse_standard_max_density = max_density
     times: list[float] = []
     original = saev.train._train_step
     timed_steps(saev.train, "_train_step", times)
@@ -151,8 +149,6 @@ def main() -> None:
     ap.add_argument("--max-density", type=float, default=None,
                     help="standard-sparse: sparse_standard_max_density (default: the library's); 1 forces sparse steps")
     args = ap.parse_args()
-    global MAX_DENSITY
-    MAX_DENSITY = args.max_density
     torch.set_num_threads(args.threads)
     import sae_lens
 
@@ -174,7 +170,7 @@ def main() -> None:
                     init.b_enc.fill_(-float(pre.flatten().kthvalue(int(pre.numel() * (1 - args.l0 / d_sae))).values))
             ours_ms, theirs_ms = [], []
             for _ in range(args.rounds):
-                t_ours, ours = run_saev(cfg, init, data, sparse=arch == "standard-sparse")
+                t_ours, ours = run_saev(cfg, init, data, sparse=arch == "standard-sparse", max_density=args.max_density)
                 t_theirs, theirs = run_saelens(cfg, init, data)
                 ours_ms.append(statistics.median(t_ours[1:]) * 1000)
                 theirs_ms.append(statistics.median(t_theirs[1:]) * 1000)

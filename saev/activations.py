@@ -376,7 +376,7 @@ def buffer_memory(act_cfg: ActivationConfig, context_size: int, d_in: int, dtype
     batches of ``store_batch_size_prompts`` x ``context_size`` token rows of ``d_in`` values in the
     model's ``dtype`` (an upper bound: padding is not kept). While it shuffles, the concatenation and
     its permuted copy exist beside the pending batches (up to 3x this; not measured)."""
-    itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    itemsize = getattr(torch, dtype).itemsize
     return act_cfg.n_batches_in_buffer * act_cfg.store_batch_size_prompts * context_size * d_in * itemsize
 
 

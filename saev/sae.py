@@ -83,7 +83,9 @@ class _CenteredEncode(torch.autograd.Function):
     autograd's up to float summation order."""
 
     @staticmethod
-    def forward(ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre_BF: Tensor | None = None) -> Tensor:
+    def forward(
+        ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre_BF: Tensor | None = None
+    ) -> Tensor:
         centred_BD = x_BD - b_dec
         ctx.save_for_backward(centred_BD, W_enc)
         # pre_BF: this very product, already computed without autograd (the sparse standard step's fallback)
@@ -122,53 +124,54 @@ class _TopKEncode(torch.autograd.Function):
         centred_BD, W_enc, idx_BK, acts_BK = ctx.saved_tensors
         _, need_W, need_b, need_bd, _ = ctx.needs_input_grad
         g_BK = g_BK * (acts_BK > 0)  # the ReLU
-        d_sae = W_enc.shape[1]
-        g_F = torch.zeros(d_sae, dtype=g_BK.dtype, device=g_BK.device).index_add_(0, idx_BK.flatten(), g_BK.flatten())
-        g_W = None
-        if need_W:
-            g_FD = torch.zeros(d_sae, centred_BD.shape[1], dtype=W_enc.dtype, device=W_enc.device)
-            rows = max(1, (1 << 22) // max(1, idx_BK.shape[1] * centred_BD.shape[1]))  # ~16 MB of fp32 per chunk
-            for r0 in range(0, len(idx_BK), rows):
-                g_RK, idx_RK = g_BK[r0 : r0 + rows], idx_BK[r0 : r0 + rows]
-                g_FD.index_add_(0, idx_RK.flatten(), (g_RK[..., None] * centred_BD[r0 : r0 + rows, None, :]).flatten(0, 1))
-            g_W = g_FD.t()
-        g_bd = -(W_enc.mv(g_F)) if need_bd else None
+        rows_N = torch.arange(len(idx_BK), device=idx_BK.device).repeat_interleave(idx_BK.shape[1])
+        g_W, g_F, g_bd = _sparse_encoder_grads(
+            centred_BD, W_enc, rows_N, idx_BK.flatten(), g_BK.flatten(), need_W, need_bd)  # fmt: skip
         return None, g_W, g_F if need_b else None, g_bd, None
 
 
 class _ReLUSparseEncode(torch.autograd.Function):
-    """Standard (ReLU) training encode as sparse work (issue 19): the dense pre-activations ``pre_BF``
-    (computed once, without autograd, by the caller) are kept only where positive, as ``acts_N`` at
-    ``(rows_N, feats_N)`` in row-major order. The backward touches those entries only: W_enc's
-    gradient by chunked index_adds of ``g x centred input``, b_enc's by an index_add, b_dec's as one
-    mat-vec; equal to the dense autograd path up to float summation order (``tests/core/test_sae.py``)."""
+    """Standard (ReLU) training encode as sparse work (issue 19): of the dense pre-activations ``pre_BF``
+    (computed once, without autograd, by the caller) only the positive entries at ``(rows_N, feats_N)``
+    (row-major, found by the caller too) are returned, as ``acts_N``; the backward touches those entries
+    only (:func:`_sparse_encoder_grads`), equal to the dense autograd path up to float summation order
+    (``tests/core/test_sae.py``)."""
 
     @staticmethod
     def forward(
-        ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre_BF: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        rows_N, feats_N = (pre_BF > 0).nonzero(as_tuple=True)
-        acts_N = pre_BF[rows_N, feats_N]
+        ctx: Any, x_BD: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, pre_BF: Tensor, rows_N: Tensor,
+        feats_N: Tensor,
+    ) -> Tensor:  # fmt: skip
         ctx.save_for_backward(x_BD - b_dec, W_enc, rows_N, feats_N)
-        ctx.mark_non_differentiable(rows_N, feats_N)
-        return acts_N, rows_N, feats_N
+        return pre_BF[rows_N, feats_N]
 
     @staticmethod
-    def backward(ctx: Any, g_N: Tensor, _g_rows: Tensor | None, _g_feats: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g_N: Tensor) -> tuple[Tensor | None, ...]:
         centred_BD, W_enc, rows_N, feats_N = ctx.saved_tensors
-        _, need_W, need_b, need_bd, _ = ctx.needs_input_grad
-        d_in, d_sae = W_enc.shape
-        g_F = torch.zeros(d_sae, dtype=g_N.dtype, device=g_N.device).index_add_(0, feats_N, g_N)
-        g_W = None
-        if need_W:
-            g_FD = torch.zeros(d_sae, d_in, dtype=W_enc.dtype, device=W_enc.device)
-            chunk = max(1, (1 << 22) // max(1, d_in))  # ~16 MB of fp32 per chunk of entries
-            for n0 in range(0, len(g_N), chunk):
-                rows, feats = rows_N[n0 : n0 + chunk], feats_N[n0 : n0 + chunk]
-                g_FD.index_add_(0, feats, g_N[n0 : n0 + chunk, None] * centred_BD[rows])
-            g_W = g_FD.t()
-        g_bd = -(W_enc.mv(g_F)) if need_bd else None
-        return None, g_W, g_F if need_b else None, g_bd, None
+        _, need_W, need_b, need_bd, _, _, _ = ctx.needs_input_grad
+        g_W, g_F, g_bd = _sparse_encoder_grads(centred_BD, W_enc, rows_N, feats_N, g_N, need_W, need_bd)
+        return None, g_W, g_F if need_b else None, g_bd, None, None, None
+
+
+def _sparse_encoder_grads(
+    centred_BD: Tensor, W_enc: Tensor, rows_N: Tensor, feats_N: Tensor, g_N: Tensor, need_W: bool, need_bd: bool
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """Gradients of W_enc, b_enc and b_dec from ``g_N``, the gradient of the pre-activation entries
+    ``(rows_N, feats_N)`` (all others 0): b_enc's by an index_add, W_enc's columns by index_adds of
+    ``g x centred input`` in chunks of entries (~16 MB of fp32 each, so no (entries x d_in) tensor exists
+    at once), returned as the transpose of a (d_sae, d_in) tensor; b_dec's as one mat-vec."""
+    d_in, d_sae = W_enc.shape
+    g_F = torch.zeros(d_sae, dtype=g_N.dtype, device=g_N.device).index_add_(0, feats_N, g_N)
+    g_W = None
+    if need_W:
+        g_FD = torch.zeros(d_sae, d_in, dtype=W_enc.dtype, device=W_enc.device)
+        chunk = max(1, (1 << 22) // max(1, d_in))
+        for n0 in range(0, len(g_N), chunk):
+            rows, feats = rows_N[n0 : n0 + chunk], feats_N[n0 : n0 + chunk]
+            g_FD.index_add_(0, feats, g_N[n0 : n0 + chunk, None] * centred_BD[rows])
+        g_W = g_FD.t()
+    g_bd = -(W_enc.mv(g_F)) if need_bd else None
+    return g_W, g_F, g_bd
 
 
 class SparseAutoencoder(nn.Module):
@@ -286,7 +289,7 @@ class SparseAutoencoder(nn.Module):
         value); it is ignored by "topk", whose loss is the MSE alone.
         """
         xs_BD = self._scale_in(x_BD)
-        sparse = None
+        pre_BF = acts_N = None
         if self._sparse_topk():
             # training a topk SAE: decode the k kept features only (embedding_bag: a weighted sum of k
             # decoder rows per token, and its backward touches those rows only); z is for the statistics
@@ -294,38 +297,35 @@ class SparseAutoencoder(nn.Module):
             out_BD = F.embedding_bag(idx_BK, self.W_dec, per_sample_weights=acts_BK, mode="sum") + self.b_dec
             z_BF = torch.zeros(len(xs_BD), self.d_sae, dtype=acts_BK.dtype, device=acts_BK.device).scatter_(
                 -1, idx_BK, acts_BK.detach())
-        elif self._sparse_standard() and (sparse := self._sparse_relu(xs_BD))[0] is not None:
-            # training a standard SAE at low density: decode each token's active features only
-            # (embedding_bag over variable-length bags); z (the detached ReLU) is for the statistics
-            (acts_N, rows_N, feats_N), z_BF = sparse
-            counts_B = torch.bincount(rows_N, minlength=len(xs_BD))
-            out_BD = F.embedding_bag(feats_N, self.W_dec, counts_B.cumsum(0) - counts_B, per_sample_weights=acts_N,
-                                     mode="sum") + self.b_dec  # fmt: skip
         else:
-            z_BF = self._encode_scaled(xs_BD, None if sparse is None else sparse[1])
-            out_BD = z_BF @ self.W_dec + self.b_dec
+            if self._sparse_standard():
+                with torch.no_grad():
+                    pre_BF = torch.addmm(self.b_enc, xs_BD - self.b_dec, self.W_enc)
+                    active_BF = pre_BF > 0
+                if int(active_BF.sum()) <= self.sparse_standard_max_density * active_BF.numel():
+                    # training a standard SAE at low density: decode each token's active features only
+                    # (embedding_bag over variable-length bags); z (the detached ReLU) is for the statistics
+                    rows_N, feats_N = active_BF.nonzero(as_tuple=True)
+                    acts_N = _ReLUSparseEncode.apply(xs_BD, self.W_enc, self.b_enc, self.b_dec, pre_BF, rows_N,
+                                                     feats_N)  # fmt: skip
+                    counts_B = torch.bincount(rows_N, minlength=len(xs_BD))
+                    out_BD = F.embedding_bag(feats_N, self.W_dec, counts_B.cumsum(0) - counts_B,
+                                             per_sample_weights=acts_N, mode="sum") + self.b_dec  # fmt: skip
+                    z_BF = pre_BF.relu_()
+            if acts_N is None:  # dense (above the density bound: reusing the pre-activations)
+                z_BF = self._encode_scaled(xs_BD, pre_BF)
+                out_BD = z_BF @ self.W_dec + self.b_dec
         mse_loss = (out_BD - xs_BD).pow(2).sum(dim=-1).mean()
+        coef = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
         if self.cfg.architecture == "topk":
             l1_loss = mse_loss.new_zeros(())
-        elif sparse is not None and sparse[0] is not None:
-            coef = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
+        elif acts_N is not None:
             l1_loss = coef * (acts_N * self.W_dec.norm(dim=-1)[feats_N]).sum() / len(xs_BD)
         else:
-            coef = self.cfg.l1_coefficient if l1_coefficient is None else l1_coefficient
             # z >= 0 after the ReLU, so sum_k |z_k| * ||W_dec[k]|| is a mat-vec product.
             l1_loss = coef * (z_BF @ self.W_dec.norm(dim=-1)).mean()
         sae_out_BD = out_BD if self.activation_scale is None else out_BD / self.activation_scale
         return SAEOutput(sae_out_BD, z_BF, mse_loss + l1_loss, mse_loss, l1_loss)
-
-    def _sparse_relu(self, xs_BD: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor] | None, Tensor]:
-        """``((acts_N, rows_N, feats_N), z_BF)`` of :class:`_ReLUSparseEncode` when the batch is sparse
-        enough, else ``(None, pre_BF)``: the dense path then reuses the pre-activations."""
-        with torch.no_grad():
-            pre_BF = torch.addmm(self.b_enc, xs_BD - self.b_dec, self.W_enc)
-            if int((pre_BF > 0).sum()) > self.sparse_standard_max_density * pre_BF.numel():
-                return None, pre_BF
-        entries = _ReLUSparseEncode.apply(xs_BD, self.W_enc, self.b_enc, self.b_dec, pre_BF)
-        return entries, pre_BF.relu_()
 
     # ------------------------------------------------------------------ saving
 

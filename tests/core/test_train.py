@@ -525,37 +525,19 @@ def test_train_module_does_not_import_transformers():
 
 def test_training_memory_predicts_the_measured_peak():
     """``training_memory`` (issue 19: printed before each SAE trains) against the peak resident memory of a
-    real training run in a fresh process (256 x 4,096 features, batch 4,096: 0.38 GB measured on
-    2026-12-03)."""
-    import subprocess
-    import sys
+    real training run in a fresh process, measured as ``benchmarks/bench_memory.py`` does (256 x 4,096
+    features, batch 4,096: 0.38 GB measured on 2026-12-03)."""
+    import importlib.util
 
     from saev.config import SAEConfig, TrainConfig
     from saev.train import training_memory
 
-    child = r"""
-import json, tempfile
-import torch
-from saev.config import SAEConfig, TrainConfig
-from saev.train import train_sae
-torch.set_num_threads(1)
-g = torch.Generator().manual_seed(0)
-data = [torch.randn(4096, 256, generator=g) for _ in range(2)]
-def status(key):  # KiB; VmHWM is this process's own (ru_maxrss would carry pytest's peak across exec)
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
-open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to the current resident size
-before = status("VmRSS")
-cfg = TrainConfig(sae=SAEConfig(d_in=256, expansion_factor=16, l1_coefficient=1.0), lr=1e-4,
-                  lr_warm_up_steps=0, lr_decay_steps=0, train_batch_size_tokens=4096, total_training_steps=3,
-                  feature_sampling_window=3, dead_feature_window=3, checkpoint_every=0, seed=0)
-with tempfile.TemporaryDirectory() as out:
-    train_sae((data[i % 2] for i in range(10**6)), cfg, out_dir=out, progress=False)
-print(json.dumps((status("VmHWM") - before) * 1024))
-"""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux's /proc/self/clear_refs to measure a peak")
-    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
-    measured = int(run.stdout)
+    spec = importlib.util.spec_from_file_location("bench_memory", REPO_ROOT / "benchmarks" / "bench_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    measured = bench._measure(256, 4096, 4096, steps=3, threads=1)
     cfg = TrainConfig(sae=SAEConfig(d_in=256, expansion_factor=16), train_batch_size_tokens=4096)
     predicted = training_memory(cfg)
     assert predicted["total"] == predicted["state"] + predicted["batch"]
