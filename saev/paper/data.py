@@ -313,15 +313,40 @@ def _image_folder(path: Path) -> datasets.Dataset | None:
             classes.append(d.name)
     if not classes:
         return None
+    classes = _synset_names(path, classes)
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
     return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+SYNSET_FILES = ("LOC_synset_mapping.txt", "synset_words.txt")
+"""Files in an ImageNet root that name each WordNet id (``n01440764 tench, Tinca tinca``): the Kaggle
+ILSVRC layout's and Caffe's."""
+
+
+def _synset_names(root: Path, folders: list[str]) -> list[str]:
+    """Class names of the folders ``folders`` of an ImageNet root: the first name of each WordNet id in
+    the root's synset file (``tench``), so the Fig. 6 answer is a word, not an id; a name two ids share
+    (ImageNet's two "crane"s) gets its id appended. Without a synset file: the folder names."""
+    file = next((root / f for f in SYNSET_FILES if (root / f).is_file()), None)
+    if file is None:
+        return folders
+    names: dict[str, str] = {}
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        if line.strip():
+            wnid, _, words = line.strip().partition(" ")
+            if not words.strip():
+                raise DataLayoutError(f"{file}: line {number} names no class after the id {wnid!r}")
+            names[wnid] = words.split(",")[0].strip()
+    first = [names.get(f, f) for f in folders]
+    return [f"{n} ({f})" if first.count(n) > 1 else n for n, f in zip(first, folders)]
 
 
 def load_classification(path: str | os.PathLike) -> datasets.Dataset:
     """Image classification (the ImageNet subset's role): ``image`` and ``label`` (a ClassLabel
     where the source names classes). For an ImageNet folder the class names are the folder
     names (e.g. WordNet ids). ShapesWorld convention: ask ``CLASSIFICATION_QUESTION``,
-    expect ``class_answer(name)``."""
+    expect ``class_answer(name)``. An ImageNet folder with a synset file (``SYNSET_FILES``) names each
+    class by its first word instead (``tench``)."""
     ds, base = _read(path, "classification")
     if ds is None:
         ds, base = _image_folder(Path(path)), Path(path)

@@ -155,9 +155,12 @@ def test_imagenet_folder_layout(tmp_path: Path) -> None:
         (tmp_path / wnid).mkdir()
         for k in range(2):
             (tmp_path / wnid / f"img_{k}.JPEG").write_bytes(_image_bytes(color, "JPEG"))
-    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench\n")
     ds = load_classification(tmp_path)
     assert ds.features["label"].names == ["n01440764", "n01443537"]
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+    assert load_classification(tmp_path).features["label"].names == ["tench", "goldfish"]
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 crane\nn01443537 crane\n")  # ImageNet has two
+    assert load_classification(tmp_path).features["label"].names == ["crane (n01440764)", "crane (n01443537)"]
     assert ds["label"] == [0, 0, 1, 1]
     r, g, _ = ds[2]["image"].convert("RGB").getpixel((3, 3))
     assert g > 150 and r < 50
