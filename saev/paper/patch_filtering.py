@@ -69,6 +69,7 @@ __all__ = [
     "patch_cases",
     "patch_filter_experiment",
     "rank_answer_fn",
+    "square_image",
 ]
 
 PATCH_METHODS: tuple[PatchMethod, ...] = ("l0", "l1", "cooccurrence", "cosine")
@@ -144,7 +145,7 @@ def _compute_cross_modal_stats(profile: Profile, cfg: PipelineConfig, model: str
                                data: DataSlice, path: Path, *, progress: bool) -> None:  # fmt: skip
     """:func:`cross_modal_stats`' computation, written to ``path`` (by rank 0 under torchrun)."""
     from saev import distributed
-    from saev.evaluate import merge_stats_over_ranks, rank_rows, weight_subset
+    from saev.evaluate import kept_hidden_dtype, merge_stats_over_ranks, rank_rows, weight_subset
     from saev.models import Modality
     from saev.scoring import FeatureStats
 
@@ -161,7 +162,8 @@ def _compute_cross_modal_stats(profile: Profile, cfg: PipelineConfig, model: str
             act_cfg=ActivationConfig(store_batch_size_prompts=cfg.eval_batch_size), cache_root=None,
             seed=profile.seed, require_images=True, progress=progress, tokens=cfg.tokens,
         )  # fmt: skip
-        stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta, variant=cfg.variant)
+        stats = FeatureStats(sae.d_sae, sae.d_in, top_k=cfg.top_k, delta=cfg.delta, variant=cfg.variant,
+                             dtype=kept_hidden_dtype(loaded, sae))
         positions = []
         for padded in store.iter_token_batches():
             record = padded.unpadded()  # padding (kept for the released L0) enters no feature's tokens
@@ -216,7 +218,7 @@ def classification_patch_scores(
     (image,))``, H = M(T, V) in Alg. 4-7); the SAE-V encodes its real tokens; every method of
     ``PATCH_METHODS`` scores the image tokens, and :func:`saev.patches.views_to_patch_scores`
     maps them onto the grid of :func:`image_layout` (LLaVA-NeXT: base view and tiles averaged).
-    All images must have the same size. ``variant``: Alg. 4-7 as the paper or the released scripts
+    All images must have the same size (``pipeline.classification_image_size`` makes them so). ``variant``: Alg. 4-7 as the paper or the released scripts
     (``saev.patches.patch_scores``); ``tokens``: the token set (``saev.models.TokenSet``; "released":
     BOS, markers and the prompt count as text, the whole image span, newlines included, as image).
     """
@@ -225,7 +227,7 @@ def classification_patch_scores(
 
     sizes = {(im.height, im.width) for im in images}
     if len(sizes) != 1:
-        raise ValueError(f"all images must have one size, got {sorted(sizes)}")
+        raise ValueError(f"all images must have one size (set pipeline.classification_image_size), got {sorted(sizes)}")
     layout = loaded.image_layout(sizes.pop())
     samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
     store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size,
@@ -456,6 +458,19 @@ def oracle_patch_scores(task: ClassificationTask, grid: tuple[int, int]) -> Tens
     return object_cover(task, grid)
 
 
+def square_image(image: Image.Image, size: int) -> Image.Image:
+    """``image`` resized (bicubic) so its shorter side is ``size``, then centre-cropped to ``size`` x ``size``
+    (ImageNet's usual evaluation transform): Fig. 6 masks every image on one patch grid."""
+    from PIL import Image as PILImage
+
+    w, h = image.size
+    scale = size / min(w, h)
+    rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((rw, rh), PILImage.Resampling.BICUBIC)
+    left, top = (rw - size) // 2, (rh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
 def classification_task(profile: Profile, cfg: PipelineConfig) -> ClassificationTask:
     """The world's 10-class task (``CLASSIFICATION_QUESTION``, ``class_answer``), or for a
     profile without a world its ImageNet subset: class names from the ``label`` ClassLabel,
@@ -476,6 +491,8 @@ def classification_task(profile: Profile, cfg: PipelineConfig) -> Classification
             raise ConfigError(f"{profile.data_path('classification')}: 'label' has no class names (need a ClassLabel)")
         question, candidates = cfg.classification_question, list(names)
     images = [im.convert("RGB") for im in part["image"]]
+    if cfg.classification_image_size is not None:
+        images = [square_image(im, cfg.classification_image_size) for im in images]
     cells, grid = None, None
     if "object_patches" in part.column_names and profile.world is not None:
         cells = [list(c) for c in part["object_patches"]]

@@ -267,6 +267,11 @@ class PipelineConfig:
     without a world must set it)."""
     max_new_tokens: int = 6
     """Greedy decoding length of ``answer_mode="generate"``."""
+    classification_image_size: int | None = None
+    """Fig. 6: resize each classification image (shorter side) and centre-crop it to this square size before
+    scoring and masking, so every image has one patch grid (ImageNet's photos come in every size; the paper
+    does not say how it handled them; 672 gives LLaVA-NeXT its full 2 x 2 anyres grid, 2,928 tokens).
+    None: the images must already share one size (the world's)."""
     transfer_mllm: str = "llava-next"
     """Fig. 4 (and Figs. 5-6): the MLLM whose SAE-V is transferred and whose image patches are
     filtered (LLaVA-NeXT-7B's role)."""
@@ -304,6 +309,8 @@ class PipelineConfig:
                         "classification_samples", "n_subsets", "random_seeds", "top_k", "max_new_tokens",
                         "n_cases", "gallery_features", "gallery_examples", "num_threads")  # fmt: skip
         check_non_negative(self, "delta")
+        if self.classification_image_size is not None and self.classification_image_size <= 0:
+            raise ConfigError(f"PipelineConfig.classification_image_size must be > 0 or null, got {self.classification_image_size}")
         if not all(0 < f < 1 for f in self.keep_fractions):
             raise ConfigError(f"PipelineConfig.keep_fractions must lie in (0, 1), got {self.keep_fractions}")
         if self.answer_mode not in ("rank", "generate"):
@@ -334,6 +341,10 @@ class Profile:
     world_models: Any = field(default=None, metadata={"from_yaml": False})
     """Sizes and training of the world's models (a ``saev.shapesworld.WorldModelsConfig`` from the
     ``world_models:`` section; required with ``world``)."""
+    rehearsal: Any = field(default=None, metadata={"from_yaml": False})
+    """A rehearsal of a paper profile without weights (a ``saev.rehearsal.RehearsalConfig`` from the
+    ``rehearsal:`` section): ``python -m saev.rehearsal build`` writes the models and data sets that its
+    ``model_dir`` and ``data:`` paths name. None for every other profile."""
     data: DataPaths = field(default_factory=DataPaths)
     """Local data sets by role; required (per role a notebook uses) when ``world`` is None."""
     pipeline: PipelineConfig | None = None
@@ -443,7 +454,11 @@ class Profile:
             elif not self._resolve(value).exists():
                 problems.append(f"data.{name} = {str(self._resolve(value))!r} does not exist (the local copy of {paper}: {contents})")
         if problems:
-            raise ConfigError(f"{self._where}: this profile reads its inputs from local paths:\n  - " + "\n  - ".join(problems))
+            hint = ""
+            if self.rehearsal is not None:
+                hint = f"\n  (a rehearsal profile: `python -m saev.rehearsal build --profile {self.name}` writes them)"
+            raise ConfigError(f"{self._where}: this profile reads its inputs from local paths:\n  - "
+                              + "\n  - ".join(problems) + hint)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- loading
@@ -470,10 +485,17 @@ def load_profile(name_or_path: str | Path) -> Profile:
     root = path.parent.parent if path.parent.name == "params" else path.parent
     data = dict(data)
     world_sections = {key: data.pop(key) for key in ("world", "world_models") if key in data}
+    rehearsal = data.pop("rehearsal", None)
     if "train" in data:  # train.recipe: released fills in the released scripts' settings (saev.config.RECIPES)
         data["train"] = apply_recipe(data["train"], source=str(path))
     profile = build_dataclass(Profile, data, source=str(path))
     profile = dataclasses.replace(profile, root_dir=str(root), source=str(path))
+    if rehearsal is not None:  # only a rehearsal profile loads saev.rehearsal
+        if world_sections:
+            raise ConfigError(f"{path}: a profile has a 'world' or a 'rehearsal' section, not both")
+        from saev.rehearsal.config import rehearsal_section
+
+        profile = dataclasses.replace(profile, rehearsal=rehearsal_section(rehearsal, source=str(path)))
     if world_sections:  # only a mini/ci profile loads the world's code
         from saev.paper.world import world_sections as build_world_sections
 
