@@ -300,6 +300,24 @@ def test_memory_is_bounded_by_features_times_k_times_d():
     assert sizes() == before and stats.rows_seen == 500
 
 
+@pytest.mark.parametrize("variant", ["paper", "released"])
+def test_bfloat16_hidden_rows_kept_in_bfloat16_give_the_same_weights(variant):
+    """A bfloat16 model's hidden states lose nothing in a bfloat16 table (``evaluate.kept_hidden_dtype``):
+    omega is bit-identical to the float32 table's, at half its memory."""
+    gen = torch.Generator().manual_seed(3)
+    tables = {dtype: FeatureStats(16, 8, top_k=3, variant=variant, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+    for _ in range(4):
+        hidden = torch.randn(64, 8, generator=gen).bfloat16().float()
+        z, is_image = 3 * torch.rand(64, 16, generator=gen), torch.rand(64, generator=gen) < 0.5
+        for stats in tables.values():
+            stats.update(hidden, z, is_image)
+    w32, w16 = (t.weights() for t in tables.values())
+    assert (w32 != 0).any() and torch.equal(w32, w16)
+    half = sum(t.numel() * t.element_size() for k, t in tables[torch.bfloat16].state_dict().items() if "hidden" in k)
+    full = sum(t.numel() * t.element_size() for k, t in tables[torch.float32].state_dict().items() if "hidden" in k)
+    assert half * 2 == full
+
+
 # ---------------------------------------------------------------- Alg. 1 stage 3, Alg. 2, Alg. 3
 
 
