@@ -3,6 +3,7 @@
 | stage | what it does | notebook |
 |---|---|---|
 | ``check`` | load the profile and check every local input a full run needs | ``run_all.sh`` |
+| ``memory`` | the memory each heavy stage holds at the profile's sizes (``saev.paper.memory``) | |
 | ``world-data`` | generate every data set of the profile's world (``--force`` rebuilds) | |
 | ``world`` | the world's data sets and its trained models (with their held-out metrics) | 01 |
 | ``saes`` | SAE and SAE-V of every model | 01 |
@@ -25,10 +26,11 @@ import sys
 import time
 
 STAGES = (
-    "check", "world-data", "world", "saes", "reconstruction", "weights", "patch-filter",
+    "check", "memory", "world-data", "world", "saes", "reconstruction", "weights", "patch-filter",
     "scores", "defects", "fig07", "fig09", "fig10", "fig11", "all",
 )  # fmt: skip
 """Stages of ``python -m saev.paper``; ``all`` runs those from ``world`` on."""
+ALL_STAGES = STAGES[STAGES.index("world") : -1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DISTRIBUTED_STAGES = ("check", "world-data", "world", "saes", "weights", "patch-filter", "scores")
+DISTRIBUTED_STAGES = ("check", "memory", "world-data", "world", "saes", "weights", "patch-filter", "scores")
 """Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
 ``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; ``patch-filter``: each rank
 scores and answers whole batches of Fig. 6's images and masked images, gathered on rank 0; ``scores``: each rank
@@ -88,7 +90,12 @@ def _run(args: argparse.Namespace) -> int:
         check_profile(args.profile)
         return 0
     profile = load_profile(args.profile)
-    todo = STAGES[2:-1] if args.stage == "all" else (args.stage,)
+    if args.stage == "memory":
+        from saev.paper.memory import format_memory_table, memory_table
+
+        print(format_memory_table(memory_table(profile)))
+        return 0
+    todo = ALL_STAGES if args.stage == "all" else (args.stage,)
     start = time.perf_counter()
 
     if "world-data" in todo:

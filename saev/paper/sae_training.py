@@ -158,13 +158,13 @@ def train_one_sae(
     out_dir = run.path
     if (out_dir / "pipeline.json").is_file():
         return run
-    predicted = predicted_memory(train_cfg, act_cfg, context_size, dtype)
-    if progress and distributed.is_main():
+    predicted = predicted_memory(train_cfg, act_cfg, context_size, dtype, model_dir=model_dir, family=family)
+    if distributed.is_main():  # printed with or without progress bars: read it before a long run starts
         size = {k: f"{v:.2f} GiB" if v >= 1 else f"{v * 1024:.1f} MiB" for k, v in predicted.items()}
-        print(f"{model} {kind}: predicted memory: SAE training {size['sae_training_gib']} (weights, "
-              f"gradients and Adam {size['sae_state_gib']}, batch {size['sae_batch_gib']}), "
-              f"activation buffer {size['activation_buffer_gib']} ({dtype}; the model not included)",
-              flush=True)  # fmt: skip
+        print(f"{model} {kind}: predicted memory {size['total_gib']}: SAE training {size['sae_training_gib']} "
+              f"(weights, gradients and Adam {size['sae_state_gib']}, batch {size['sae_batch_gib']}), "
+              f"activation buffer {size['activation_buffer_gib']} ({dtype}), model {size['model_gib']}, "
+              f"extraction forward {size['extraction_forward_gib']}", flush=True)  # fmt: skip
     # Under torchrun (saev.distributed): every rank extracts its share of the store batches into the shared
     # activation cache, then trains its slice of each batch with DDP; rank 0 writes the SAE.
     loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device)
@@ -186,8 +186,11 @@ def train_one_sae(
         torch.cuda.reset_peak_memory_stats()
     newest = _latest_checkpoint(out_dir)
     steps_before = int(newest.name.removeprefix("step_")) if newest is not None else 0
+    from saev.memory import measure_peak
+
     start = time.perf_counter()
-    train_sae(batches, train_cfg, out_dir=out_dir, resume=True, progress=progress)
+    with measure_peak() as peak:  # CPU: the resident peak above the start (the model was loaded before it)
+        train_sae(batches, train_cfg, out_dir=out_dir, resume=True, progress=progress)
     seconds = time.perf_counter() - start
     if distributed.is_main():
         tokens = (train_cfg.total_training_steps - steps_before) * train_cfg.train_batch_size_tokens
@@ -195,6 +198,7 @@ def train_one_sae(
             "seconds": round(seconds, 1), "ranks": distributed.world_size(), "tokens": tokens,
             "tokens_per_s": round(tokens / seconds, 1),
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "peak_cpu_memory_gib": None if cuda or peak["peak"] is None else round(peak["peak"] / 2**30, 3),
             "predicted_memory_gib": predicted,  # issue 19: read beside the measured peak
         }  # fmt: skip
         atomic_write_json(out_dir / "pipeline.json", {"key": key, "params": params, "run": stage})
@@ -203,22 +207,43 @@ def train_one_sae(
 
 
 def predicted_memory(
-    train_cfg: TrainConfig, act_cfg: ActivationConfig, context_size: int, dtype: str
+    train_cfg: TrainConfig, act_cfg: ActivationConfig, context_size: int, dtype: str, *,
+    model_dir: str | Path | None = None, family: str | None = None,
 ) -> dict[str, float]:
-    """GiB that :func:`train_one_sae` is predicted to need for the SAE's training
-    (``saev.train.training_memory``) and the activation buffer (``saev.activations.buffer_memory``);
-    the extraction model is not included."""
+    """GiB that :func:`train_one_sae` is predicted to need: the SAE's training (``saev.train.training_memory``),
+    the activation buffer (``saev.activations.buffer_memory``) and, given the checkpoint folder ``model_dir``
+    of ``family``, the extraction model's weights and one forward's live activations
+    (``saev.memory.extraction_memory``); ``total_gib`` sums them."""
     from saev.activations import buffer_memory
     from saev.train import training_memory
 
     sae = training_memory(train_cfg)
     gib = 2**30
-    return {
+    out = {
         "sae_training_gib": round(sae["total"] / gib, 3), "sae_state_gib": round(sae["state"] / gib, 3),
         "sae_batch_gib": round(sae["batch"] / gib, 3),
         "activation_buffer_gib": round(buffer_memory(act_cfg, context_size, train_cfg.sae.d_in, dtype) / gib,
                                        3),
     }  # fmt: skip
+    if model_dir is not None and family is not None:
+        from transformers import AutoConfig
+
+        from saev.memory import extraction_memory, model_parameters
+
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        n = model_parameters(config, family)
+        fwd = extraction_memory(config, batch=act_cfg.store_batch_size_prompts, context=context_size, dtype=dtype)
+        out["model_gib"] = round(n * getattr(torch_module(), dtype).itemsize / gib, 3)
+        out["extraction_forward_gib"] = round(fwd["forward"] / gib, 3)
+    out["total_gib"] = round(sum(v for k, v in out.items() if k in (
+        "sae_training_gib", "activation_buffer_gib", "model_gib", "extraction_forward_gib")), 3)  # fmt: skip
+    return out
+
+
+def torch_module():  # noqa: ANN201 (torch is imported lazily in this module)
+    import torch
+
+    return torch
 
 
 def _sae_plan(profile: Profile) -> list[tuple[str, str]]:
