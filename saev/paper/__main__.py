@@ -134,16 +134,23 @@ def _run(args: argparse.Namespace) -> int:
         from saev.paper import alignment
 
         if "scores" in todo:
-            for model, pref_set in alignment.DEFECT_RUNS:
+            for model, pref_set in [(m, s) for m, s in alignment.DEFECT_RUNS if m in profile.models]:
                 scores = alignment.preference_scores(profile, model, pref_set, progress=progress)
                 print(f"scores {model} set {pref_set}: {len(scores)} pairs")
         if "defects" in todo:
             detection = alignment.defect_detection_runs(profile, progress=progress)
-            print(detection[detection["defect"] == "any"][["model", "set", "score", "auc", "precision"]].to_string())
+            if detection.empty:
+                print("defects: no defect labels in this profile's preference sets (only the world's have them)")
+            else:
+                print(detection[detection["defect"] == "any"][["model", "set", "score", "auc", "precision"]].to_string())
         sweeps = {"fig07": alignment.fig07_sweep, "fig09": alignment.fig09_sweep,
                   "fig10": alignment.fig10_sweep, "fig11": alignment.fig11_sweep}  # fmt: skip
         for stage, sweep in sweeps.items():
             if stage in todo:
+                skipped = alignment.sweep_skipped(profile, stage)
+                if skipped is not None and args.stage == "all":
+                    print(f"{stage}: {skipped}")
+                    continue
                 print(f"{stage}:\n{alignment.sweep_table(sweep(profile, progress=progress)).to_string()}")
     print(f"total {time.perf_counter() - start:.1f} s")
     return 0

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from saev.cache import cached_json, cached_json_is_current, code_fingerprint, model_fingerprint, params_hash
+from saev.config import ConfigError
 from saev.paper.common import EVAL_CODE, load_profile_model, pipeline_config_for, torch_threads, writer_lock
 from saev.paper.finetune import random_scores
 from saev.paper.profile import AlignConfig, Profile, as_profile
@@ -587,6 +588,9 @@ def filter_sweep(
     unknown = [f for f in filters if f not in known]
     if unknown:
         raise ValueError(f"unknown filter(s) {unknown}; known: {', '.join(known)}")
+    if model not in profile.models:
+        raise ConfigError(f"{profile.source or profile.name}: this sweep fine-tunes the model {model!r}, which the "
+                          f"profile does not have (it has {', '.join(profile.models)}); see alignment.SWEEPS")  # fmt: skip
     spec = profile.models[model]
     scores = preference_scores(profile, model, pref_set, progress=progress)
     data = preference_data(profile, pref_set).select(range(len(scores)))
@@ -687,6 +691,36 @@ def _ranking(scores: pd.DataFrame, name: str) -> np.ndarray:
 
 SWEEP_FILTERS: tuple[str, ...] = ("cosine", "cooccurrence", "l0", "random")
 """Filters of Figs. 7, 9 and 10 (the paper's three SAE-V filters and the random baseline)."""
+
+
+SWEEPS: dict[str, tuple[str, str]] = {
+    "fig07": ("llava-next", "a"), "fig09": ("chameleon", "a"), "fig10": ("chameleon", "b"), "fig11": ("llava-next", "a"),
+}  # fmt: skip
+"""(model, preference set) of each sweep: Figs. 7 and 11 fine-tune LLaVA-NeXT's role, Figs. 9 and 10 Chameleon's.
+A paper profile holds one of the two (paper-llava: Figs. 7, 11; paper-chameleon: Figs. 9, 10); the world
+profiles hold both."""
+
+
+def sweep_skipped(profile: str | Path | Profile, figure: str) -> str | None:
+    """Why ``figure``'s sweep (a key of ``SWEEPS``) does not apply to ``profile``: its model is not one of the
+    profile's (e.g. Fig. 9 on paper-llava); None when it applies."""
+    profile = as_profile(profile)
+    model, pref_set = SWEEPS[figure]
+    if model in profile.models:
+        return None
+    return (f"Fig. {int(figure[3:])} fine-tunes the model {model!r} on set {pref_set.upper()}; profile "
+            f"{profile.name!r} has {', '.join(profile.models)}, so it is skipped here (the paper-"
+            f"{'chameleon' if model == 'chameleon' else 'llava'} profile runs it)")  # fmt: skip
+
+
+def sweep_if_it_applies(profile: str | Path | Profile, figure: str, *, progress: bool = False) -> SweepResult | None:
+    """``figure``'s sweep (``fig07_sweep`` ...), or None after printing :func:`sweep_skipped`'s reason."""
+    reason = sweep_skipped(profile, figure)
+    if reason is not None:
+        print(reason)
+        return None
+    sweeps = {"fig07": fig07_sweep, "fig09": fig09_sweep, "fig10": fig10_sweep, "fig11": fig11_sweep}
+    return sweeps[figure](profile, progress=progress)
 
 
 def fig07_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
@@ -884,16 +918,21 @@ def defect_detection_runs(
     profile: str | Path | Profile, runs: Sequence[tuple[str, str]] = DEFECT_RUNS, *, progress: bool = False
 ) -> pd.DataFrame:
     """:func:`defect_detection` of the scores of every (model, preference set) of ``runs`` at
-    :func:`defect_fraction`, with columns ``model`` and ``set`` in front."""
+    :func:`defect_fraction`, with columns ``model`` and ``set`` in front. Runs whose model the profile lacks,
+    and sets without a ``defect`` column (every real one), are left out: empty for a paper profile."""
     import pandas as pd
 
     profile = as_profile(profile)
     fraction = defect_fraction(profile)
     frames = []
+    runs = [(model, pref_set) for model, pref_set in runs if model in profile.models]  # a paper profile: its own
     for model, pref_set in runs:
-        detection = defect_detection(
-            preference_scores(profile, model, pref_set, progress=progress), fraction=fraction
-        )
+        scores = preference_scores(profile, model, pref_set, progress=progress)
+        if "defect" not in scores.columns:  # real preference data carry no defect labels (only the world's do)
+            continue
+        detection = defect_detection(scores, fraction=fraction)
         frames.append(detection.assign(model=model, set=pref_set))
+    if not frames:
+        return pd.DataFrame(columns=["model", "set", "score", "defect", "auc", "precision"])
     frame = pd.concat(frames, ignore_index=True)
     return frame[["model", "set", *(c for c in frame.columns if c not in ("model", "set"))]]
