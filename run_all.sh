@@ -72,6 +72,15 @@ bootstrap
 [ "$setup_only" = 1 ] && exit 0
 
 [ -f "params/$profile.yaml" ] || { echo "run_all.sh: no profile params/$profile.yaml" >&2; exit 2; }
+# A rehearsal profile (paper-*-rehearsal) first writes its models and fixture data sets, and serves its
+# stub judge on loopback while the notebooks run.
+if .venv/bin/python -m saev.rehearsal is-rehearsal --profile "$profile" 2>/dev/null; then
+  .venv/bin/python -m saev.rehearsal build --profile "$profile" || { echo "run_all.sh: rehearsal build failed" >&2; exit 1; }
+  mkdir -p "runs/$profile"
+  .venv/bin/python -m saev.rehearsal judge --profile "$profile" >"runs/$profile/judge-stub.log" 2>&1 &
+  judge_pid=$!
+  trap 'kill "$judge_pid" 2>/dev/null || true' EXIT
+fi
 # A profile that reads local checkpoints and data (paper-*) stops here, naming every unset path.
 .venv/bin/python -m saev.paper check --profile "$profile" || { echo "run_all.sh: profile $profile is not ready to run (see above)" >&2; exit 2; }
 export PYTHONHASHSEED=0 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1

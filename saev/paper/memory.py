@@ -54,6 +54,8 @@ def memory_table(profile: str | Path | Profile) -> list[dict[str, Any]]:
             _row("saes", name, "model weights", n * size, f"{n / 1e9:.2f}B parameters in {spec.dtype} ({source})"),
             _row("saes", name, "extraction forward", fwd["forward"],
                  f"{act.store_batch_size_prompts} x {spec.context_size} tokens, live layer only"),
+            *([_row("saes", name, "vision encoder (SAE-V batches)", fwd["vision"],
+                    f"{act.store_batch_size_prompts} images through the image encoder")] if fwd["vision"] else []),
             _row("saes", name, "attention scores (eager/math SDPA only)", fwd["attention_scores"],
                  "0 with flash or memory-efficient attention"),
             _row("saes", name, "activation buffer", buffer_memory(act, spec.context_size, profile.train.sae.d_in, spec.dtype),

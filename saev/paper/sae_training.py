@@ -158,13 +158,14 @@ def train_one_sae(
     out_dir = run.path
     if (out_dir / "pipeline.json").is_file():
         return run
-    predicted = predicted_memory(train_cfg, act_cfg, context_size, dtype, model_dir=model_dir, family=family)
+    predicted = predicted_memory(train_cfg, act_cfg, context_size, dtype, model_dir=model_dir, family=family, kind=kind)
     if distributed.is_main():  # printed with or without progress bars: read it before a long run starts
         size = {k: f"{v:.2f} GiB" if v >= 1 else f"{v * 1024:.1f} MiB" for k, v in predicted.items()}
         print(f"{model} {kind}: predicted memory {size['total_gib']}: SAE training {size['sae_training_gib']} "
               f"(weights, gradients and Adam {size['sae_state_gib']}, batch {size['sae_batch_gib']}), "
               f"activation buffer {size['activation_buffer_gib']} ({dtype}), model {size['model_gib']}, "
-              f"extraction forward {size['extraction_forward_gib']}", flush=True)  # fmt: skip
+              f"extraction forward {size['extraction_forward_gib']}"
+              + (f", vision encoder {size['vision_encoder_gib']}" if "vision_encoder_gib" in size else ""), flush=True)  # fmt: skip
     # Under torchrun (saev.distributed): every rank extracts its share of the store batches into the shared
     # activation cache, then trains its slice of each batch with DDP; rank 0 writes the SAE.
     loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device)
@@ -208,7 +209,7 @@ def train_one_sae(
 
 def predicted_memory(
     train_cfg: TrainConfig, act_cfg: ActivationConfig, context_size: int, dtype: str, *,
-    model_dir: str | Path | None = None, family: str | None = None,
+    model_dir: str | Path | None = None, family: str | None = None, kind: str = "sae",
 ) -> dict[str, float]:
     """GiB that :func:`train_one_sae` is predicted to need: the SAE's training (``saev.train.training_memory``),
     the activation buffer (``saev.activations.buffer_memory``) and, given the checkpoint folder ``model_dir``
@@ -235,8 +236,10 @@ def predicted_memory(
         fwd = extraction_memory(config, batch=act_cfg.store_batch_size_prompts, context=context_size, dtype=dtype)
         out["model_gib"] = round(n * getattr(torch_module(), dtype).itemsize / gib, 3)
         out["extraction_forward_gib"] = round(fwd["forward"] / gib, 3)
+        if kind == "saev":  # the SAE-V's batches carry images through the vision encoder
+            out["vision_encoder_gib"] = round(fwd["vision"] / gib, 3)
     out["total_gib"] = round(sum(v for k, v in out.items() if k in (
-        "sae_training_gib", "activation_buffer_gib", "model_gib", "extraction_forward_gib")), 3)  # fmt: skip
+        "sae_training_gib", "activation_buffer_gib", "model_gib", "extraction_forward_gib", "vision_encoder_gib")), 3)  # fmt: skip
     return out
 
 

@@ -27,6 +27,8 @@ def test_every_profile_loads(name):
     for model in profile.models:
         if profile.world is not None:
             assert profile.model_path(model) == profile.artifacts_path / "models" / model
+        elif profile.rehearsal is not None:  # rehearsals: where python -m saev.rehearsal build writes them
+            assert profile.model_path(model) == profile.artifacts_path / "rehearsal" / "models" / model
         else:  # paper profiles: checkpoints come from paths the user sets
             with pytest.raises(ConfigError, match=f"set models.{model}.model_dir"):
                 profile.model_path(model)
