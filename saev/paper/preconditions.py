@@ -90,9 +90,14 @@ class Precondition(NamedTuple):
 
 
 def precondition_table(items: Sequence[Precondition], digits: int = 3) -> pd.DataFrame:
-    """The conditions as a table: condition, check, value, threshold, pass/FAIL."""
+    """The conditions as a table: condition, check, value, threshold, pass/FAIL; with none measured (a paper
+    profile: the checks need the world's labels), one row that says so."""
     import pandas as pd
 
+    if not items:
+        return pd.DataFrame([{"condition": "(none measured)", "check": "these checks need the world's labels "
+                              "(object patches, colour and shape words, defect labels); this profile's data has none",
+                              "value": float("nan"), "threshold": "", "result": "not measured"}])  # fmt: skip
     return pd.DataFrame(
         [{"condition": p.condition, "check": p.check, "value": round(float(p.value), digits),
           "threshold": p.threshold, "result": "pass" if p.passed else "FAIL"} for p in items]  # fmt: skip

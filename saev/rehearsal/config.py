@@ -57,6 +57,29 @@ def rehearsal_section(section: Mapping[str, Any], *, source: str) -> RehearsalCo
     return build_dataclass(RehearsalConfig, section, source=source, prefix="rehearsal")
 
 
+def _sync_tree(new: Path, old: Path) -> None:
+    """Make ``old`` hold ``new``'s files and then remove ``new``: a file whose bytes are unchanged is kept as it is,
+    mtime included, so the caches keyed by a data set's sizes and mtimes (``saev.cache.path_fingerprint``) and a
+    model's bytes survive a rebuild that changed nothing they read; the stamp (``rehearsal.json``) moves last."""
+    import filecmp
+
+    files = sorted(p.relative_to(new) for p in new.rglob("*") if p.is_file())
+    stamp = Path("rehearsal.json")
+    for rel in [f for f in files if f != stamp] + [stamp]:
+        src, dst = new / rel, old / rel
+        if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    keep = set(files)
+    for p in sorted(old.rglob("*"), reverse=True):
+        if p.is_file() and p.relative_to(old) not in keep:
+            p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+    shutil.rmtree(new, ignore_errors=True)
+
+
 def _code_key() -> str:
     from saev.cache import code_fingerprint
 
@@ -110,9 +133,7 @@ def build_rehearsal(profile: Any, *, progress: bool = True) -> dict[str, Path]:
             build_model(spec.family, tmp / "models" / name, texts=texts, reduction=cfg.models[name], seed=cfg.seed + i)
         record = {"key": key, "of": cfg.of, "seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "rehearsal.json").write_text(json.dumps(record, indent=1) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        _sync_tree(tmp, root)
         if progress:
             print(f"rehearsal written to {root} in {record['seconds']} s", flush=True)
     return want

@@ -155,6 +155,20 @@ def test_fixture_sets_load_through_the_paper_loaders(built: dict[str, Any]) -> N
     assert sorted(set(bench["category"])) == ["complex", "conv", "detail"] and len(bench) == rows["benchmark"]
 
 
+def test_a_rebuild_that_changes_nothing_keeps_every_file_and_its_mtime(built: dict[str, Any]) -> None:
+    """The fixture sets and weights are deterministic, and a rebuild (here forced by removing the stamp) keeps
+    unchanged files as they are, so caches keyed by a data set's mtimes (``path_fingerprint``) survive it."""
+    from saev.rehearsal import build_rehearsal
+
+    profile, paths = built["paper-llava-rehearsal"]
+    root = profile.artifacts_path / "rehearsal"
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and p != root / "rehearsal.json"}
+    (root / "rehearsal.json").unlink()
+    build_rehearsal(profile, progress=False)
+    after = {p: p.stat().st_mtime_ns for p in before if p.is_file()}
+    assert after == before and (root / "rehearsal.json").is_file()
+
+
 def test_the_stub_judge_reviews_through_the_real_client() -> None:
     from saev.paper.judge import Judge
     from saev.paper.profile import JudgeConfig
@@ -185,8 +199,8 @@ def _short_profile(tmp_path: Path, name: str, port: int) -> Path:
                      "feature_sampling_window": 2, "dead_feature_window": 2}  # fmt: skip
     raw["activations"]["n_batches_in_buffer"] = 1
     raw["pipeline"] |= {"train_docs": 3, "eval_docs": 1, "weight_samples": 2, "classification_samples": 2,
-                        "random_seeds": 1, "max_new_tokens": 2, "keep_fractions": [0.5]}  # fmt: skip
-    raw["align"] |= {"fractions": [0.5], "pool_size": 2, "benchmark_max_new_tokens": 4,
+                        "random_seeds": 1, "max_new_tokens": 2, "keep_fractions": [0.5], "transfer_llm": None}  # fmt: skip
+    raw["align"] |= {"fractions": [1.0], "pool_size": 2, "benchmark_max_new_tokens": 4,
                      "judge": {**raw["align"]["judge"], "base_url": f"http://127.0.0.1:{port}/v1"}}  # fmt: skip
     (tmp_path / "params").mkdir()
     path = tmp_path / "params" / f"{name}-short.yaml"
@@ -196,9 +210,11 @@ def _short_profile(tmp_path: Path, name: str, port: int) -> Path:
 
 @pytest.mark.parametrize("name", ["paper-llava-rehearsal"])
 def test_a_shortened_rehearsal_runs_every_stage(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Every stage of ``python -m saev.paper all`` at the real token geometry (4,096-token contexts, 2,928-token
-    images), a few samples each, judged through the stub on loopback; the SAE stage's CPU peak is measured
-    beside its prediction."""
+    """The stages of ``python -m saev.paper`` at the real token geometry (4,096-token contexts, 2,928-token
+    images), a few samples each, and one DPO fine-tune of the sweep judged through the stub on loopback; the SAE
+    stage's CPU peak is measured beside its prediction. (The full sweeps run in ``./run_all.sh --profile
+    paper-llava-rehearsal``: each DPO cell costs about a minute here.)"""
+    from saev.paper import alignment
     from saev.paper.__main__ import main as paper_main
     from saev.rehearsal import build_rehearsal
     from saev.rehearsal.judge import start
@@ -208,12 +224,17 @@ def test_a_shortened_rehearsal_runs_every_stage(name: str, tmp_path: Path, capsy
         path = _short_profile(tmp_path, name, server.server_address[1])
         profile = load_profile(path)
         build_rehearsal(profile, progress=False)
-        assert paper_main(["all", "--profile", str(path), "--quiet"]) == 0
+        for stage in ("check", "memory", "world", "saes", "reconstruction", "weights", "patch-filter", "scores", "defects"):
+            assert paper_main([stage, "--profile", str(path), "--quiet"]) == 0, stage
+        sweep = alignment.fig07_sweep(profile)  # fractions [1.0]: the base model and one DPO run on the whole pool
     finally:
         server.shutdown()
         server.server_close()
     out = capsys.readouterr().out
-    assert "fig07:" in out and "fig11:" in out and "Fig. 9 fine-tunes the model 'chameleon'" in out
+    assert "sum per stage and model" in out and "defects: no defect labels" in out
+    assert len(sweep.full) == 1 and sweep.full["n_train"].iloc[0] == 2 and 10 <= sweep.full["score"].iloc[0] <= 100
+    assert len(sweep.base) == 1 and sweep.cells.empty
+    assert alignment.sweep_skipped(profile, "fig09") is not None
     runs = sorted((profile.artifacts_path / "saes").glob("*/pipeline.json"))
     assert len(runs) == 3  # llava-next SAE and SAE-V, text-lm SAE
     for run in runs:
