@@ -1,6 +1,7 @@
 """The package's three layers (DESIGN.md, "Layers"): imports run only downward, with no cycle.
 
-core (``saev/*.py``) <- the paper's experiments (``saev/paper``) and the world (``saev/shapesworld``);
+core (``saev/*.py``) <- the paper's experiments (``saev/paper``), the world (``saev/shapesworld``) and the
+rehearsal (``saev/rehearsal``, a leaf beside the world);
 the world imports only the core; of the experiments only ``saev/paper/world.py`` imports the world.
 Every import counts, the ones inside functions too.
 """
@@ -25,7 +26,7 @@ def _module_name(path: Path) -> str:
 
 def _layer(module: str) -> str:
     parts = module.split(".")
-    if len(parts) > 1 and parts[1] in ("paper", "shapesworld"):
+    if len(parts) > 1 and parts[1] in ("paper", "shapesworld", "rehearsal"):
         return parts[1]
     return "core"
 
@@ -55,11 +56,24 @@ def test_imports_run_only_downward(module: str) -> None:
     if layer == "core":
         assert {m for m, lay in layers.items() if lay != "core"} == set(), f"{module} imports above the core"
     elif layer == "shapesworld":
-        assert {m for m, lay in layers.items() if lay == "paper"} == set(), f"the world {module} imports the experiments"
-    elif module != "saev.paper.world":
-        assert {m for m, lay in layers.items() if lay == "shapesworld"} == set(), (
-            f"{module} imports the world; only saev.paper.world may"
+        assert {m for m, lay in layers.items() if lay in ("paper", "rehearsal")} == set(), (
+            f"the world {module} imports the experiments or the rehearsal"
         )
+    elif layer == "rehearsal":  # a leaf beside the world: the core, and the profile loader for its command line
+        assert {m for m, lay in layers.items() if lay == "shapesworld"} == set(), f"{module} imports the world"
+        assert {m for m, lay in layers.items() if lay == "paper"} <= {"saev.paper.profile"}, (
+            f"the rehearsal {module} imports the experiments beyond saev.paper.profile"
+        )
+    else:
+        if module != "saev.paper.world":
+            assert {m for m, lay in layers.items() if lay == "shapesworld"} == set(), (
+                f"{module} imports the world; only saev.paper.world may"
+            )
+        if module not in ("saev.paper.profile", "saev.paper.memory"):
+            assert {m for m, lay in layers.items() if lay == "rehearsal"} == set(), (
+                f"{module} imports the rehearsal; only saev.paper.profile (its section) and saev.paper.memory "
+                "(the released configurations) may"
+            )
 
 
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "core"))
