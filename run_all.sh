@@ -74,7 +74,7 @@ bootstrap
 [ -f "params/$profile.yaml" ] || { echo "run_all.sh: no profile params/$profile.yaml" >&2; exit 2; }
 # A rehearsal profile (paper-*-rehearsal) first writes its models and fixture data sets, and serves its
 # stub judge on loopback while the notebooks run.
-if .venv/bin/python -m saev.rehearsal is-rehearsal --profile "$profile" 2>/dev/null; then
+if grep -q '^rehearsal:' "params/$profile.yaml"; then
   .venv/bin/python -m saev.rehearsal build --profile "$profile" || { echo "run_all.sh: rehearsal build failed" >&2; exit 1; }
   mkdir -p "runs/$profile"
   .venv/bin/python -m saev.rehearsal judge --profile "$profile" >"runs/$profile/judge-stub.log" 2>&1 &

@@ -190,13 +190,14 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
     for one, two in zip(runs[1], runs[2]):
         assert (two / "pipeline.json").is_file() and not (two / ".lock").exists()
         # Over 200 steps the float-order differences of the gradient average grow through Adam (whose
-        # update is ~lr * sign for features with near-zero gradients): the loss curves stay within 1e-4
-        # (measured <= 6e-5; the first 10 steps <= 2e-7), single weights drift up to ~2% of the largest.
+        # update is ~lr * sign for features with near-zero gradients): the loss curves stay within 1e-3
+        # (measured <= 6e-5 on an AVX512 Zen 5, 6.1e-4 at step 179 of the ci SAE-V on an AVX2 Zen 3, the same
+        # code; the first 10 steps <= 2e-7 on both), single weights drift up to ~2% of the largest.
         h1, h2 = _history(one), _history(two)
         loss1, loss2 = (torch.tensor([r["loss"] for r in h], dtype=torch.float64) for h in (h1, h2))
         assert len(h1) == len(h2) == 200
         torch.testing.assert_close(loss2[:10], loss1[:10], rtol=1e-6, atol=0, msg=lambda m, n=one.name: f"{n}: {m}")
-        torch.testing.assert_close(loss2, loss1, rtol=1e-4, atol=0, msg=lambda m, n=one.name: f"{n}: {m}")
+        torch.testing.assert_close(loss2, loss1, rtol=1e-3, atol=0, msg=lambda m, n=one.name: f"{n}: {m}")
         w1, w2 = _weights(one), _weights(two)
         for k in w1:
             assert float((w1[k] - w2[k]).abs().max()) <= 0.05 * float(w1[k].abs().max()), (one.name, k)
