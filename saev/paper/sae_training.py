@@ -227,6 +227,7 @@ def predicted_memory(
                                        3),
     }  # fmt: skip
     if model_dir is not None and family is not None:
+        import torch
         from transformers import AutoConfig
 
         from saev.memory import extraction_memory, model_parameters
@@ -234,19 +235,13 @@ def predicted_memory(
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
         n = model_parameters(config, family)
         fwd = extraction_memory(config, batch=act_cfg.store_batch_size_prompts, context=context_size, dtype=dtype)
-        out["model_gib"] = round(n * getattr(torch_module(), dtype).itemsize / gib, 3)
+        out["model_gib"] = round(n * getattr(torch, dtype).itemsize / gib, 3)
         out["extraction_forward_gib"] = round(fwd["forward"] / gib, 3)
         if kind == "saev":  # the SAE-V's batches carry images through the vision encoder
             out["vision_encoder_gib"] = round(fwd["vision"] / gib, 3)
     out["total_gib"] = round(sum(v for k, v in out.items() if k in (
         "sae_training_gib", "activation_buffer_gib", "model_gib", "extraction_forward_gib", "vision_encoder_gib")), 3)  # fmt: skip
     return out
-
-
-def torch_module():  # noqa: ANN201 (torch is imported lazily in this module)
-    import torch
-
-    return torch
 
 
 def _sae_plan(profile: Profile) -> list[tuple[str, str]]:

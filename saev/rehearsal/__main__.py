@@ -11,15 +11,13 @@ def main(argv: list[str] | None = None) -> int:
     from saev.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m saev.rehearsal", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("build", "judge", "is-rehearsal"))
+    parser.add_argument("command", choices=("build", "judge"))
     parser.add_argument("--profile", required=True, help="profile name in params/ or YAML path")
     args = parser.parse_args(argv)
     try:
         from saev.paper.profile import load_profile
 
         profile = load_profile(args.profile)
-        if args.command == "is-rehearsal":  # exit status 0 for a rehearsal profile, 1 otherwise
-            return 0 if profile.rehearsal is not None else 1
         if profile.rehearsal is None:
             raise ConfigError(f"{profile.source}: not a rehearsal profile (it has no 'rehearsal:' section)")
         if args.command == "build":

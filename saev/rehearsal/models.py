@@ -30,15 +30,18 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
+MISTRAL_7B: dict[str, Any] = {
+    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 32768, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False,
+}  # fmt: skip
+"""Mistral-7B-Instruct-v0.2's text config, shared by LLaVA-NeXT-Mistral (whose vocabulary adds 64 rows)."""
+
 RELEASED: dict[str, dict[str, Any]] = {
     # llava-hf/llava-v1.6-mistral-7b-hf
     "llava_next": {
         "checkpoint": "llava-hf/llava-v1.6-mistral-7b-hf",
-        "text": {
-            "vocab_size": 32064, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False,
-        },
+        "text": {**MISTRAL_7B, "vocab_size": 32064},
         "vision": {  # openai/clip-vit-large-patch14-336
             "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
             "image_size": 336, "patch_size": 14, "projection_dim": 768, "hidden_act": "quick_gelu",
@@ -60,11 +63,7 @@ RELEASED: dict[str, dict[str, Any]] = {
     # mistralai/Mistral-7B-Instruct-v0.2, LLaVA-NeXT-Mistral's base LLM
     "causal_lm": {
         "checkpoint": "mistralai/Mistral-7B-Instruct-v0.2",
-        "text": {
-            "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None, "tie_word_embeddings": False,
-        },
+        "text": {**MISTRAL_7B, "vocab_size": 32000},
         "tokens": {"<unk>": 0, "<s>": 1, "</s>": 2},
     },
     # facebook/chameleon-7b (Anole-7b shares its architecture and tokenizer)
@@ -103,7 +102,7 @@ def chameleon_code_token(code: int) -> str:
 
 def _special_layout(family: str) -> list[str]:
     """Token names at ids 0..n-1 of the family's released vocabulary, before its text tokens."""
-    rel = RELEASED["chameleon" if family == "chameleon" else family]["tokens"]
+    rel = RELEASED[family]["tokens"]
     if family != "chameleon":
         return ["<unk>", "<s>", "</s>"]
     first = RELEASED["chameleon"]["first_code_id"]
