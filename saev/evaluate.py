@@ -693,7 +693,6 @@ def ifd_scores(
     An answer cut by ``context_size`` counts its tokens that fit, as Li et al. truncate to a
     maximum length; a sample with no answer token left is an error naming it.
     """
-    family = loaded.family
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     device = loaded.model.device
@@ -702,11 +701,11 @@ def ifd_scores(
     for first, batch in _sample_batches(samples, batch_size, to_qa, "IFD", progress and distributed.is_main(), mine):
         ids = list(range(first, first + len(batch)))
         full = loaded.build_inputs(
-            [chat_sample(family, q.question, q.answer, tuple(q.images)) for q in batch],
+            [chat_sample(loaded, q.question, q.answer, tuple(q.images)) for q in batch],
             context_size=context_size, sample_ids=ids,
         )
         prompt = loaded.build_inputs(
-            [chat_sample(family, q.question, "", tuple(q.images)) for q in batch], context_size=context_size,
+            [chat_sample(loaded, q.question, "", tuple(q.images)) for q in batch], context_size=context_size,
             sample_ids=ids,
         )
         full_len_B = full["attention_mask"].sum(1).tolist()

@@ -33,6 +33,7 @@ a right-padded batch decoded as if alone).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -60,6 +61,7 @@ from saev.patches import ImageLayout, ViewLayout
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
+    "CHAT_STYLES",
     "PROMPT_TEMPLATES",
     "Adapter",
     "CausalLMAdapter",
@@ -71,6 +73,7 @@ __all__ = [
     "Sample",
     "TokenSet",
     "chat_sample",
+    "checkpoint_chat_template",
     "check_sae_matches",
     "check_safetensors",
     "get_adapter",
@@ -80,6 +83,7 @@ __all__ = [
     "load_model",
     "model_family",
     "pad_token_id",
+    "prompt_template",
     "released_modality",
     "tokenizer_of",
 ]
@@ -114,23 +118,69 @@ PROMPT_TEMPLATES: dict[Family, str] = {
     "chameleon": "{images}{question} {answer}",
     "causal_lm": "{question} {answer}",
 }
-"""Prompt template per family; ``{images}`` becomes one ``<image>`` per image, then a newline."""
+"""Prompt template per family, for a checkpoint without a chat template (the embedded world's models);
+``{images}`` becomes one ``<image>`` per image, then a newline."""
+
+CHAT_STYLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mistral-instruct": ("[INST] {images}{question} [/INST] {answer}", ("[INST]", "[/INST]")),
+    "llava-1.5": ("USER: {images}{question} ASSISTANT: {answer}", ("USER:", "ASSISTANT:")),
+}
+"""Prompt templates of the checkpoints' own chat templates, told apart by the markers they hold (the
+Jinja text is read, never rendered). ``mistral-instruct``: llava-hf/llava-v1.6-mistral-7b-hf (its model
+card: ``"[INST] <image>\\nWhat is shown in this image? [/INST]"``) and Mistral-7B-Instruct-v0.2."""
+
+
+def checkpoint_chat_template(processor: Any) -> str | None:
+    """The Jinja chat template a checkpoint ships (``chat_template.json``/``.jinja`` or the tokenizer
+    config's ``chat_template``, as transformers loads them onto the processor or tokenizer), or None."""
+    for owner in (processor, getattr(processor, "tokenizer", None)):
+        template = getattr(owner, "chat_template", None)
+        if isinstance(template, dict):  # tokenizers with several named templates
+            template = template.get("default") or next(iter(template.values()), None)
+        if isinstance(template, str) and template.strip():
+            return template
+    return None
+
+
+def prompt_template(family: Family, processor: Any = None, *, source: object = "the checkpoint") -> str:
+    """The prompt template of a checkpoint of ``family``: the style of its own chat template
+    (``CHAT_STYLES``) when it ships one, else the family's ``PROMPT_TEMPLATES`` entry. A chat template of
+    no known style warns (naming ``source``) and falls back to the family's template."""
+    if family not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown family {family!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
+    jinja = checkpoint_chat_template(processor) if processor is not None else None
+    if jinja is None:
+        return PROMPT_TEMPLATES[family]
+    for template, markers in CHAT_STYLES.values():
+        if all(m in jinja for m in markers):
+            return template
+    import warnings
+
+    warnings.warn(f"{source}: its chat template is none of saev's known styles ({', '.join(CHAT_STYLES)}); "
+                  f"prompts use the {family} default {PROMPT_TEMPLATES[family]!r}", stacklevel=2)  # fmt: skip
+    return PROMPT_TEMPLATES[family]
 
 
 def chat_sample(
-    family: Family, question: str, answer: str = "", images: tuple[Image.Image, ...] = ()
+    model: Family | LoadedModel, question: str, answer: str = "", images: tuple[Image.Image, ...] = ()
 ) -> Sample:
-    """A question/answer ``Sample`` in ``family``'s prompt template (the one place templating lives).
+    """A question/answer ``Sample`` in the model's prompt template (the one place templating lives).
 
-    LLaVA families: ``"USER: <image>\\n{question} ASSISTANT: {answer}"``; Chameleon: the images
-    inline before the text; causal LMs: plain text (images are an error).
+    ``model``: a ``LoadedModel`` (its checkpoint's template, :func:`prompt_template`; e.g.
+    ``"[INST] <image>\\n{question} [/INST] {answer}"`` for llava-v1.6-mistral-7b-hf) or a family name (the
+    family's ``PROMPT_TEMPLATES`` entry: LLaVA families ``"USER: <image>\\n{question} ASSISTANT: {answer}"``;
+    Chameleon: the images inline before the text; causal LMs: plain text; images are an error there).
     """
+    if isinstance(model, str):
+        family, template = model, None
+    else:  # a LoadedModel, or a stand-in with ``family`` (and maybe ``prompt_template``)
+        family, template = model.family, getattr(model, "prompt_template", None)
     if family not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(PROMPT_TEMPLATES)}")
     if images and family == "causal_lm":
         raise ValueError("a causal_lm sample cannot hold images")
     image_text = IMAGE_PLACEHOLDER * len(images) + "\n" if images else ""
-    text = PROMPT_TEMPLATES[family].format(images=image_text, question=question, answer=answer)
+    text = (template or PROMPT_TEMPLATES[family]).format(images=image_text, question=question, answer=answer)
     return Sample(text=text.rstrip(" "), images=tuple(images))
 
 
@@ -175,6 +225,11 @@ class LoadedModel:
     def family(self) -> Family:
         """The adapter's family."""
         return self.adapter.family
+
+    @functools.cached_property
+    def prompt_template(self) -> str:
+        """The checkpoint's prompt template (:func:`prompt_template`): what ``chat_sample(loaded, ...)`` writes."""
+        return prompt_template(self.family, self.processor, source=self.model_dir)
 
     @property
     def hidden_size(self) -> int:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import datasets
     import pandas as pd
 
-    from saev.models import Sample
+    from saev.models import LoadedModel, Sample
 
 __all__ = [
     "DEFECT_RUNS",
@@ -150,15 +150,16 @@ def preference_data(profile: str | Path | Profile, pref_set: str) -> datasets.Da
     return _role(profile, PREFERENCE_SETS[pref_set])
 
 
-def preference_sample(family: str, row: dict[str, Any]) -> Sample:
+def preference_sample(model: str | LoadedModel, row: dict[str, Any]) -> Sample:
     """A preference pair as the model input that is scored: image, question and the *chosen* answer.
 
-    Which text is scored: the prompt and the chosen response in the model's chat template, as the
-    released SAE-V filter scripts format Align-Anything rows (the rejected answer is not scored).
+    Which text is scored: the prompt and the chosen response in the model's chat template
+    (``saev.models.chat_sample``: the checkpoint's own for a ``LoadedModel``, the family's for a family
+    name), as the released SAE-V filter scripts format Align-Anything rows (the rejected answer is not scored).
     """
     from saev.models import chat_sample
 
-    return chat_sample(family, row["question"], row["chosen"], (row["image"].convert("RGB"),))
+    return chat_sample(model, row["question"], row["chosen"], (row["image"].convert("RGB"),))
 
 
 def _data_fingerprint(profile: Profile, pref_set: str, rows: Sequence[int]) -> str:
@@ -231,7 +232,6 @@ def preference_scores(
         # one resumes from it, the finished passes read back; the part files go once the whole file is written.
         loaded = load_profile_model(profile, model)
         sae = run.load()
-        family = loaded.family
         out: dict[str, list] = {}
 
         def sae_scores(variant: str) -> dict[str, list]:
@@ -239,7 +239,7 @@ def preference_scores(
                 loaded, sae, data, hook_layer=spec.hook_layer, context_size=spec.context_size,
                 batch_size=cfg.eval_batch_size, weight_samples=cfg.weight_samples, top_k=cfg.top_k,
                 delta=cfg.delta, variant=variant, seed=profile.seed,
-                to_sample=lambda row: preference_sample(family, row), progress=progress, tokens=cfg.tokens,
+                to_sample=lambda row: preference_sample(loaded, row), progress=progress, tokens=cfg.tokens,
             )  # fmt: skip
             suffix = "" if variant == "paper" else "_released"
             return {method + suffix: scores.scores(method).double().tolist() for method in ("cosine", "cooccurrence", "l0")}
@@ -663,12 +663,12 @@ class _CosineMetric:
         from saev.models import load_model
         from saev.sae import SparseAutoencoder
 
-        if "_loaded" not in self.__dict__:
+        loaded = load_model(self.family, model_dir, dtype=self.dtype, device=self.device)
+        if "_loaded" not in self.__dict__:  # a fine-tune keeps its base's processor, so its prompt template
             data = preference_data(self.profile, self.pref_set).select(range(self.n_rows))
             self._loaded = (SparseAutoencoder.from_pretrained(self.sae_path),
-                            [preference_sample(self.family, data[i]) for i in range(len(data))])  # fmt: skip
+                            [preference_sample(loaded, data[i]) for i in range(len(data))])  # fmt: skip
         sae, d_s = self._loaded
-        loaded = load_model(self.family, model_dir, dtype=self.dtype, device=self.device)
         value = model_average_cosine_score(
             loaded, sae, d_s, hook_layer=self.hook_layer, context_size=self.context_size,
             batch_size=self.batch_size, weight_samples=self.weight_samples, top_k=self.top_k,

@@ -166,7 +166,7 @@ def evaluate_benchmark(
             max_new = max(len(tok(" " + r, add_special_tokens=False)["input_ids"]) for r in refs) + 2
             if config.benchmark_max_new_tokens is not None:
                 max_new = min(max_new, config.benchmark_max_new_tokens)
-            samples = [chat_sample(loaded.family, q, "", (im,)) for q, im in zip(questions, images)]
+            samples = [chat_sample(loaded, q, "", (im,)) for q, im in zip(questions, images)]
             got = greedy_answers(loaded, samples, max_new, batch_size=config.eval_batch_size, progress=progress,
                                  desc=f"bench {category}")
             answers[category] = got

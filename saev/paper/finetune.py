@@ -216,7 +216,7 @@ class PairCollator:
         tok = tokenizer_of(loaded.processor)
         pil = _pil(image)
         enc = loaded.adapter.build_inputs(
-            loaded.processor, [chat_sample(loaded.family, question, answer, (pil,))], context_size=NO_TRUNCATION
+            loaded.processor, [chat_sample(loaded, question, answer, (pil,))], context_size=NO_TRUNCATION
         )
         row = enc["input_ids"][0]
         start = self._answer_start(row, question, answer, pil)
@@ -249,7 +249,7 @@ class PairCollator:
         if row[-len(answer_ids) :].tolist() == answer_ids:
             return len(row) - len(answer_ids)
         # Tokens merged across the prompt/answer boundary: the answer starts where the prompt alone ends.
-        prompt = chat_sample(self.loaded.family, question, "", (image,))
+        prompt = chat_sample(self.loaded, question, "", (image,))
         prompt_ids = self.loaded.adapter.build_inputs(self.loaded.processor, [prompt], context_size=NO_TRUNCATION)
         p = prompt_ids["input_ids"][0].tolist()
         n = 0

@@ -229,7 +229,7 @@ def classification_patch_scores(
     if len(sizes) != 1:
         raise ValueError(f"all images must have one size (set pipeline.classification_image_size), got {sorted(sizes)}")
     layout = loaded.image_layout(sizes.pop())
-    samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
+    samples = [chat_sample(loaded, question, "", (im,)) for im in images]
     store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size,
                             cfg=ActivationConfig(store_batch_size_prompts=batch_size), require_images=True,
                             progress=progress, tokens=tokens)  # fmt: skip
@@ -358,7 +358,7 @@ def generate_answer_fn(loaded: LoadedModel, question: str, *, max_new_tokens: in
     from saev.models import chat_sample, greedy_answers
 
     def answer(images: list[Image.Image]) -> list[str]:
-        samples = [chat_sample(loaded.family, question, "", (im,)) for im in images]
+        samples = [chat_sample(loaded, question, "", (im,)) for im in images]
         return greedy_answers(loaded, samples, max_new_tokens, batch_size=max(len(samples), 1))
 
     return answer
@@ -372,12 +372,12 @@ def rank_answer_fn(loaded: LoadedModel, question: str, candidates: Sequence[str]
 
     @torch.inference_mode()
     def answer(images: list[Image.Image]) -> list[str]:
-        prompts = loaded.build_inputs([chat_sample(loaded.family, question, "", (im,)) for im in images],
+        prompts = loaded.build_inputs([chat_sample(loaded, question, "", (im,)) for im in images],
                                       context_size=1 << 20)  # fmt: skip
         prompt_len = prompts["attention_mask"].sum(1)
         losses = torch.empty(len(images), len(candidates))
         for c, cand in enumerate(candidates):
-            full = loaded.build_inputs([chat_sample(loaded.family, question, cand, (im,)) for im in images],
+            full = loaded.build_inputs([chat_sample(loaded, question, cand, (im,)) for im in images],
                                        context_size=1 << 20)  # fmt: skip
             length = full["attention_mask"].sum(1)
             pos = torch.arange(full["input_ids"].shape[1])

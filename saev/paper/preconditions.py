@@ -289,7 +289,7 @@ def _attribute_states(loaded, task, *, hook_layer: int, context_size: int, batch
     layout = loaded.image_layout((task.images[0].height, task.images[0].width))
     share = token_cell_overlap(layout)
     cover = object_cover(task, layout.grid)
-    samples = [chat_sample(loaded.family, task.question, "", (im,)) for im in task.images]
+    samples = [chat_sample(loaded, task.question, "", (im,)) for im in task.images]
     store = ActivationStore(loaded, samples, hook_layer=hook_layer, context_size=context_size, cfg=act,
                             require_images=True, progress=progress)  # fmt: skip
     img_h, img_object, img_label = [], [], []

@@ -37,6 +37,22 @@ MISTRAL_7B: dict[str, Any] = {
 }  # fmt: skip
 """Mistral-7B-Instruct-v0.2's text config, shared by LLaVA-NeXT-Mistral (whose vocabulary adds 64 rows)."""
 
+# Stand-ins for the released chat templates, written here to render the released prompt format (the model
+# card's "[INST] <image>\\nWhat is shown in this image? [/INST]"; Mistral-Instruct's "[INST] ... [/INST]").
+# saev reads a template's style (saev.models.CHAT_STYLES), never renders it. facebook/chameleon-7b: none
+# written (its style is not known here; a checkpoint without one gets the family's template).
+LLAVA_NEXT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}[INST] "
+    "{% for c in message['content'] if c['type'] == 'image' %}<image>\n{% endfor %}"
+    "{% for c in message['content'] if c['type'] == 'text' %}{{ c['text'] }}{% endfor %} [/INST]"
+    "{% elif message['role'] == 'assistant' %} {{ message['content'][0]['text'] }}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %} {% endif %}"
+)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}[INST] {{ message['content'] }}"
+    " [/INST]{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
 RELEASED: dict[str, dict[str, Any]] = {
     # llava-hf/llava-v1.6-mistral-7b-hf
     "llava_next": {
@@ -57,13 +73,15 @@ RELEASED: dict[str, dict[str, Any]] = {
             "do_resize": True, "do_pad": True, "rescale_factor": 1 / 255, "image_mean": CLIP_MEAN,
             "image_std": CLIP_STD, "image_grid_pinpoints": LLAVA_NEXT_PINPOINTS,
         },
-        "processor": {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+        "processor": {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
+                      "chat_template": LLAVA_NEXT_CHAT_TEMPLATE},
         "tokens": {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 32000, "<pad>": 32001},
     },
     # mistralai/Mistral-7B-Instruct-v0.2, LLaVA-NeXT-Mistral's base LLM
     "causal_lm": {
         "checkpoint": "mistralai/Mistral-7B-Instruct-v0.2",
         "text": {**MISTRAL_7B, "vocab_size": 32000},
+        "chat_template": MISTRAL_CHAT_TEMPLATE,
         "tokens": {"<unk>": 0, "<s>": 1, "</s>": 2},
     },
     # facebook/chameleon-7b (Anole-7b shares its architecture and tokenizer)
@@ -230,6 +248,7 @@ def build_model(family: str, out_dir: str | Path, *, texts: list[str], reduction
         torch.manual_seed(seed)
         if family == "causal_lm":
             model: Any = MistralForCausalLM(config)
+            tokenizer.chat_template = rel["chat_template"]
             processor: Any = tokenizer
         elif family == "llava_next":
             model = LlavaNextForConditionalGeneration(config)

@@ -1120,12 +1120,12 @@ def _encode_qa(
     def after_image(question: str, answer: str) -> list[int]:
         """Tokens of the single-turn sample after its image placeholder (one placeholder token:
         the text alone, so the stand-in image is never read)."""
-        unexpanded = tok(chat_sample(loaded.family, question, answer, ("image",)).text)["input_ids"]
+        unexpanded = tok(chat_sample(loaded, question, answer, ("image",)).text)["input_ids"]
         return unexpanded[len(unexpanded) - unexpanded[::-1].index(placeholder) :]
 
     ids, weights, pixels, sizes, turn_starts = [], [], [], [], []
     for c, chunk in enumerate(progress_bar(_chunks(rows, 256), desc=desc, disable=not progress)):
-        samples = [chat_sample(loaded.family, r["question"], r["answer"], (r["image"],)) for r in chunk]
+        samples = [chat_sample(loaded, r["question"], r["answer"], (r["image"],)) for r in chunk]
         enc = loaded.adapter.build_inputs(loaded.processor, samples, context_size=NO_TRUNCATION)
         if loaded.family == "chameleon":
             codes = _image_codes(loaded.model, enc["pixel_values"])
@@ -1383,7 +1383,7 @@ def benchmark_samples(loaded: Any, rows: Sequence[dict[str, Any]]) -> list[Any]:
 
     if loaded.family == "causal_lm":
         return [Sample(text=f"{_scene_words(r['scene'])}\nQuestion: {r['question']} Answer:") for r in rows]
-    return [chat_sample(loaded.family, r["question"], "", (r["image"],)) for r in rows]
+    return [chat_sample(loaded, r["question"], "", (r["image"],)) for r in rows]
 
 
 def _scene_words(scene_json: str) -> str:

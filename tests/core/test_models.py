@@ -16,12 +16,16 @@ from transformers import (
 from saev.patches import views_to_patch_scores
 
 from saev.models import (
+    CHAT_STYLES,
+    PROMPT_TEMPLATES,
     Modality,
     Sample,
     chat_sample,
     check_sae_matches,
+    checkpoint_chat_template,
     get_adapter,
     load_model,
+    prompt_template,
 )
 
 FAMILIES = ["causal_lm", "llava", "llava_next", "chameleon"]
@@ -114,6 +118,33 @@ def test_chat_templates():
     assert chat_sample("causal_lm", "some text", "").text == "some text"
     with pytest.raises(ValueError, match="cannot hold images"):
         chat_sample("causal_lm", "q", "a", images=(1,))
+
+
+LLAVA_NEXT_MISTRAL_JINJA = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {% for c in m['content'] %}"
+                            "{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}... [/INST]{% endif %}{% endfor %}")
+
+
+def test_a_checkpoint_with_a_chat_template_is_prompted_in_its_style(tiny_loaded):
+    # llava-v1.6-mistral-7b-hf ships "[INST] <image>\n{q} [/INST]" (its chat_template.json); LLaVA-1.5's "USER:" would
+    # be a prompt the model was never tuned on. The template is told by its markers, never rendered.
+    mistral = SimpleNamespace(chat_template=LLAVA_NEXT_MISTRAL_JINJA, tokenizer=SimpleNamespace(chat_template=None))
+    assert prompt_template("llava_next", mistral) == CHAT_STYLES["mistral-instruct"][0]
+    as_loaded = SimpleNamespace(family="llava_next", prompt_template=prompt_template("llava_next", mistral))
+    s = chat_sample(as_loaded, "What is shown?", "a cat", images=(object(),))
+    assert s.text == "[INST] <image>\nWhat is shown? [/INST] a cat"
+    assert chat_sample(as_loaded, "What is shown?", "", images=(object(),)).text == "[INST] <image>\nWhat is shown? [/INST]"
+    # a tokenizer's template (Mistral-7B-Instruct keeps it in tokenizer_config.json) counts too
+    tok = SimpleNamespace(chat_template="{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}")
+    assert prompt_template("causal_lm", tok) == CHAT_STYLES["mistral-instruct"][0]
+    # no chat template (the embedded world's checkpoints): the family's template, so their prompts never change
+    world = tiny_loaded("llava_next")
+    assert checkpoint_chat_template(world.processor) is None
+    assert world.prompt_template == PROMPT_TEMPLATES["llava_next"]
+    assert chat_sample(world, "q?", "a", images=(object(),)).text == chat_sample("llava_next", "q?", "a", images=(object(),)).text
+    # a template of no known style warns, naming the checkpoint, and falls back to the family's
+    odd = SimpleNamespace(chat_template="<|im_start|>user {{ messages[0]['content'] }}<|im_end|>")
+    with pytest.warns(UserWarning, match=r"/ckpt/qwen.*none of saev's known styles"):
+        assert prompt_template("llava_next", odd, source="/ckpt/qwen") == PROMPT_TEMPLATES["llava_next"]
 
 
 # LLaVA-NeXT token counts worked out by hand for the tiny config (image 32 px, patch 8,

@@ -122,6 +122,9 @@ def test_token_counts_per_sample_are_the_real_models(built: dict[str, Any]) -> N
     # (image features, newline positions): base view 576 + the unpadded tiles, one newline per tile row
     assert counts == {(672, 672): (2880, 48), (640, 480): (2304, 36), (1008, 336): (2304, 24)}
     assert sum(counts[(672, 672)]) == 2928
+    # prompted as llava-v1.6-mistral-7b-hf is ("[INST] <image>\\n{q} [/INST]", its chat template), not LLaVA-1.5's "USER:"
+    assert chat_sample(m, "q", "a", (Image.new("RGB", (672, 672)),)).text == "[INST] <image>\nq [/INST] a"
+    assert load_model("causal_lm", paths["text-lm"]).prompt_template.startswith("[INST] ")
 
     profile, paths = built["paper-chameleon-rehearsal"]
     c = load_model("chameleon", paths["chameleon"])
