@@ -66,7 +66,7 @@ def main() -> None:
     n_layers = loaded.num_layers
     words = " ".join(texts[:60])
     image = Image.effect_noise(size, 64).convert("RGB")
-    samples = [chat_sample(args.family, "Describe the image.", words, (image,)) for _ in range(args.batch)]
+    samples = [chat_sample(loaded, "Describe the image.", words, (image,)) for _ in range(args.batch)]
     inputs = loaded.build_inputs(samples, context_size=context)
     T = inputs["input_ids"].shape[1]
     n_image = int((loaded.token_modality(inputs) == Modality.IMAGE).sum())
