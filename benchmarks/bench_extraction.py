@@ -12,6 +12,10 @@ interleaved, on the same inputs:
   ``output_hidden_states`` costs, the naive way to read a layer);
 * **base**: ``model.model(**inputs)``, every block, no vocabulary projection.
 
+and, for Figs. 3-4's loss passes (``saev.evaluate.reconstruction_losses``: three forwards per batch), the
+next-token loss over the text tokens from the full logits (**full+ce**, ``metrics.lm_cross_entropy``, the
+code before 2026-12-03) against logits at the text targets only (**kept+ce**, ``evaluate._target_ce``).
+
 It prints the medians and the ratios saev/full and saev/base beside the ideal (L+1)/n_layers; the target is
 saev/full <= (L+1)/n + 0.10. The reduced width changes the blocks' share against the vision tower and the
 vocabulary projection, so the ratios are this geometry's, not the 7B's.
@@ -42,6 +46,8 @@ def main() -> None:
     from PIL import Image
 
     from saev.activations import _forward_to_layer
+    from saev.evaluate import _summed_ce
+    from saev.metrics import lm_cross_entropy
     from saev.models import Modality, chat_sample, load_model
     from saev.rehearsal.data import corpus_texts
     from saev.rehearsal.models import RELEASED, build_model
@@ -76,7 +82,11 @@ def main() -> None:
         "saev": lambda: _forward_to_layer(loaded, inputs, hook),
         "full": lambda: loaded.model(**inputs, use_cache=False),
         "base": lambda: loaded.model.model(**inputs, use_cache=False),
+        "full+ce": lambda: lm_cross_entropy(loaded.model(**inputs, use_cache=False).logits, inputs["input_ids"], target,
+                                            reduction="sample"),
+        "kept+ce": lambda: _summed_ce(loaded.model, inputs, target),
     }
+    target = loaded.token_modality(inputs) == Modality.TEXT
     times: dict[str, list[float]] = {k: [] for k in runs}
     with torch.inference_mode():
         for fn in runs.values():  # warm-up
@@ -88,11 +98,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     for name, v in times.items():
-        print(f"  {name:<5} {med[name]:7.3f} s  [{min(v):.3f}..{max(v):.3f}]")
+        print(f"  {name:<7} {med[name]:7.3f} s  [{min(v):.3f}..{max(v):.3f}]")
     ideal = (hook + 1) / n_layers
     print(f"  saev/full {med['saev'] / med['full']:.3f}   saev/base {med['saev'] / med['base']:.3f}   "
           f"ideal (L+1)/n {ideal:.3f}   target saev/full <= {ideal + 0.10:.3f}: "
           f"{'met' if med['saev'] / med['full'] <= ideal + 0.10 else 'NOT met'}")  # fmt: skip
+    print(f"  loss pass over {int(target[:, 1:].sum())} text targets: kept+ce/full+ce "
+          f"{med['kept+ce'] / med['full+ce']:.3f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,12 +29,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from saev import distributed
 from saev.activations import ActivationStore
 from saev.config import ActivationConfig
-from saev.metrics import average_cosine_score, ifd_score, lm_cross_entropy
+from saev.metrics import average_cosine_score, ifd_score
 from saev.models import LoadedModel, Modality, Sample, TokenSet, chat_sample, check_sae_matches
 from saev.cache import atomic_write_bytes
 from saev.sae import SparseAutoencoder
@@ -609,15 +610,13 @@ def reconstruction_losses(
             target_BT = modality_BT == Modality.TEXT
             n_tokens_S[first : first + len(batch)] = target_BT[:, 1:].sum(1).cpu()
             splice.replace = None
-            logits = loaded.model(**inputs, use_cache=False).logits
-            sums["original"][first : first + len(batch)] = _summed_ce(logits, inputs["input_ids"], target_BT)
+            sums["original"][first : first + len(batch)] = _summed_ce(loaded.model, inputs, target_BT)
             x_ND = splice.captured_BTD[real_BT]
             z_NF = sae.encode(x_ND.to(_sae_device(sae)))
             x_hat_ND = sae.decode(z_NF).to(x_ND.device)
             for name, rows_ND in (("spliced", x_hat_ND), ("zero", torch.zeros_like(x_ND))):
                 splice.replace = (real_BT, rows_ND)
-                logits = loaded.model(**inputs, use_cache=False).logits
-                sums[name][first : first + len(batch)] = _summed_ce(logits, inputs["input_ids"], target_BT)
+                sums[name][first : first + len(batch)] = _summed_ce(loaded.model, inputs, target_BT)
             x64_ND = x_ND.double().cpu()
             sum_x_D += x64_ND.sum(0)
             sum_x2 += float(x64_ND.pow(2).sum())
@@ -642,11 +641,30 @@ def reconstruction_losses(
     )
 
 
-def _summed_ce(logits_BTV: Tensor, input_ids_BT: Tensor, target_BT: Tensor) -> Tensor:
+def _target_ce(model: nn.Module, inputs: Mapping[str, Tensor], target_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """One forward of ``model``; next-token cross-entropy (float32 (B, K)) at the K positions whose next
+    token is a target in some row, and which of them count (bool (B, K)). The logits are computed at
+    those positions only (``logits_to_keep``): at LLaVA-NeXT's ~2,900 image tokens per sample, which are
+    never targets, the full (B, T, vocabulary) logits were most of the memory and, for a narrow model,
+    of the time. Same losses as ``metrics.lm_cross_entropy`` on the full logits."""
+    keep_K = target_BT[:, 1:].any(0).nonzero().squeeze(1)  # position t predicts token t + 1
+    logits_BKV = model(**inputs, use_cache=False, logits_to_keep=keep_K).logits
+    labels_BK = inputs["input_ids"][:, keep_K + 1]
+    b, k, v = logits_BKV.shape
+    ce_BK = F.cross_entropy(logits_BKV.reshape(-1, v).float(), labels_BK.reshape(-1), reduction="none").reshape(b, k)
+    return ce_BK, target_BT[:, keep_K + 1]
+
+
+def _summed_ce(model: nn.Module, inputs: Mapping[str, Tensor], target_BT: Tensor) -> Tensor:
     """Per-sequence summed next-token loss over the targets (float64, CPU; 0 without targets)."""
-    mean_B = lm_cross_entropy(logits_BTV, input_ids_BT, target_BT, reduction="sample")
-    count_B = target_BT[:, 1:].sum(1)
-    return torch.where(count_B > 0, mean_B.double() * count_B, 0.0).cpu()
+    ce_BK, counted_BK = _target_ce(model, inputs, target_BT)
+    return (ce_BK * counted_BK).sum(1).double().cpu()
+
+
+def _mean_ce(model: nn.Module, inputs: Mapping[str, Tensor], target_BT: Tensor) -> Tensor:
+    """Per-sequence mean next-token loss over the targets (float32, CPU; NaN without targets)."""
+    ce_BK, counted_BK = _target_ce(model, inputs, target_BT)
+    return ((ce_BK * counted_BK).sum(1) / counted_BK.sum(1)).cpu()
 
 
 # --------------------------------------------------------------------------------------------
@@ -725,9 +743,7 @@ def ifd_scores(
         for b in range(len(batch)):
             # Without BOS nothing predicts the answer's first token when it is fed alone: skip it in both.
             answer_BT[b, prompt_len_B[b] + (1 - len(bos[b])) : full_len_B[b]] = True
-        logits = loaded.model(**full, use_cache=False).logits
-        given[first : first + len(batch)] = lm_cross_entropy(
-            logits, full["input_ids"], answer_BT, reduction="sample").cpu()
+        given[first : first + len(batch)] = _mean_ce(loaded.model, full, answer_BT)
         alone_rows = [torch.cat([p, a]) for p, a in zip(bos, answers, strict=True)]
         T = max(len(r) for r in alone_rows)
         alone_ids_BT = torch.full((len(batch), T), pad_id, dtype=torch.long, device=device)
@@ -737,9 +753,8 @@ def ifd_scores(
             alone_ids_BT[b, : len(p) + len(a)] = torch.cat([p, a])
             alone_mask_BT[b, : len(p) + len(a)] = 1
             alone_answer_BT[b, len(p) : len(p) + len(a)] = True
-        logits = loaded.model(input_ids=alone_ids_BT, attention_mask=alone_mask_BT, use_cache=False).logits
-        alone[first : first + len(batch)] = lm_cross_entropy(
-            logits, alone_ids_BT, alone_answer_BT, reduction="sample").cpu()
+        alone[first : first + len(batch)] = _mean_ce(
+            loaded.model, {"input_ids": alone_ids_BT, "attention_mask": alone_mask_BT}, alone_answer_BT)
     if distributed.is_distributed():
         given, alone = distributed.sum_(given), distributed.sum_(alone)
     return IFDScores(ifd=ifd_score(given, alone), loss_given_prompt=given, loss_alone=alone)
