@@ -353,13 +353,18 @@ def defect_detection(
     * ``auc_in_length``: the AUC within ``LENGTH_BINS`` quantile bins of the chosen answer's length
       (:func:`stratified_auc`), when ``scores_df`` has a ``length`` column: a defect that changes the
       answer's length is found by length alone, and this says what a score finds beyond it;
+    * ``auc_matched``: the AUC with each defective pair compared only with clean pairs of its own question
+      category and length bin, when ``scores_df`` also has a ``category`` column. Some defect types exist
+      only for some categories (the world's ``ignores_question`` for exact questions, ``unanswerable`` for
+      questions about an absent object), whose answers are shorter than the descriptions most clean
+      pairs answer: their defect rows cannot be length-matched in the data, so they are in the comparison;
     * ``precision``: keeping the top ``fraction`` of those pairs, the share of the dropped ones that
       are defective; ``base_rate`` is the share of defective pairs, the precision of a random filter.
 
     A ``length`` column is also scored itself (row "length": longer answers kept first), the confound
     every score is read against. Columns: score, filter (the name without ``_released``), variant
     ("paper"/"released"), defect, n_defective, n_clean, auc, auc_low, auc_high, auc_in_length,
-    precision, base_rate, fraction.
+    auc_matched, precision, base_rate, fraction.
     """
     import pandas as pd
 
@@ -376,6 +381,10 @@ def defect_detection(
         edges = np.quantile(length, np.linspace(0, 1, LENGTH_BINS + 1)[1:-1])
         length_bin = np.searchsorted(edges, length, side="right")
         score_columns = [*score_columns, *(["length"] if "length" not in score_columns else [])]
+    matched = None
+    if has_length and "category" in scores_df.columns:
+        matched = np.char.add(scores_df["category"].astype(str).to_numpy().astype(str),
+                              "/" + length_bin.astype(str))  # fmt: skip
     rows = []
     for column in score_columns:
         values = scores_df[column].to_numpy(dtype=np.float64)
@@ -389,11 +398,12 @@ def defect_detection(
             released = column.endswith("_released")
             low, high = auc_interval(-v, y)
             in_length = stratified_auc(-v, y, length_bin[members]) if has_length else float("nan")
+            in_matched = stratified_auc(-v, y, matched[members]) if matched is not None else float("nan")
             rows.append({
                 "score": column, "filter": column.removesuffix("_released"),
                 "variant": "released" if released else "paper", "defect": defect,
                 "n_defective": int(y.sum()), "n_clean": int((~y).sum()), "auc": roc_auc(-v, y),
-                "auc_low": low, "auc_high": high, "auc_in_length": in_length,
+                "auc_low": low, "auc_high": high, "auc_in_length": in_length, "auc_matched": in_matched,
                 "precision": precision, "base_rate": float(y.mean()) if len(y) else float("nan"),
                 "fraction": fraction,
             })  # fmt: skip
@@ -415,7 +425,9 @@ def defect_verdicts(
                    else "ranks defective pairs *above* clean ones" if high < 0.5
                    else "is not distinguishable from chance")  # fmt: skip
         in_length = float(row.get("auc_in_length", float("nan")))
+        in_matched = float(row.get("auc_matched", float("nan")))
         length = "" if np.isnan(in_length) else f", {in_length:.{digits}f} within answer-length bins"
+        length += "" if np.isnan(in_matched) else f", {in_matched:.{digits}f} against clean pairs of the same category and length bin"
         types = part.drop(index="any")["auc"]
         lines.append(
             f"{score}: {verdict} (AUC {auc:.{digits}f} for any defect, 95% CI [{low:.{digits}f}, {high:.{digits}f}]"

@@ -92,6 +92,25 @@ def test_defect_auc_intervals_and_the_length_confound() -> None:
     assert "within answer-length bins" in lines[2] and "300 clean pairs" in lines[2]
 
 
+def test_defects_of_some_categories_are_compared_within_their_category() -> None:
+    # The world's ignores_question defects exist only for exact questions (short answers), while most clean
+    # pairs are descriptions: a score that reads the category finds them, and equal lengths do not hide it.
+    rng = np.random.default_rng(7)
+    frame = _hand_built(n_clean=400, n_per_type=100, seed=7)
+    bad = (frame["defect"] != "none").to_numpy()
+    category = np.where(bad | (rng.random(len(frame)) < 0.3), "color", "description")
+    frame = frame.assign(category=category, length=rng.normal(50, 10, len(frame)),
+                         by_category=(category == "description") + rng.normal(0, 0.1, len(frame)))
+    det = pa.defect_detection(frame, score_columns=["perfect", "by_category"]).set_index(["score", "defect"])
+    by_cat = det.loc[("by_category", "any")]
+    assert by_cat["auc"] > 0.8 and abs(by_cat["auc_in_length"] - by_cat["auc"]) < 0.05  # lengths do not explain it
+    assert abs(by_cat["auc_matched"] - 0.5) < 0.1  # its own category's clean pairs do
+    assert det.loc[("perfect", "any"), "auc_matched"] == 1.0
+    line = pa.defect_verdicts(det.reset_index(), ["by_category"])[0]
+    assert "against clean pairs of the same category and length bin" in line
+    assert np.isnan(pa.defect_detection(frame.drop(columns="category"), score_columns=["perfect"])["auc_matched"]).all()
+
+
 def test_stratified_auc_compares_within_strata_only() -> None:
     scores = np.array([1.0, 0.0, 3.0, 2.0])
     positive = np.array([True, False, True, False])
