@@ -304,6 +304,17 @@ class WorldModelsConfig:
     """With ``projector_word_anchor``: the anchor's loss (its norm term included) is kept through stage 2,
     weighted by this and added to the language-model loss at every step (batches of the anchor's
     ``batch_size`` views); None: stage 2 has the language-model loss alone, as LLaVA's."""
+    hook_anchor_layer: int | None = None
+    """Issue 17's shared-representation lever at the hook layer (a departure from LLaVA, off by default):
+    stage 2 of ``llava_next`` also learns that the output of decoder block ``hook_anchor_layer`` (the
+    profile's hook layer) at each object patch token points where it points at that object's colour and
+    shape words in text-only sentences (centred cosine logits over the colour words and over the shape
+    words, temperature 0.1), at the words' norm (squared log-ratio, every image token). Sentences other
+    than the precondition check's ``TEMPLATES``; ``hook_anchor_weight`` x that loss joins stage 2's at
+    every step (batches of ``llava_next.batch_size`` images). The input-side anchors above did not
+    survive the residual stream (params/TUNING.md, stop 27); None: no such term."""
+    hook_anchor_weight: float = 1.0
+    """Weight of the ``hook_anchor_layer`` term."""
     vision_hidden_size: int = 32
     """Width of LLaVA-NeXT's CLIP vision tower (16-wide attention heads)."""
     vision_num_layers: int = 2
@@ -434,6 +445,12 @@ class WorldModelsConfig:
                 raise ValueError("world_models.projector_anchor_norm needs world_models.projector_word_anchor")
             if not self.projector_anchor_norm > 0:  # also refuses NaN
                 raise ValueError(f"world_models.projector_anchor_norm must be > 0, got {self.projector_anchor_norm}")
+        if self.hook_anchor_layer is not None:
+            if not 0 <= self.hook_anchor_layer < self.num_layers:
+                raise ValueError(f"world_models.hook_anchor_layer must be a decoder block in [0, {self.num_layers}), "
+                                 f"got {self.hook_anchor_layer}")  # fmt: skip
+            if not self.hook_anchor_weight > 0:
+                raise ValueError(f"world_models.hook_anchor_weight must be > 0, got {self.hook_anchor_weight}")
         if self.vision_tower_lr_ratio < 0:
             raise ValueError(f"world_models.vision_tower_lr_ratio must be >= 0, got {self.vision_tower_lr_ratio}")
         if not 0 <= self.interleaved_fraction < 1:

@@ -316,6 +316,8 @@ def _train_spec(
         for key in ("projector_anchor_norm", "projector_anchor_stage2"):  # only when set
             if getattr(cfg, key) is not None:
                 values[key] = getattr(cfg, key)
+    if name == "llava-next" and cfg.hook_anchor_layer is not None:  # only when set: earlier models stay cached
+        values["hook_anchor"] = [cfg.hook_anchor_layer, cfg.hook_anchor_weight]
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
     for key in ("sft_hallucination", "interleaved_fraction"):  # only when set: the models of before stay cached
         if name != "text-lm" and getattr(cfg, key):
@@ -416,7 +418,10 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     data = _stage_data(ctx, name, loaded)
     loss_at = _make_loss_at(loaded, data, stage, seed=ctx.seed, stream=name)
     extra = ctx.extra_loss.pop(name, None)
-    if extra is not None:  # projector_anchor_stage2: the word anchor kept through stage 2
+    if name == "llava-next" and ctx.cfg.hook_anchor_layer is not None:
+        hook_term, input_term = _hook_anchor_loss(ctx, loaded, stage.batch_size), extra
+        extra = hook_term if input_term is None else (lambda step: input_term(step) + hook_term(step))
+    if extra is not None:  # projector_anchor_stage2 / hook_anchor_layer: terms added to stage 2's loss
         lm_loss_at = loss_at
 
         def loss_at(step: int) -> torch.Tensor:
@@ -646,6 +651,76 @@ def _anchor_loss(
             if bool(on.any()):
                 loss = loss + F.cross_entropy(out[on] @ words.T / 0.1, target[on] - 1)
         return loss if weight == 1.0 else weight * loss
+
+    return loss_at
+
+
+HOOK_ANCHOR_SENTENCES = ("Look at the {colour} {shape}.", "One {colour} {shape} is here.")
+"""Text-only sentences of ``WorldModelsConfig.hook_anchor_layer`` (not the precondition check's templates)."""
+
+
+def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int) -> Callable[[int], torch.Tensor]:
+    """``step -> hook_anchor_weight x`` the hook-layer anchor (``WorldModelsConfig.hook_anchor_layer``) on
+    ``batch_size`` training images drawn by ``step_generator(seed, "llava-next/hook-anchor", step)``."""
+    from saev.models import Modality, Sample, chat_sample
+    from saev.patches import token_cell_overlap
+    from saev.shapesworld.world import COLORS, SHAPES
+
+    layer, weight = ctx.cfg.hook_anchor_layer, ctx.cfg.hook_anchor_weight
+    colours, shapes = list(COLORS), list(SHAPES)
+    texts, ends, word_value = [], [], []  # every (colour, shape) in every sentence, where each word ends
+    for template in HOOK_ANCHOR_SENTENCES:
+        for c in colours:
+            for s in shapes:
+                text = template.format(colour=c, shape=s)
+                texts.append(text)
+                ends.append([text.index(c) + len(c), text.index(s) + len(s)])
+                word_value.append([colours.index(c), shapes.index(s)])
+    word_inputs = loaded.build_inputs([Sample(t) for t in texts], context_size=NO_TRUNCATION)
+    first = word_inputs["attention_mask"].argmax(1).tolist()  # where each (possibly padded) row starts
+
+    def last_token(text: str, end: int) -> int:  # the word's last token, as the precondition check reads it
+        return len(loaded.build_inputs([Sample(text[:end])], context_size=NO_TRUNCATION)["input_ids"][0]) - 1
+
+    word_pos = torch.tensor([[first[i] + last_token(t, e) for e in ends[i]] for i, t in enumerate(texts)])
+    word_value_S2 = torch.tensor(word_value)
+    rows = _training_rows(ctx, ("captions", "vqa"))
+    size = (rows[0]["image"].height, rows[0]["image"].width)
+    layout = loaded.image_layout(size)
+    share_TC = token_cell_overlap(layout)  # (image tokens, cells of the finest grid), token order
+    cell = size[0] // layout.grid[0]
+
+    def token_labels(scene_json: str) -> torch.Tensor:
+        """(image tokens, 2): each token's colour and shape index, -1 unless >= half of it lies on one value."""
+        out = []
+        for lab, n_values in zip(_patch_labels(scene_json, cell)[:2], (len(colours), len(shapes))):
+            cover, value = (share_TC @ F.one_hot(lab, n_values + 1).float()[:, 1:]).max(1)  # background dropped
+            out.append(torch.where(cover >= 0.5, value, -1))
+        return torch.stack(out, 1)
+
+    def hook_states(inputs: Any) -> torch.Tensor:
+        return loaded.model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[layer + 1]
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = torch.randint(len(rows), (batch_size,), generator=step_generator(ctx.seed, "llava-next/hook-anchor", step))
+        batch = [rows[int(i)] for i in idx]
+        inputs = loaded.build_inputs([chat_sample(loaded, "What is in the image?", "", (r["image"],)) for r in batch],
+                                     context_size=NO_TRUNCATION)  # fmt: skip
+        h_BTD = hook_states(inputs)
+        is_image = loaded.token_modality(inputs) == Modality.IMAGE
+        h_ND = h_BTD[is_image]
+        labels_N2 = torch.cat([token_labels(r["scene"]) for r in batch])
+        w_BTD = hook_states(word_inputs)
+        words = [w_BTD[torch.arange(len(texts)), word_pos[:, k]] for k in range(2)]  # colour, shape word states
+        loss = (h_ND.norm(dim=-1).log() - torch.cat(words).norm(dim=-1).mean().log()).pow(2).mean()
+        for k, values in enumerate((colours, shapes)):
+            means = torch.stack([words[k][word_value_S2[:, k] == v].mean(0) for v in range(len(values))])
+            centre = means.mean(0)
+            on = labels_N2[:, k] >= 0
+            if bool(on.any()):
+                logits = F.normalize(h_ND[on] - centre, dim=-1) @ F.normalize(means - centre, dim=-1).T / 0.1
+                loss = loss + F.cross_entropy(logits, labels_N2[on, k])
+        return weight * loss
 
     return loss_at
 

@@ -296,6 +296,69 @@ def test_the_word_anchor_maps_object_patches_onto_their_words(ci_world: CIWorld,
         dataclasses.replace(cfg, projector_word_anchor=StageConfig(50, 1, 1e-3), projector_anchor_norm=float("nan"))
 
 
+def test_the_hook_anchor_pulls_object_patches_to_their_words_at_the_hook_layer(ci_world: CIWorld, tmp_path: Path) -> None:
+    """``hook_anchor_layer`` (issue 17): minimising the term alone, over the language model and projector of
+    the ci llava-next, brings the hook layer's object patch states to their colour words (centred cosine
+    retrieval over the colours, in the precondition check's own sentences, which the term never sees) and
+    the image tokens' norm to the words'; the trained model without it does neither."""
+    from saev.models import Modality, Sample, chat_sample
+    from saev.paper.preconditions import TEMPLATES
+    from saev.patches import token_cell_overlap
+    from saev.shapesworld.world import COLORS, SHAPES
+
+    layer = 1
+    world, cfg = ci_world.profile.world, dataclasses.replace(load_profile("ci").world_models, hook_anchor_layer=layer)
+    ctx = world_models._Context(profile_seed=ci_world.profile.seed, cfg=cfg, world=world, stop_after=None,
+                                data_dir=ci_world.profile.artifacts_path / "data", models_dir=tmp_path, progress=False)  # fmt: skip
+    loaded = load_model("llava_next", ci_world.paths["llava-next"])
+    loss_at = world_models._hook_anchor_loss(ctx, loaded, batch_size=8)
+    rows = world_models._training_rows(ctx, ("captions",))[-40:]
+    texts = [TEMPLATES[0].format(colour=c, shape=s) for c in COLORS for s in SHAPES]
+
+    def measure() -> tuple[float, float]:
+        with torch.no_grad():
+            inputs = loaded.build_inputs([chat_sample(loaded, "What is in the image?", "", (r["image"],)) for r in rows],
+                                         context_size=10_000)  # fmt: skip
+            h = loaded.model(**inputs, output_hidden_states=True).hidden_states[layer + 1]
+            h = h[loaded.token_modality(inputs) == Modality.IMAGE]
+            size = (rows[0]["image"].height, rows[0]["image"].width)
+            share = token_cell_overlap(loaded.image_layout(size))
+            cell = size[0] // loaded.image_layout(size).grid[0]
+            cover = [(share @ torch.nn.functional.one_hot(world_models._patch_labels(r["scene"], cell)[0],
+                                                          len(COLORS) + 1).float()[:, 1:]).max(1) for r in rows]  # fmt: skip
+            colour = (torch.cat([c.values for c in cover]), torch.cat([c.indices for c in cover]))
+            words = []
+            for t, c in zip(texts, [c for c in COLORS for _ in SHAPES]):
+                ids = loaded.build_inputs([Sample(t[: t.index(c) + len(c)])], context_size=10_000)
+                words.append(loaded.model(**ids, output_hidden_states=True).hidden_states[layer + 1][0, -1])
+            w = torch.stack(words).view(len(COLORS), len(SHAPES), -1).mean(1)
+            on = colour[0] >= 0.5
+            img = torch.stack([h[on & (colour[1] == v)].mean(0) for v in range(len(COLORS))])
+            a = torch.nn.functional.normalize(w - w.mean(0), dim=1)
+            b = torch.nn.functional.normalize(img - img.mean(0), dim=1)
+            retrieval = float(((a @ b.T).argmax(1) == torch.arange(len(COLORS))).float().mean())
+            return retrieval, float(h.norm(dim=-1).mean() / torch.stack(words).norm(dim=-1).mean())
+
+    before = measure()
+    first = float(loss_at(0))
+    params = [p for n, p in loaded.model.named_parameters() if "vision_tower" not in n]
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    loaded.model.train()
+    for step in range(60):
+        loss = loss_at(step)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loaded.model.eval()
+    assert float(loss_at(0)) < first
+    after = measure()
+    print(f"hook-layer colour retrieval {before[0]:.2f} -> {after[0]:.2f}; image/word norm {before[1]:.2f} -> {after[1]:.2f}")
+    assert after[0] >= 0.8 and after[0] > before[0]
+    assert abs(math.log(after[1])) < 0.2  # at the words' scale (the ci model's image tokens already are)
+    with pytest.raises(ValueError, match="hook_anchor_layer must be a decoder block"):
+        dataclasses.replace(cfg, hook_anchor_layer=cfg.num_layers)
+
+
 def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
     """Training feeds precomputed VQ code ids; the adapter feeds pixels: same logits."""
     import datasets
