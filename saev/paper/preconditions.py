@@ -335,6 +335,26 @@ def _retrievals(states: _AttributeStates) -> dict[str, tuple[int, float]]:
     return out
 
 
+def _token_retrievals(states: _AttributeStates) -> dict[str, float]:
+    """Per kind, the share of object patch tokens (of a known value) whose nearest word mean (cosine,
+    uncentred: what one feature active on both sides needs) is their own value's."""
+    all_h = torch.cat(states.img_h)
+    out = {}
+    for k, (kind, values) in enumerate(states.attrs.items()):
+        kept = [v for v in values if _value_rows(states, k, kind, v)[0].any() and _value_rows(states, k, kind, v)[1].any()]
+        if len(kept) < 2:
+            continue
+        means = torch.stack([states.word_h[_value_rows(states, k, kind, v)[0]].mean(0) for v in kept])
+        rows, label = [], []
+        for j, v in enumerate(kept):
+            patches = _value_rows(states, k, kind, v)[1]
+            rows.append(all_h[patches])
+            label.append(torch.full((int(patches.sum()),), j))
+        near = (torch.nn.functional.normalize(torch.cat(rows), dim=1) @ torch.nn.functional.normalize(means, dim=1).T)
+        out[kind] = float((near.argmax(1) == torch.cat(label)).float().mean())
+    return out
+
+
 def shared_representation(
     profile: str | Path | Profile, runs: dict[str, SAERun], *, model: str | None = None, progress: bool = False
 ) -> list[Precondition]:
@@ -345,8 +365,10 @@ def shared_representation(
     of the word). Patches: the image tokens of the classification images (with the fixed prompt, as in
     Fig. 6) that lie at least half on the class object (``saev.patches.token_cell_overlap``). Checks:
     (1) top-1 retrieval of each colour's (shape's) mean patch state from its mean word state, both sides
-    centred, against ``RETRIEVAL_MIN`` (chance 1/6, 1/5); (2) the share of the words with a shared SAE-V
-    feature (``SHARED_VALUES_MIN``). Needs data that marks the object (the world's ``object_patches``);
+    centred, against ``RETRIEVAL_MIN`` (chance 1/6, 1/5); (2) token by token: the share of the object
+    patch tokens whose nearest word mean (cosine, uncentred) is their own value's, against the same
+    bound (issue 17: class means can retrieve each other while single tokens do not); (3) the share of the
+    words with a shared SAE-V feature (``SHARED_VALUES_MIN``). Needs data that marks the object (the world's ``object_patches``);
     none otherwise. Cached in ``artifacts/<profile>/preconditions/``."""
     profile, cfg, model, task = _attribute_task(profile, model)
     spec = profile.models[model]
@@ -368,6 +390,7 @@ def shared_representation(
         all_z = torch.cat([sae.encode(h) for h in states.img_h])
         fires_any = (all_z > cfg.delta).sum(0).float()  # image tokens each feature fires on
         retrievals = _retrievals(states)
+        tokens = _token_retrievals(states)
         result: dict = {}
         for k, (kind, values) in enumerate(states.attrs.items()):
             if kind not in retrievals:
@@ -384,7 +407,8 @@ def shared_representation(
                 shared += int((both & (precision >= PRECISION_MIN)).any())
                 precisions.append(float(precision[both].max()) if both.any() else 0.0)
             n, accuracy = retrievals[kind]
-            result[kind] = {"n": n, "retrieval": accuracy, "shared": shared, "best_precision": precisions}
+            result[kind] = {"n": n, "retrieval": accuracy, "token_retrieval": tokens.get(kind, float("nan")),
+                            "shared": shared, "best_precision": precisions}  # fmt: skip
         return result
 
     with torch_threads(cfg.num_threads), torch.inference_mode():
@@ -394,6 +418,12 @@ def shared_representation(
         out.append(Precondition(
             "shared representation", f"{model}: {kind} words retrieve their objects' patches (top-1 of {r['n']}, "
             f"chance {1 / r['n']:.2f})", r["retrieval"], f">= {RETRIEVAL_MIN:.2f}", r["retrieval"] >= RETRIEVAL_MIN,
+        ))  # fmt: skip
+    for kind, r in found.items():
+        out.append(Precondition(
+            "shared representation", f"{model}: each object patch token is nearest its own {kind} word "
+            f"(uncentred, share of tokens, chance {1 / r['n']:.2f})", r["token_retrieval"], f">= {RETRIEVAL_MIN:.2f}",
+            r["token_retrieval"] >= RETRIEVAL_MIN,
         ))  # fmt: skip
     n_values = sum(r["n"] for r in found.values())
     n_shared = sum(r["shared"] for r in found.values())

@@ -129,3 +129,25 @@ def test_retrieval_by_layer_and_shared_representation_on_the_ci_world(ci_world) 
     # accuracies are shares of the 6 colours and 5 shapes
     assert all(round(6 * v) == pytest.approx(6 * v) for v in table["colour"])
     assert all(round(5 * v) == pytest.approx(5 * v) for v in table["shape"])
+
+
+def test_token_retrieval_reads_single_tokens_uncentred() -> None:
+    import torch
+
+    # Two colours whose word states point along e0 and e1; object patch tokens near their own word: 1.0.
+    # Shifted by a common offset towards one word the class means still retrieve each other (each side centred), but
+    # no single token is nearest its own word any more: the token-level check tells the two apart.
+    g = torch.Generator().manual_seed(0)
+    e = torch.eye(8)
+    word_h = torch.stack([e[0], e[0], e[1], e[1], e[2], e[3]])  # red, red, blue, blue, circle, square
+    labels = [("colour", "red"), ("colour", "red"), ("colour", "blue"), ("colour", "blue"),
+              ("shape", "circle"), ("shape", "square")]  # fmt: skip
+    red, blue = e[0] + 0.05 * torch.randn(4, 8, generator=g), e[1] + 0.05 * torch.randn(4, 8, generator=g)
+    img_h = [torch.cat([red, e[2].expand(4, 8)]), torch.cat([blue, e[3].expand(4, 8)])]
+    on = torch.tensor([True] * 4 + [False] * 4)
+    states = pc._AttributeStates({"colour": ["blue", "red"], "shape": ["circle", "square"]}, labels, word_h,
+                                 img_h, [on, on], [["red", "circle"], ["blue", "square"]])  # fmt: skip
+    assert pc._token_retrievals(states)["colour"] == 1.0
+    shifted = states._replace(img_h=[h + 3 * e[1] for h in img_h])  # every token pulled towards "blue"
+    assert pc._retrievals(shifted)["colour"][1] == 1.0
+    assert pc._token_retrievals(shifted)["colour"] == 0.5
