@@ -341,17 +341,15 @@ def _token_retrievals(states: _AttributeStates) -> dict[str, float]:
     all_h = torch.cat(states.img_h)
     out = {}
     for k, (kind, values) in enumerate(states.attrs.items()):
-        kept = [v for v in values if _value_rows(states, k, kind, v)[0].any() and _value_rows(states, k, kind, v)[1].any()]
-        if len(kept) < 2:
+        rows = [_value_rows(states, k, kind, v) for v in values]
+        rows = [(words, patches) for words, patches in rows if words.any() and patches.any()]
+        if len(rows) < 2:
             continue
-        means = torch.stack([states.word_h[_value_rows(states, k, kind, v)[0]].mean(0) for v in kept])
-        rows, label = [], []
-        for j, v in enumerate(kept):
-            patches = _value_rows(states, k, kind, v)[1]
-            rows.append(all_h[patches])
-            label.append(torch.full((int(patches.sum()),), j))
-        near = (torch.nn.functional.normalize(torch.cat(rows), dim=1) @ torch.nn.functional.normalize(means, dim=1).T)
-        out[kind] = float((near.argmax(1) == torch.cat(label)).float().mean())
+        means = torch.stack([states.word_h[words].mean(0) for words, _ in rows])
+        tokens = torch.cat([all_h[patches] for _, patches in rows])
+        label = torch.cat([torch.full((int(patches.sum()),), j) for j, (_, patches) in enumerate(rows)])
+        near = torch.nn.functional.normalize(tokens, dim=1) @ torch.nn.functional.normalize(means, dim=1).T
+        out[kind] = float((near.argmax(1) == label).float().mean())
     return out
 
 
