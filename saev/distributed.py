@@ -12,6 +12,9 @@ What the stages build on it:
   batch (:func:`batch_slice`), DDP all-reduces (averages) the gradients, so with the same global
   batch the ranks take the single-process step up to the order of float sums; firing counts and
   step metrics are summed over ranks; only rank 0 writes checkpoints and the final SAE.
+* The sweeps (``saev.paper.benchmark.run_sweep``) deal their cells out over the ranks; each rank runs
+  its cells in worker processes that see a single-process environment, so the Trainer never joins
+  this group, and the rows are gathered and broadcast (:func:`gather_to_main`, :func:`broadcast_object`).
 * A failure on one rank stops all: :func:`run` wraps a rank's work, and a rank that raises aborts
   the process group after printing its error, which makes torchrun stop the other ranks (its
   default ``--max-restarts 0``), with that rank's traceback in torchrun's error summary.

@@ -45,12 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-DISTRIBUTED_STAGES = ("check", "memory", "world-data", "world", "saes", "weights", "patch-filter", "scores")
+DISTRIBUTED_STAGES = (
+    "check", "memory", "world-data", "world", "saes", "weights", "patch-filter", "scores",
+    "fig07", "fig09", "fig10", "fig11",
+)  # fmt: skip
 """Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
 ``weights``: Alg. 1's statistics over each rank's shard of D_s, merged exactly; ``patch-filter``: each rank
 scores and answers whole batches of Fig. 6's images and masked images, gathered on rank 0; ``scores``: each rank
-scores (Alg. 1-3, IFD) its shard of the pairs, merged exactly; the world stages on rank 0 while the
-others wait). The others run in one process so far (issue 20)."""
+scores (Alg. 1-3, IFD) its shard of the pairs, merged exactly; ``fig07``-``fig11``: the sweep's cells dealt out
+over the ranks, each fine-tuned and benchmarked in a worker process of its rank that sees one process, the same
+table as one process; the world stages on rank 0 while the others wait). ``reconstruction`` and ``defects`` run
+in one process so far (issue 20)."""
 
 
 def _main(argv: list[str] | None = None) -> int:

@@ -580,6 +580,7 @@ def filter_sweep(
     *,
     cosine_metric: bool = False,
     progress: bool = False,
+    stage: str | None = None,
 ) -> SweepResult:
     """Fine-tune ``model`` on the top x% of preference set ``pref_set`` ranked by each of ``filters``
     (:func:`preference_scores`; "random" is a fresh permutation per seed) and score every model on
@@ -589,7 +590,10 @@ def filter_sweep(
     Cells live in ``artifacts/<profile>/align/sweeps/<model>--<set>--<hash>/``, one JSON each, so an
     interrupted sweep resumes and sweeps of one model and set share their cells (Fig. 11 reuses
     Fig. 7's cosine, full and base cells). ``cosine_metric``: also measure every fine-tuned model's
-    average cosine score (Fig. 8; :func:`model_cosine_scores`), column ``average_cosine``.
+    average cosine score (Fig. 8; :func:`model_cosine_scores`), column ``average_cosine``. ``stage``: the
+    ``python -m saev.paper`` stage of this sweep (``fig07`` ...): with a profile ``launcher`` its unfinished
+    cells are computed by that stage through the launcher (torchrun: cells dealt out over the ranks), and
+    this process reads them back.
     """
     from saev.paper.benchmark import run_sweep
 
@@ -629,10 +633,16 @@ def filter_sweep(
             context_size=spec.context_size, batch_size=cfg.eval_batch_size, weight_samples=cfg.weight_samples,
             top_k=cfg.top_k, delta=cfg.delta, seed=profile.seed,
         )  # fmt: skip
+    launch = None
+    if stage is not None and launches(profile):  # notebooks 04-06 on a cluster
+
+        def launch() -> None:
+            run_stage_with_launcher(profile, stage, progress=progress)
+
     with torch_threads(acfg.num_threads):
         frame = run_sweep(
             profile.model_path(model), data, rankings, config=acfg, benchmark=_benchmark(profile),
-            out_dir=out_dir, extra_metrics=extra, family=spec.family, progress=progress,
+            out_dir=out_dir, extra_metrics=extra, family=spec.family, progress=progress, launch=launch,
         )  # fmt: skip
     frame = frame.assign(score=frame["overall"], fraction=frame["fraction"].astype(float))
     lead = ["filter", "fraction", "seed", "n_train", "score"]  # resumed cells come back with sorted keys
@@ -738,24 +748,25 @@ def sweep_if_it_applies(profile: str | Path | Profile, figure: str, *, progress:
 def fig07_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
     """Fig. 7: LLaVA-NeXT's role on Align-Anything's role (set "a"), with every fine-tuned model's
     average cosine score for Fig. 8."""
-    return filter_sweep(profile, "llava-next", "a", SWEEP_FILTERS, cosine_metric=True, progress=progress)
+    return filter_sweep(profile, "llava-next", "a", SWEEP_FILTERS, cosine_metric=True, progress=progress,
+                        stage="fig07")
 
 
 def fig09_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
     """Fig. 9: the same sweep on Chameleon's role."""
-    return filter_sweep(profile, "chameleon", "a", SWEEP_FILTERS, progress=progress)
+    return filter_sweep(profile, "chameleon", "a", SWEEP_FILTERS, progress=progress, stage="fig09")
 
 
 def fig10_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
     """Fig. 10: Chameleon's role on RLAIF-V's role (set "b"), as in the paper's dataset ablation."""
-    return filter_sweep(profile, "chameleon", "b", SWEEP_FILTERS, progress=progress)
+    return filter_sweep(profile, "chameleon", "b", SWEEP_FILTERS, progress=progress, stage="fig10")
 
 
 def fig11_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
     """Fig. 11: the cosine filter against IFD (and random) on Fig. 7's model and set; shares Fig. 7's
     cosine, random, full and base cells."""
     return filter_sweep(profile, "llava-next", "a", ("cosine", "ifd", "random"), cosine_metric=True,
-                        progress=progress)  # fmt: skip
+                        progress=progress, stage="fig11")  # fmt: skip
 
 
 def _fraction_label(fraction: float) -> str:

@@ -14,6 +14,7 @@ one JSON per finished cell, so an interrupted sweep resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -271,6 +272,7 @@ def run_sweep(
     extra_metrics: Callable[[Path, SweepCell], Mapping[str, float]] | None = None,
     family: str | None = None,
     progress: bool = True,
+    launch: Callable[[], None] | None = None,
 ) -> pd.DataFrame:
     """Fine-tune and benchmark every (filter, fraction, seed) cell; resumable, one JSON per cell.
 
@@ -289,7 +291,18 @@ def run_sweep(
     average cosine score, Fig. 8) before the model folder is deleted (``keep_models`` keeps it
     under ``out_dir/models/``). Returns one row per cell: filter, fraction, seed, n_train,
     overall, accuracy, relative_<category>, exact_<category>, train_loss, seconds and extras.
+
+    Under ``torchrun`` (a process group of N ranks, ``saev.distributed``) the unfinished cells are dealt
+    out round-robin: each rank fine-tunes and benchmarks its share in its own worker processes (at least
+    one: a rank's process group must not reach the Trainer, which would otherwise join it and run every
+    cell data-parallel over all ranks), each on the rank's GPU when there are GPUs; rank 0 holds the
+    sweep's lock, every rank writes the cells it computed (atomically, one file each) and every rank
+    returns the same table. Cells are deterministic given their seed, so the table equals one
+    process's. ``launch``: called once, before anything is computed here, when some cell is unfinished
+    (a notebook's ``launcher``, which runs the sweep's stage under torchrun); the cells it finished are
+    then read back.
     """
+    from saev import distributed
     model_dir = Path(model_dir)
     family = family or model_family(model_dir)
     check_preference(dataset, where="run_sweep: dataset")
@@ -336,12 +349,11 @@ def run_sweep(
     }
     job = dict(model_dir=model_dir, family=family, pools=pools, pool_rows=pool_rows, scores=scores, config=config,
                benchmark=benchmark, out_dir=out_dir, keep_models=keep_models, extra_metrics=extra_metrics)  # fmt: skip
-    with waiting_lock(out_dir):  # one writer per sweep folder; what a killed run left half-written goes first
-        remove_stale_temporaries(out_dir)
-        _remove_leftover_models(out_dir / "models", keep_models)
+
+    def plan() -> tuple[list[dict[str, Any] | None], list[tuple[int, SweepCell, str, Path]]]:
         rows: list[dict[str, Any] | None] = []
         todo: list[tuple[int, SweepCell, str, Path]] = []
-        for cell in cells:  # read inside the lock: a writer that held it may have finished cells meanwhile
+        for cell in cells:
             ranking = ranking_digest.get(cell.filter)
             key = {**common, "cell": dataclasses.asdict(cell), "ranking": ranking,
                    "pool": None if cell.seed is None else pool_keys[cell.seed],
@@ -352,8 +364,34 @@ def run_sweep(
             rows.append(done)
             if done is None:
                 todo.append((len(rows) - 1, cell, digest, path))
-        _compute_cells(rows, todo, job, workers=min(config.workers, len(todo)), n_cells=len(cells),
-                       desc=f"sweep {out_dir.name}", progress=progress)  # fmt: skip
+        return rows, todo
+
+    if launch is not None and plan()[1]:  # cell files are written atomically: reading without the lock is safe
+        launch()
+    main = distributed.is_main()
+    # One writer per sweep folder (rank 0 for all ranks); what a killed run left half-written goes first.
+    with waiting_lock(out_dir) if main else contextlib.nullcontext():
+        rows: list[dict[str, Any] | None] = []
+        todo: list[tuple[int, SweepCell, str, Path]] = []
+        if main:
+            remove_stale_temporaries(out_dir)
+            _remove_leftover_models(out_dir / "models", keep_models)
+            rows, todo = plan()  # read inside the lock: a writer that held it may have finished cells meanwhile
+        rows, todo = distributed.broadcast_object((rows, todo))
+        mine = todo[distributed.rank() :: distributed.world_size()]
+        desc = f"sweep {out_dir.name}"
+        if distributed.is_distributed():
+            desc += f" (rank 0's {len(mine)} of {len(todo)} cells to compute)"
+        _compute_cells(rows, mine, job, workers=min(config.workers, len(mine)), n_cells=len(mine) if
+                       distributed.is_distributed() else len(cells), desc=desc, progress=progress,
+                       isolate=distributed.is_distributed())  # fmt: skip
+        if distributed.is_distributed():
+            parts = distributed.gather_to_main({i: rows[i] for i, *_ in mine})
+            if parts is not None:
+                for part in parts:
+                    for i, row in part.items():
+                        rows[i] = row
+            rows = distributed.broadcast_object(rows)
     df = pd.DataFrame(rows)
     df["seed"] = df["seed"].astype("Int64")
     return df
@@ -370,10 +408,15 @@ def _remove_leftover_models(models_dir: Path, keep_models: bool) -> None:
 
 
 def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, SweepCell, str, Path]],
-                   job: dict[str, Any], *, workers: int, n_cells: int, desc: str, progress: bool) -> None:  # fmt: skip
-    """Run the unfinished cells ``todo`` (serially, or in ``workers`` spawned processes) into ``rows``."""
+                   job: dict[str, Any], *, workers: int, n_cells: int, desc: str, progress: bool,
+                   isolate: bool = False) -> None:  # fmt: skip
+    """Run the unfinished cells ``todo`` (serially, or in ``workers`` spawned processes) into ``rows``.
+    ``isolate``: always in spawned processes (at least one), which see a single-process environment
+    (:func:`_single_process_env`): a rank of a torchrun job."""
+    if not todo:
+        return
     bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc=desc, disable=not progress)
-    if workers <= 1:
+    if workers <= 1 and not isolate:
         cache: EncodeCache = {}
         for i, cell, digest, path in todo:
             bar.set_postfix_str(cell.name)
@@ -385,7 +428,10 @@ def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, Swee
 
         # Spawned (not forked) workers: no torch thread pools or locks inherited mid-use. Each cell is
         # written by its worker as it finishes, so an interrupted parallel sweep resumes like a serial one.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        setup: dict[str, Any] = {}
+        if isolate:
+            setup = {"initializer": _single_process_env, "initargs": (_rank_cuda_device(),)}
+        with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn"), **setup) as pool:
             futures = {pool.submit(_run_cell_in_worker, cell, digest, path, **job): i for i, cell, digest, path in todo}
             pending = set(futures)
             while pending:
@@ -398,6 +444,35 @@ def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, Swee
                     rows[futures[future]] = future.result()
                     bar.update()
     bar.close()
+
+
+_LAUNCHER_ENV = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK",
+)  # fmt: skip
+"""What torchrun, srun and MPI launchers set and accelerate reads to decide that a process is one of several."""
+
+
+def _rank_cuda_device() -> str | None:
+    """The CUDA device of this rank (its ``LOCAL_RANK`` among the visible devices), or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return visible[local % len(visible)] if visible else str(local)
+
+
+def _single_process_env(cuda_device: str | None) -> None:
+    """Initializer of a rank's sweep workers: forget the launcher's environment, so that the Trainer
+    (accelerate) sees one process and fine-tunes the cell alone, on the rank's GPU when given."""
+    for key in list(os.environ):
+        if key in _LAUNCHER_ENV or key.startswith("TORCHELASTIC_"):
+            del os.environ[key]
+    if cuda_device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
 
 
 def _finished_cell(path: Path, digest: str) -> dict[str, Any] | None:

@@ -165,7 +165,8 @@ def _run_stage(stage: str, yaml: Path, ranks: int) -> None:
 
 def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m saev.paper saes --profile P``, the cluster user's command, on the
-    ci world: the same SAE folders (same keys) as one process, weights within the DDP tolerance, and
+    ci world: the same SAE folders (same keys) as one process, weights within the DDP tolerance; then
+    the weights, scores, patch-filter and fig09 stages on 2 ranks equal one process's exactly, and
     a stage that does not run distributed yet is refused naming the ones that do."""
     import shutil
 
@@ -234,7 +235,22 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
     assert patches[1][0].keys() == patches[2][0].keys()
     for k in patches[1][0]:
         assert torch.equal(patches[1][0][k], patches[2][0][k]), k
+    # a sweep (Fig. 9: fine-tuning and the benchmark of every cell) on 2 ranks, cells dealt out: one process's
+    sweeps = {}
+    for ranks in (2, 1):
+        _run_stage("fig09", yaml, ranks)
+        (folder,) = (tmp_path / "r2" / "artifacts" / "align" / "sweeps").glob("chameleon--a--*")
+        cells = {}
+        for f in sorted(folder.glob("*.json")):
+            cell = json.loads(f.read_text())
+            timings = [k for k in cell["row"] if k.startswith("seconds")]
+            cells[f.name] = ({k: v for k, v in cell["row"].items() if k not in timings}, cell["answers"], cell["hash"])
+        assert not (folder / "models").exists() or not any((folder / "models").iterdir())
+        sweeps[ranks] = cells
+        shutil.rmtree(folder)
+    assert sweeps[1] == sweeps[2] and len(sweeps[1]) > 10
+    assert len({row["overall"] for row, _, _ in sweeps[1].values()}) > 1  # the cells differ from each other
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "saev.paper", "fig07", "--profile", str(yaml)],
+                              "-m", "saev.paper", "reconstruction", "--profile", str(yaml)],
                              capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
-    assert refused.returncode != 0 and "stage 'fig07' runs in one process" in refused.stderr
+    assert refused.returncode != 0 and "stage 'reconstruction' runs in one process" in refused.stderr

@@ -270,6 +270,26 @@ def test_filter_sweep_end_to_end_and_resume(patched, monkeypatch) -> None:
     monkeypatch.setattr("saev.paper.benchmark.finetune", no_finetune)
     again = pa.filter_sweep(patched, "llava-next", "a", ("cosine", "random"), cosine_metric=True)
     pd.testing.assert_frame_equal(result.cells, again.cells)
+    # with a profile launcher (issue 20) a sweep with unfinished cells runs its stage through it, once, then
+    # reads the cells back; a finished sweep launches nothing
+    import dataclasses
+
+    launched = []
+    (cell,) = (patched.artifacts_path / "align" / "sweeps").glob("llava-next--a--*/random__f0.5__s0.json")
+    saved = cell.read_bytes()
+
+    def fake_launcher(profile, stage, progress=False):
+        launched.append(stage)
+        cell.write_bytes(saved)  # what the launched stage computes
+
+    monkeypatch.setattr(pa, "run_stage_with_launcher", fake_launcher)
+    with_launcher = dataclasses.replace(patched, launcher="torchrun --nproc_per_node 2")
+    pa.filter_sweep(with_launcher, "llava-next", "a", ("cosine", "random"), cosine_metric=True, stage="fig07")
+    assert launched == []
+    cell.unlink()
+    third = pa.filter_sweep(with_launcher, "llava-next", "a", ("cosine", "random"), cosine_metric=True, stage="fig07")
+    assert launched == ["fig07"]
+    pd.testing.assert_frame_equal(result.cells, third.cells)
 
 
 # ----------------------------------------------------------------------------- verdicts on a hand-built sweep
