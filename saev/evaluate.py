@@ -590,18 +590,22 @@ def reconstruction_losses(
     Three full forward passes per batch. Only real tokens (TEXT and IMAGE) are replaced;
     padding, BOS and special tokens keep their activations. Works for every family, and for
     an SAE trained on another model of the same width (the transferability of Fig. 4).
+
+    Under torchrun each rank runs a contiguous run of whole batches (:func:`rank_rows`); the per-sample
+    losses and the per-batch sums are gathered and added in batch order, so every rank gets one
+    process's result, bit for bit.
     """
     check_sae_matches(loaded.model, sae.d_in)
     n, d_in = len(samples), sae.d_in
     sums = {name: torch.zeros(n, dtype=torch.float64) for name in ("original", "spliced", "zero")}
     n_tokens_S = torch.zeros(n, dtype=torch.int64)
-    sum_x_D = torch.zeros(d_in, dtype=torch.float64)
-    sum_x2 = sum_sq_err = sum_l0 = 0.0
-    n_rows = 0
+    parts: list[tuple[Tensor, float, float, float, int]] = []  # per batch: sum x, sum x^2, SSE, L0 sum, rows
+    shard = rank_rows(n, batch_size) if distributed.is_distributed() else None
     splice = _Splice()
     handle = loaded.hook_module(hook_layer).register_forward_hook(splice)
     try:
-        batches = _sample_batches(samples, batch_size, to_sample, "reconstruction losses", progress)
+        batches = _sample_batches(samples, batch_size, to_sample, "reconstruction losses",
+                                  progress and distributed.is_main(), rows=shard)  # fmt: skip
         for first, batch in batches:
             ids = list(range(first, first + len(batch)))
             inputs = loaded.build_inputs(batch, context_size=context_size, sample_ids=ids)
@@ -618,14 +622,28 @@ def reconstruction_losses(
                 splice.replace = (real_BT, rows_ND)
                 sums[name][first : first + len(batch)] = _summed_ce(loaded.model, inputs, target_BT)
             x64_ND = x_ND.double().cpu()
-            sum_x_D += x64_ND.sum(0)
-            sum_x2 += float(x64_ND.pow(2).sum())
-            sum_sq_err += float((x64_ND - x_hat_ND.double().cpu()).pow(2).sum())
-            sum_l0 += float((z_NF > 0).sum())
-            n_rows += x_ND.shape[0]
+            sq_err = float((x64_ND - x_hat_ND.double().cpu()).pow(2).sum())
+            parts.append((x64_ND.sum(0), float(x64_ND.pow(2).sum()), sq_err, float((z_NF > 0).sum()), x_ND.shape[0]))
     finally:
         handle.remove()
         splice.captured_BTD = splice.replace = None
+    if shard is not None:  # the ranks' contiguous runs, in rank order: every sample's losses, every batch's sums
+        mine = {"sums": {k: v[shard] for k, v in sums.items()}, "n_tokens": n_tokens_S[shard], "parts": parts}
+        gathered = distributed.gather_to_main(mine)
+        if gathered is not None:
+            sums = {k: torch.cat([g["sums"][k] for g in gathered]) for k in sums}
+            n_tokens_S = torch.cat([g["n_tokens"] for g in gathered])
+            parts = [part for g in gathered for part in g["parts"]]
+        sums, n_tokens_S, parts = distributed.broadcast_object((sums, n_tokens_S, parts))
+    sum_x_D = torch.zeros(d_in, dtype=torch.float64)
+    sum_x2 = sum_sq_err = sum_l0 = 0.0
+    n_rows = 0
+    for part_x_D, part_x2, part_sq_err, part_l0, part_rows in parts:  # in batch order, as one process adds them
+        sum_x_D += part_x_D
+        sum_x2 += part_x2
+        sum_sq_err += part_sq_err
+        sum_l0 += part_l0
+        n_rows += part_rows
     total_tokens = int(n_tokens_S.sum())
     total_var = sum_x2 - float(sum_x_D.pow(2).sum()) / max(n_rows, 1)
     per_sample = {k: (v / n_tokens_S).float() for k, v in sums.items()}

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 DISTRIBUTED_STAGES = (
-    "check", "memory", "world-data", "world", "saes", "weights", "patch-filter", "scores",
+    "check", "memory", "world-data", "world", "saes", "reconstruction", "weights", "patch-filter", "scores",
     "fig07", "fig09", "fig10", "fig11",
 )  # fmt: skip
 """Stages that run under ``torchrun --nproc_per_node N`` (``saes``: sharded extraction and DDP training;
@@ -54,8 +54,9 @@ DISTRIBUTED_STAGES = (
 scores and answers whole batches of Fig. 6's images and masked images, gathered on rank 0; ``scores``: each rank
 scores (Alg. 1-3, IFD) its shard of the pairs, merged exactly; ``fig07``-``fig11``: the sweep's cells dealt out
 over the ranks, each fine-tuned and benchmarked in a worker process of its rank that sees one process, the same
-table as one process; the world stages on rank 0 while the others wait). ``reconstruction`` and ``defects`` run
-in one process so far (issue 20)."""
+table as one process; ``reconstruction``: each rank runs its batches of every held-out set, the sums added in
+batch order; the world stages on rank 0 while the others wait). ``defects`` (AUCs of cached scores) runs in one
+process."""
 
 
 def _main(argv: list[str] | None = None) -> int:

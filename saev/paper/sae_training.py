@@ -19,9 +19,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saev import distributed
-from saev.cache import atomic_write_json, cached_json, code_fingerprint, model_fingerprint, params_hash
+from saev.cache import (
+    atomic_write_json,
+    cached_json,
+    cached_json_is_current,
+    code_fingerprint,
+    model_fingerprint,
+    params_hash,
+)
 from saev.config import ActivationConfig, TrainConfig
-from saev.paper.common import EVAL_CODE, SAE_CODE, load_profile_model, pipeline_config_for, torch_threads
+from saev.paper.common import (
+    EVAL_CODE,
+    SAE_CODE,
+    load_profile_model,
+    pipeline_config_for,
+    torch_threads,
+    writer_lock,
+)
 from saev.paper.data import TO_SAMPLE, DataSlice, data_slice
 from saev.paper.profile import PipelineConfig, Profile, as_profile
 from saev.paper.world import prepare_world
@@ -409,8 +423,12 @@ def _reconstruction(
         )  # fmt: skip
         return {f: getattr(result, f) for f in RECONSTRUCTION_FIELDS}
 
-    with torch_threads(cfg.num_threads):
-        return cached_json(path, compute, params)
+    if not cached_json_is_current(path, params) and launches(profile):  # notebook 02 on a cluster
+        run_stage_with_launcher(profile, "reconstruction", progress=progress)
+    with torch_threads(cfg.num_threads), writer_lock(path):  # under torchrun each rank runs its batches; rank 0 writes
+        result = cached_json(path, compute, params, write=distributed.is_main())
+    distributed.barrier()
+    return result
 
 
 TASK_LABELS = {"text": "text", "interleaved": "text & vision"}

@@ -166,7 +166,7 @@ def _run_stage(stage: str, yaml: Path, ranks: int) -> None:
 def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 -m saev.paper saes --profile P``, the cluster user's command, on the
     ci world: the same SAE folders (same keys) as one process, weights within the DDP tolerance; then
-    the weights, scores, patch-filter and fig09 stages on 2 ranks equal one process's exactly, and
+    the reconstruction, weights, scores, patch-filter and fig09 stages on 2 ranks equal one process's exactly, and
     a stage that does not run distributed yet is refused naming the ones that do."""
     import shutil
 
@@ -202,6 +202,14 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
         w1, w2 = _weights(one), _weights(two)
         for k in w1:
             assert float((w1[k] - w2[k]).abs().max()) <= 0.05 * float(w1[k].abs().max()), (one.name, k)
+    # Table 1 and Figs. 3-4 (the reconstruction stage: LM losses with each SAE spliced in) on 2 ranks: one process's
+    losses = {}
+    for ranks in (2, 1):
+        _run_stage("reconstruction", yaml, ranks)
+        folder = tmp_path / "r2" / "artifacts" / "reconstruction"
+        losses[ranks] = {f.name: json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))}
+        shutil.rmtree(folder)
+    assert losses[1] == losses[2] and len(losses[1]) > 5
     # Alg. 1's omega (the weights stage) on 2 ranks equals one process's on the same SAE-V, exactly
     weights = {}
     for ranks in (2, 1):
@@ -251,6 +259,6 @@ def test_the_saes_stage_under_torchrun_trains_the_single_process_saes(ci_world, 
     assert sweeps[1] == sweeps[2] and len(sweeps[1]) > 10
     assert len({row["overall"] for row, _, _ in sweeps[1].values()}) > 1  # the cells differ from each other
     refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "saev.paper", "reconstruction", "--profile", str(yaml)],
+                              "-m", "saev.paper", "defects", "--profile", str(yaml)],
                              capture_output=True, text=True, timeout=120, env=_env())  # fmt: skip
-    assert refused.returncode != 0 and "stage 'reconstruction' runs in one process" in refused.stderr
+    assert refused.returncode != 0 and "stage 'defects' runs in one process" in refused.stderr

@@ -116,6 +116,11 @@ def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp
 
     monkeypatch.setattr(saev.scoring.FeatureStats, "update", no_scoring)
     profile = load_profile(yaml)
+    import saev.evaluate
+
+    monkeypatch.setattr(saev.evaluate, "reconstruction_losses", no_scoring)  # notebook 02's losses: launched too
+    table = sae_training.evaluate_reconstruction(profile, runs)
+    assert "-m saev.paper reconstruction --profile" in capsys.readouterr().out and len(table) > 5
     stats = patch_filtering.cross_modal_stats(profile, runs)
     assert "-m saev.paper weights --profile" in capsys.readouterr().out and stats.weights.numel() > 0
     monkeypatch.setattr(patch_filtering, "classification_patch_scores", no_scoring)
