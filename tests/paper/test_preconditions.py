@@ -46,6 +46,19 @@ def test_patch_information_passes_only_when_the_object_holds_the_class() -> None
     assert pc.patch_information(_Result(no_oracle[no_oracle["method"] != "oracle"])) == []
 
 
+def test_a_gap_of_exactly_the_threshold_in_float32_accuracies_passes() -> None:
+    """48 of 100 unmasked against 38 of 100 under the oracle mask, as float32 fractions of 5 subsets of 20
+    (how Fig. 6's table holds them): the gap is 0.10, at the threshold, not 0.1000000015 over it."""
+    rows = []
+    for s, (u, o) in enumerate([(7, 7), (8, 7), (11, 9), (10, 8), (12, 7)]):
+        for method, frac, c in [("original", 1.0, u), ("oracle", 0.25, o), ("random", 0.25, 2)]:
+            rows.append({"method": method, "keep_fraction": frac, "seed": 0, "subset": s, "n": 20,
+                         "accuracy": float(np.float32(c / 20))})  # fmt: skip
+    gap, _ = pc.patch_information(_Result(pd.DataFrame(rows)))
+    assert float(np.mean([np.float32(u / 20) for u in (7, 8, 11, 10, 12)])) - 0.38 > 0.10  # the float32 trap
+    assert 0.10 < gap.value == pytest.approx(0.10) and gap.passed
+
+
 def test_patch_verdicts_read_intervals_and_failed_conditions() -> None:
     acc = _accuracy(0.85, 0.84, 0.5)
     lines = pc.patch_verdicts(acc)
