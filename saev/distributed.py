@@ -14,7 +14,7 @@ What the stages build on it:
   step metrics are summed over ranks; only rank 0 writes checkpoints and the final SAE.
 * The sweeps (``saev.paper.benchmark.run_sweep``) deal their cells out over the ranks; each rank runs
   its cells in worker processes that see a single-process environment, so the Trainer never joins
-  this group, and the rows are gathered and broadcast (:func:`gather_to_main`, :func:`broadcast_object`).
+  this group, and every rank gets every rank's rows (:func:`gather_to_all`).
 * A failure on one rank stops all: :func:`run` wraps a rank's work, and a rank that raises aborts
   the process group after printing its error, which makes torchrun stop the other ranks (its
   default ``--max-restarts 0``), with that rank's traceback in torchrun's error summary.
@@ -36,6 +36,7 @@ __all__ = [
     "barrier",
     "batch_slice",
     "broadcast_object",
+    "gather_to_all",
     "gather_to_main",
     "init",
     "is_distributed",
@@ -117,6 +118,15 @@ def gather_to_main(obj: T) -> list[T] | None:
         return [obj]
     out: list[T] | None = [None] * world_size() if is_main() else None  # type: ignore[list-item]
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def gather_to_all(obj: T) -> list[T]:
+    """Every rank's ``obj`` in rank order, on every rank; ``[obj]`` in one process."""
+    if not is_distributed():
+        return [obj]
+    out: list[T] = [None] * world_size()  # type: ignore[list-item]
+    dist.all_gather_object(out, obj)
     return out
 
 

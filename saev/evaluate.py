@@ -629,12 +629,10 @@ def reconstruction_losses(
         splice.captured_BTD = splice.replace = None
     if shard is not None:  # the ranks' contiguous runs, in rank order: every sample's losses, every batch's sums
         mine = {"sums": {k: v[shard] for k, v in sums.items()}, "n_tokens": n_tokens_S[shard], "parts": parts}
-        gathered = distributed.gather_to_main(mine)
-        if gathered is not None:
-            sums = {k: torch.cat([g["sums"][k] for g in gathered]) for k in sums}
-            n_tokens_S = torch.cat([g["n_tokens"] for g in gathered])
-            parts = [part for g in gathered for part in g["parts"]]
-        sums, n_tokens_S, parts = distributed.broadcast_object((sums, n_tokens_S, parts))
+        gathered = distributed.gather_to_all(mine)
+        sums = {k: torch.cat([g["sums"][k] for g in gathered]) for k in sums}
+        n_tokens_S = torch.cat([g["n_tokens"] for g in gathered])
+        parts = [part for g in gathered for part in g["parts"]]
     sum_x_D = torch.zeros(d_in, dtype=torch.float64)
     sum_x2 = sum_sq_err = sum_l0 = 0.0
     n_rows = 0

@@ -386,12 +386,9 @@ def run_sweep(
                        distributed.is_distributed() else len(cells), desc=desc, progress=progress,
                        isolate=distributed.is_distributed())  # fmt: skip
         if distributed.is_distributed():
-            parts = distributed.gather_to_main({i: rows[i] for i, *_ in mine})
-            if parts is not None:
-                for part in parts:
-                    for i, row in part.items():
-                        rows[i] = row
-            rows = distributed.broadcast_object(rows)
+            for part in distributed.gather_to_all({i: rows[i] for i, *_ in mine}):
+                for i, row in part.items():
+                    rows[i] = row
     df = pd.DataFrame(rows)
     df["seed"] = df["seed"].astype("Int64")
     return df

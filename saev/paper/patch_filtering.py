@@ -279,8 +279,7 @@ def _answer_all(answer_fn: AnswerFn, queue: list[Image.Image], batch_size: int) 
     for start in range(mine.start, mine.stop, batch_size):
         answers += answer_fn(queue[start : min(start + batch_size, mine.stop)])
     if distributed.is_distributed():
-        gathered = distributed.gather_to_main(answers)
-        answers = distributed.broadcast_object([a for part in gathered for a in part] if gathered else None)
+        answers = [a for part in distributed.gather_to_all(answers) for a in part]
     return answers
 
 
