@@ -45,12 +45,14 @@ from saev.paper.finetune import (
     BENCHMARK_COLUMNS,
     PREFERENCE_COLUMNS,
     EncodeCache,
+    ReferenceLogProbs,
     as_scores,
     check_preference,
     config_dict,
     finetune,
     load_aligned,
     random_scores,
+    reference_logprobs,
     require_columns,
     select_subset,
 )
@@ -377,7 +379,11 @@ def run_sweep(
             remove_stale_temporaries(out_dir)
             _remove_leftover_models(out_dir / "models", keep_models)
             rows, todo = plan()  # read inside the lock: a writer that held it may have finished cells meanwhile
-        rows, todo = distributed.broadcast_object((rows, todo))
+            if config.method == "dpo" and config.reference == "pool":
+                needed = sorted({cell.seed for _, cell, _, _ in todo if cell.seed is not None})
+                job["reference"] = {s: _pool_reference(model_dir, family, pools[s], pool_keys[s], common["model"],
+                                                       config, out_dir, progress) for s in needed}  # fmt: skip
+        rows, todo, job["reference"] = distributed.broadcast_object((rows, todo, job.get("reference")))
         mine = todo[distributed.rank() :: distributed.world_size()]
         desc = f"sweep {out_dir.name}"
         if distributed.is_distributed():
@@ -472,6 +478,30 @@ def _single_process_env(cuda_device: str | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
 
 
+_REFERENCE_VERSION = 1
+
+
+def _pool_reference(model_dir: Path, family: str, pool: datasets.Dataset, pool_key: str, model_key: str,
+                    config: AlignConfig, out_dir: Path, progress: bool) -> ReferenceLogProbs:  # fmt: skip
+    """DPO's reference terms of every pair of one seed's pool (``align.reference: pool``), computed once and
+    shared by all of the seed's cells; kept in ``out_dir/reference/`` under a hash of the model's weights, the
+    pool and what batching and precision they were computed with, so a resumed sweep reads them back."""
+    key = {"model": model_key, "pool": pool_key, "family": family, "max_length": config.max_length,
+           "batch": config.per_device_train_batch_size, "bf16": config.bf16, "version": _REFERENCE_VERSION}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    folder = out_dir / "reference"
+    path = folder / f"pool-{digest[:16]}.json"
+    if path.is_file():
+        done = json.loads(path.read_text())
+        if done.get("key") == key:
+            return {tuple(r[:4]): (r[4], r[5]) for r in done["pairs"]}
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    table = reference_logprobs(model_dir, pool, config=config, family=family, progress=progress)
+    atomic_write_json(path, {"key": key, "pairs": [[*k, c, r] for k, (c, r) in table.items()]})
+    return table
+
+
 def _finished_cell(path: Path, digest: str) -> dict[str, Any] | None:
     """The row of a cell already computed with the same key, or None."""
     if path.is_file():
@@ -506,6 +536,7 @@ def _run_cell(
     keep_models: bool,
     extra_metrics: Callable[[Path, SweepCell], Mapping[str, float]] | None,
     cache: EncodeCache,
+    reference: Mapping[int, ReferenceLogProbs] | None = None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     row: dict[str, Any] = {"filter": cell.filter, "fraction": cell.fraction, "seed": cell.seed}
@@ -526,7 +557,7 @@ def _run_cell(
             subset = select_subset(pool, s, cell.fraction, seed=tie_seed)
         tuned = out_dir / "models" / cell.name
         finetune(model_dir, subset, config=config, seed=cell.seed, out_dir=tuned, progress=False, family=family,
-                 cache=cache)  # fmt: skip
+                 cache=cache, reference=None if reference is None else reference[cell.seed])  # fmt: skip
         record = json.loads((tuned / "align.json").read_text())
         seconds_train = time.perf_counter() - start
         result = evaluate_benchmark(tuned, benchmark, config=config, family=family)

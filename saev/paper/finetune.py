@@ -49,6 +49,7 @@ __all__ = [
     "EncodeCache",
     "PairCollator",
     "PairLogProbs",
+    "ReferenceLogProbs",
     "BENCHMARK_COLUMNS",
     "PREFERENCE_COLUMNS",
     "as_scores",
@@ -58,8 +59,10 @@ __all__ = [
     "finetune",
     "load_aligned",
     "model_family",
+    "pair_key",
     "pair_logprobs",
     "random_scores",
+    "reference_logprobs",
     "reward_margins",
     "select_subset",
 ]
@@ -154,6 +157,15 @@ class _Encoded(NamedTuple):
 EncodeCache = dict[tuple, _Encoded]
 """Cache of encoded rows shared by the fine-tunes of one sweep: key (model, prompt, answer, image) -> row."""
 
+ReferenceLogProbs = dict[tuple, tuple[float, float]]
+"""DPO's reference terms of preference pairs: :func:`pair_key` -> (log p_ref(chosen), log p_ref(rejected)),
+each summed over the answer tokens + EOS as TRL's ``DPOTrainer`` sums them (:func:`reference_logprobs`)."""
+
+
+def pair_key(prompt: str, chosen: str, rejected: str, image: Any) -> tuple:
+    """The key of a preference pair in a :data:`ReferenceLogProbs` table: its texts and its image's digest."""
+    return (prompt, chosen, rejected, _image_key(image))
+
 
 @dataclass
 class PairCollator:
@@ -172,12 +184,15 @@ class PairCollator:
     ``mode="dpo"``: rows ``prompt``, ``chosen``, ``rejected``, ``image``; output chosen rows then
     rejected rows (TRL's layout). ``mode="sft"``: rows ``prompt``, ``completion``, ``image``.
     Images may be PIL images or ``{"bytes", "path"}`` dicts (an ``Image(decode=False)`` column).
+    ``reference`` (DPO): each pair's precomputed reference terms, passed on as TRL's ``ref_chosen_logps``
+    and ``ref_rejected_logps`` (:func:`reference_logprobs`); a pair missing from it is an error.
     """
 
     loaded: LoadedModel
     max_length: int
     mode: Literal["dpo", "sft"] = "dpo"
     cache: EncodeCache | None = None
+    reference: ReferenceLogProbs | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.mode == "dpo":
@@ -200,6 +215,17 @@ class PairCollator:
             out[key] = cat_padded([e.pixels[key] for e in encoded])
         if self.mode == "dpo":
             out["completion_mask"] = completion_mask
+            if self.reference is not None:
+                terms = []
+                for e in examples:
+                    key = pair_key(e["prompt"], e["chosen"], e["rejected"], e["image"])
+                    if key not in self.reference:
+                        raise KeyError(f"PairCollator: the pair with question {e['prompt']!r} and chosen answer "
+                                       f"{e['chosen']!r} has no precomputed reference log-probs (the table was "
+                                       "computed on other pairs)")  # fmt: skip
+                    terms.append(self.reference[key])
+                ref = torch.tensor(terms, dtype=torch.float32)
+                out["ref_chosen_logps"], out["ref_rejected_logps"] = ref[:, 0], ref[:, 1]
         else:
             out["labels"] = input_ids.masked_fill(completion_mask == 0, -100)
         return out
@@ -327,6 +353,51 @@ def reward_margins(policy: PairLogProbs, reference: PairLogProbs, beta: float) -
     return beta * ((policy.chosen - reference.chosen) - (policy.rejected - reference.rejected))
 
 
+@torch.no_grad()
+def reference_logprobs(
+    model_dir: str | os.PathLike,
+    dataset: datasets.Dataset,
+    *,
+    config: AlignConfig,
+    family: str | None = None,
+    cache: EncodeCache | None = None,
+    progress: bool = False,
+) -> ReferenceLogProbs:
+    """DPO's reference terms of every pair of ``dataset`` under the checkpoint in ``model_dir``, computed as
+    TRL's ``DPOTrainer`` computes them at each step: the frozen copy in eval mode with TRL's fused LM head
+    (``trl.trainer.utils.add_fused_lm_head``: log-probs normalised over the whole vocabulary), batches of
+    ``config.per_device_train_batch_size`` pairs built by :class:`PairCollator`, bf16 autocast when
+    ``config.bf16``, on the device the Trainer would use. Only padding and batch composition differ from
+    the per-step terms, so values agree up to float rounding. Pass the table to :func:`finetune`."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    check_preference(dataset, where="reference_logprobs: dataset")
+    family = family or model_family(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the Trainer puts its reference model
+    loaded = load_model(family, model_dir, device=device)
+    loaded.model.requires_grad_(False)
+    loaded.model.eval()
+    add_fused_lm_head(loaded.model)
+    collator = PairCollator(loaded, config.max_length, "dpo", cache)
+    rows = dataset.select_columns(list(PREFERENCE_COLUMNS)).rename_column("question", "prompt")
+    rows = rows.cast_column("image", datasets.Image(decode=False))
+    size = config.per_device_train_batch_size
+    table: ReferenceLogProbs = {}
+    with torch_threads(config.num_threads):
+        for start in tqdm(range(0, len(rows), size), desc="reference log-probs", disable=not progress, leave=False):
+            examples = [rows[i] for i in range(start, min(start + size, len(rows)))]
+            batch = {k: v.to(device) for k, v in collator(examples).items()}
+            mask = batch.pop("completion_mask")
+            labels = batch["input_ids"].masked_fill(mask == 0, -100)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=config.bf16):
+                out = loaded.model(**batch, use_cache=False, labels=labels, fused_lm_head=True)
+            logps = out.log_probs[:, -(mask.shape[1] - 1) :].sum(dim=1).float().cpu()
+            chosen, rejected = logps.chunk(2)
+            for e, c, r in zip(examples, chosen.tolist(), rejected.tolist(), strict=True):
+                table[pair_key(e["prompt"], e["chosen"], e["rejected"], e["image"])] = (c, r)
+    return table
+
+
 def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = None) -> LoadedModel:
     """``model`` itself if loaded, else the checkpoint folder loaded in its family (read from ``config.json``)."""
     if not isinstance(model, str | os.PathLike):
@@ -392,6 +463,7 @@ def finetune(
     progress: bool = True,
     family: str | None = None,
     cache: EncodeCache | None = None,
+    reference: ReferenceLogProbs | None = None,
 ) -> Path:
     """Fine-tune the checkpoint in ``model_dir`` on ``train_dataset`` and save it to ``out_dir``.
 
@@ -405,12 +477,16 @@ def finetune(
     with ``config.num_threads`` torch threads. The result is a ``save_pretrained`` folder (safetensors,
     processor, ``align.json`` with the config, seed, rows and training loss) written to a temporary
     folder and renamed to ``out_dir``; an existing ``out_dir`` is replaced. ``cache``: see
-    :class:`PairCollator`.
+    :class:`PairCollator`. ``reference`` (DPO): the pairs' reference terms, precomputed with
+    :func:`reference_logprobs` from the same ``model_dir`` (a sweep computes them once per pool): no reference
+    forward runs during training.
     """
     from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     check_preference(train_dataset, where="finetune: train_dataset")
+    if reference is not None and config.method != "dpo":
+        raise ValueError(f"finetune: reference log-probs are DPO's terms; align.method is {config.method!r}")
     family = family or model_family(model_dir)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -433,18 +509,23 @@ def finetune(
         # and our data_collator (PairCollator: TRL's vision collator drops BOS and appends
         # Chameleon's separator token, so its sequences are not the ones these models learned).
         if config.method == "dpo":
-            reference = load_model(family, model_dir)
-            reference.model.requires_grad_(False)
-            reference.model.eval()
+            frozen = load_model(family, model_dir)
+            frozen.model.requires_grad_(False)
+            frozen.model.eval()
             trainer = DPOTrainer(
                 model=policy.model,
-                ref_model=reference.model,
+                ref_model=frozen.model,
                 args=DPOConfig(**args, beta=config.beta, precompute_ref_log_probs=False,
                                **_dpo_losses(config)),  # fmt: skip
-                data_collator=PairCollator(reference, config.max_length, "dpo", cache),
+                data_collator=PairCollator(frozen, config.max_length, "dpo", cache, reference),
                 train_dataset=rows,
                 processing_class=policy.processor,
             )
+            if reference is not None:
+                # The state TRL's own precompute_ref_log_probs leaves (reference terms in every batch, no reference
+                # model), which its init refuses to reach for a vision dataset; the collator supplies the terms.
+                trainer.precompute_ref_logps = True
+                trainer.ref_model = None
         else:
             rows = rows.remove_columns("rejected").rename_column("chosen", "completion")
             trainer = SFTTrainer(

@@ -101,6 +101,11 @@ class AlignConfig:
     experiment); "sft": TRL's SFTTrainer on the chosen answers only."""
     beta: float = 0.1
     """DPO's KL coefficient beta (TRL's default; the paper does not state it)."""
+    reference: Literal["pool", "per_step"] = "pool"
+    """Where a sweep's DPO reference log-probs come from. "pool": computed once per pool with the frozen base
+    model and shared by every cell (TRL's ``precompute_ref_log_probs``, once per pool instead of once per
+    fine-tune; a departure from the released trainer, which runs the reference every step: the same terms up
+    to float rounding, a quarter less compute). "per_step": a reference forward at every training step."""
     sft_weight: float = 0.0
     """Weight of a negative log-likelihood loss on the chosen answer added to DPO's (RPO, Pang et al.
     2024; TRL ``loss_type=["sigmoid", "sft"]``), which keeps DPO from lowering the chosen answers'
@@ -182,6 +187,8 @@ class AlignConfig:
             raise ValueError(f"align.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.pool_per_seed and self.pool_size is None:
             raise ValueError("align.pool_per_seed needs align.pool_size (the rows of each seed's pool)")
+        if self.reference not in ("pool", "per_step"):
+            raise ValueError(f"align.reference must be 'pool' or 'per_step', got {self.reference!r}")
         if self.tie_break not in ("random", "index"):
             raise ValueError(f"align.tie_break must be 'random' or 'index', got {self.tie_break!r}")
         if self.weight_decay < 0:

@@ -30,6 +30,7 @@ from saev.paper.finetune import (
     finetune,
     pair_logprobs,
     random_scores,
+    reference_logprobs,
     reward_margins,
     select_subset,
 )
@@ -121,6 +122,8 @@ def test_config_validation_names_the_key() -> None:
         AlignConfig(filters=("cosine", "gpt"))
     with pytest.raises(ValueError, match="align.method"):
         AlignConfig(method="ppo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="align.reference must be 'pool' or 'per_step'"):
+        AlignConfig(reference="cached")  # type: ignore[arg-type]
     # Table 4 is the default
     t4 = AlignConfig()
     assert (t4.learning_rate, t4.epochs, t4.per_device_train_batch_size, t4.gradient_accumulation_steps,
@@ -174,6 +177,67 @@ def test_dpo_moves_the_policy_towards_chosen_with_a_frozen_reference(
     if name == "chameleon":  # the VQ image tokenizer is frozen, as in Chameleon's own training
         vq = [k for k in on_disk if ".vqmodel." in k]
         assert vq and all(torch.equal(tuned[k], on_disk[k]) for k in vq)
+
+
+@pytest.mark.parametrize("name", ["llava-next", "chameleon"])
+def test_dpo_on_precomputed_reference_terms_trains_the_per_step_model(
+    world: CIWorld, clean_pairs: datasets.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """``align.reference: pool``: the reference terms computed once over a pool (in the pool's batches, not
+    the fine-tune's) replace the reference forward of every step: the frozen copy never runs, and the trained
+    weights and loss equal the per-step run's up to float rounding."""
+    base_dir = world.paths[name]
+    table = reference_logprobs(base_dir, clean_pairs, config=CFG)
+    assert len(table) == len(clean_pairs) and all(c < 0 and r < 0 for c, r in table.values())
+    subset = clean_pairs.select(range(1, 16, 2))  # other batches than the table's
+    real_load = ft_mod.load_model
+    forwards: dict[str, int] = {}
+
+    per_step: list[torch.Tensor] = []  # the reference terms of the per-step run, as TRL computes them
+
+    def counting_load(*args: object, **kwargs: object):  # noqa: ANN202
+        loaded = real_load(*args, **kwargs)
+        role = "policy" if len(forwards) % 2 == 0 else "frozen"
+        key = f"{role}{len(forwards) // 2}"
+        forwards[key] = 0
+        loaded.model.register_forward_pre_hook(lambda *_: forwards.__setitem__(key, forwards[key] + 1))
+        if role == "frozen":
+            loaded.model.register_forward_hook(lambda m, a, out: per_step.append(out.log_probs.sum(1)))
+        return loaded
+
+    monkeypatch.setattr(ft_mod, "load_model", counting_load)
+    runs = {}
+    for label, reference in (("per_step", None), ("pool", table)):
+        out = finetune(base_dir, subset, config=CFG, seed=0, out_dir=tmp_path / label, progress=False,
+                       reference=reference)  # fmt: skip
+        runs[label] = (load_file(out / "model.safetensors"), json.loads((out / "align.json").read_text()))
+    assert forwards["frozen0"] > 0 and forwards["frozen1"] == 0  # per step: a reference forward each step
+    assert forwards["policy0"] == forwards["policy1"] > 0
+    (a, rec_a), (b, rec_b) = runs["per_step"], runs["pool"]
+    assert rec_a["steps"] == rec_b["steps"]
+    assert rec_a["train_loss"] == pytest.approx(rec_b["train_loss"], abs=1e-5)
+    on_disk = load_file(base_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], on_disk[k]) for k in a)  # training moved the weights
+    # the table holds TRL's own reference terms: each epoch of the per-step run computed the same values
+    mine = torch.tensor([table[ft_mod.pair_key(r["question"], r["chosen"], r["rejected"], r["image"])]
+                         for r in subset.cast_column("image", datasets.Image(decode=False))])  # fmt: skip
+    for epoch in torch.cat(per_step).view(-1, 2 * len(subset)):  # [chosen of the batch, rejected of the batch]
+        chosen, rejected = epoch.view(2, len(subset))
+        assert torch.allclose(chosen.sort().values, mine[:, 0].sort().values, atol=1e-4)
+        assert torch.allclose(rejected.sort().values, mine[:, 1].sort().values, atol=1e-4)
+    # Adam turns rounding in near-zero gradients into visible steps: within 10% of the largest update
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max((a[k] - on_disk[k]).abs().max().item() for k in a)
+    assert worst <= 0.1 * moved, (worst, moved)
+
+    missing = dict(table)
+    missing.pop(next(iter(missing)))
+    with pytest.raises(KeyError, match="has no precomputed reference log-probs"):
+        finetune(base_dir, clean_pairs, config=CFG, seed=0, out_dir=tmp_path / "missing", progress=False,
+                 reference=missing)  # fmt: skip
+    with pytest.raises(ValueError, match="reference log-probs are DPO's terms"):
+        finetune(base_dir, clean_pairs, config=dataclasses.replace(CFG, method="sft"), seed=0,
+                 out_dir=tmp_path / "sft", progress=False, reference=table)  # fmt: skip
 
 
 def test_finetune_is_deterministic_given_the_seed(world: CIWorld, clean_pairs: datasets.Dataset,
@@ -268,7 +332,13 @@ def test_sweep_resumes_without_recomputing_finished_cells(
                               benchmark_per_category=2)  # fmt: skip
     rankings = {"cosine": np.arange(len(pref), dtype=float), "random": None}  # scores for the whole set
     real_finetune, real_eval = bench_mod.finetune, bench_mod.evaluate_benchmark
+    real_reference = bench_mod.reference_logprobs
     calls = {"finetune": 0, "evaluate": 0}
+    references: list[int] = []
+
+    def counting_reference(*args: object, **kwargs: object) -> dict:
+        references.append(len(args[1]))
+        return real_reference(*args, **kwargs)
 
     def counting_finetune(*args: object, **kwargs: object) -> Path:
         calls["finetune"] += 1
@@ -282,6 +352,7 @@ def test_sweep_resumes_without_recomputing_finished_cells(
 
     monkeypatch.setattr(bench_mod, "finetune", counting_finetune)
     monkeypatch.setattr(bench_mod, "evaluate_benchmark", counting_eval)
+    monkeypatch.setattr(bench_mod, "reference_logprobs", counting_reference)
     out = tmp_path / "sweep"
     limit = 2  # cells in order: base, full/seed 0, cosine 0.5, random 0.5
     with pytest.raises(KeyboardInterrupt):
@@ -289,12 +360,15 @@ def test_sweep_resumes_without_recomputing_finished_cells(
                   progress=False)  # fmt: skip
     assert sorted(p.name for p in out.glob("*.json")) == ["base__f0__snone.json", "full__f1__s0.json"]
     assert calls == {"finetune": 2, "evaluate": 2}
+    assert references == [16]  # the pool's reference terms, once, before any cell
+    assert len(list((out / "reference").glob("pool-*.json"))) == 1
 
     calls.update(finetune=0, evaluate=0)
     limit = 0
     df = run_sweep(world.paths["llava-next"], pref, rankings, config=cfg, benchmark=benchmark, out_dir=out,
                    progress=False)  # fmt: skip
     assert calls == {"finetune": 2, "evaluate": 2}  # only the two unfinished cells
+    assert references == [16]  # read back from out/reference/, not recomputed
     assert df["filter"].tolist() == ["base", "full", "cosine", "random"]
     assert df["fraction"].tolist() == [0.0, 1.0, 0.5, 0.5]
     assert df["seed"].isna().tolist() == [True, False, False, False] and df["seed"].iloc[1:].tolist() == [0, 0, 0]
@@ -403,7 +477,8 @@ def test_a_sweep_cleans_what_a_killed_run_left_and_waits_for_a_live_writer(
     err = capsys.readouterr().err
     assert "waiting:" in err and "is being written by pid" in err
     assert df["filter"].tolist() == ["base", "full"]
-    assert sorted(p.name for p in out.iterdir()) == ["base__f0__snone.json", "full__f1__s0.json", "models"]
+    assert sorted(p.name for p in out.iterdir()) == ["base__f0__snone.json", "full__f1__s0.json", "models",
+                                                     "reference"]  # fmt: skip
     assert not any((out / "models").iterdir())
 
 
