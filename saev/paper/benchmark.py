@@ -487,7 +487,8 @@ def _pool_reference(model_dir: Path, family: str, pool: datasets.Dataset, pool_k
     shared by all of the seed's cells; kept in ``out_dir/reference/`` under a hash of the model's weights, the
     pool and what batching and precision they were computed with, so a resumed sweep reads them back."""
     key = {"model": model_key, "pool": pool_key, "family": family, "max_length": config.max_length,
-           "batch": config.per_device_train_batch_size, "bf16": config.bf16, "version": _REFERENCE_VERSION}  # fmt: skip
+           "batch": config.per_device_train_batch_size, "bf16": config.bf16, "shared_prompt": config.shared_prompt,
+           "version": _REFERENCE_VERSION}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     folder = out_dir / "reference"
     path = folder / f"pool-{digest[:16]}.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -65,6 +66,7 @@ __all__ = [
     "reference_logprobs",
     "reward_margins",
     "select_subset",
+    "share_prompts",
 ]
 
 PREFERENCE_COLUMNS = ("image", "question", "chosen", "rejected")
@@ -378,6 +380,8 @@ def reference_logprobs(
     loaded.model.requires_grad_(False)
     loaded.model.eval()
     add_fused_lm_head(loaded.model)
+    if config.shared_prompt:
+        share_prompts(loaded.model)  # the per-step terms are computed so too
     collator = PairCollator(loaded, config.max_length, "dpo", cache)
     rows = dataset.select_columns(list(PREFERENCE_COLUMNS)).rename_column("question", "prompt")
     rows = rows.cast_column("image", datasets.Image(decode=False))
@@ -396,6 +400,99 @@ def reference_logprobs(
             for e, c, r in zip(examples, chosen.tolist(), rejected.tolist(), strict=True):
                 table[pair_key(e["prompt"], e["chosen"], e["rejected"], e["image"])] = (c, r)
     return table
+
+
+def _dropout_keys(config: Any, prefix: str = "") -> list[str]:
+    """The dropout probabilities > 0 in a model config and its sub-configs, as ``key=value`` strings."""
+    found = []
+    for key, value in config.to_dict().items() if hasattr(config, "to_dict") else config.items():
+        key = str(key)
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found += _dropout_keys(value, name + ".")
+        elif ("dropout" in key or "pdrop" in key) and isinstance(value, float) and value > 0:
+            found.append(f"{name}={value}")
+    return found
+
+
+def share_prompts(model: torch.nn.Module) -> None:
+    """Patch ``model``'s backbone to run each pair's common prefix once per DPO batch (``align.shared_prompt``).
+
+    TRL's ``DPOTrainer`` runs the batch [chosen rows; rejected rows] through the backbone, so the image and
+    the question, which both rows of a pair share, are computed twice (the LLaVA-NeXT vision tower included),
+    and they are most of the sequence. Patched, the backbone (the module TRL's fused LM head calls) runs the
+    longest common prefix of each pair once, caching its keys and values, and then only the rows' different tails
+    against that cache, and returns the hidden states of the full [chosen; rejected] batch: causal attention
+    makes the prefix's states the same in both rows, so the loss and its gradients are the concatenated
+    forward's up to float rounding (a departure in computation only, not in what is computed; ``false`` keeps
+    TRL's concatenated forward). Any other call (no pair structure, other images in a pair's rows, a cache or
+    positions passed in) runs the original forward. Needs dropout 0: a shared prefix would share its mask.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    if getattr(backbone, "_saev_shared_prompts", False):
+        return
+    dropout = _dropout_keys(model.config)
+    if dropout:
+        raise ValueError(f"align.shared_prompt: the model has dropout ({', '.join(dropout)}); a prefix shared "
+                         "by a pair's chosen and rejected rows would share one dropout mask; set "
+                         "align.shared_prompt: false")  # fmt: skip
+    original = backbone.forward
+    cache_arg = "cache" if "cache" in inspect.signature(original).parameters else "past_key_values"
+    image_token = getattr(model.config, "image_token_id", None)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if (args or ids is None or mask is None or ids.shape[0] % 2 or ids.shape[0] == 0
+                or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids", "cache",
+                                                            "past_key_values"))):  # fmt: skip
+            return original(*args, **kwargs)
+        n, T = ids.shape[0] // 2, ids.shape[1]
+        others = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "use_cache")}
+        per_row = {k: v for k, v in others.items()
+                   if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == 2 * n}  # fmt: skip
+        if any(not torch.equal(v[:n], v[n:]) for v in per_row.values()):
+            return original(*args, **kwargs)  # not pairs of one image each
+        lengths = mask.sum(1)
+        if not torch.equal(mask, (torch.arange(T, device=mask.device) < lengths[:, None]).to(mask.dtype)):
+            return original(*args, **kwargs)  # not right-padded
+        same = (ids[:n] == ids[n:]) & (mask[:n] == 1) & (mask[n:] == 1)
+        prefix = same.long().cumprod(1).sum(1)
+        prefix = torch.minimum(prefix, torch.minimum(lengths[:n], lengths[n:]) - 1)  # every row keeps a tail
+        if int(prefix.min()) < 1:
+            return original(*args, **kwargs)
+        pair = torch.arange(2 * n, device=ids.device) % n
+        start = prefix[pair]
+        if image_token is not None and any((ids[i, int(start[i]) : int(lengths[i])] == image_token).any()
+                                           for i in range(2 * n)):  # fmt: skip
+            return original(*args, **kwargs)  # an image in a tail: the image features go with the prefix
+        P, S = int(prefix.max()), int((lengths - start).max())
+        fill = int(ids[0, 0])  # padding: the first token (BOS), never an image placeholder
+        steps_p = torch.arange(P, device=ids.device)
+        head_mask = (steps_p[None] < prefix[:, None]).to(mask.dtype)
+        head = original(input_ids=ids[:n, :P].masked_fill(head_mask == 0, fill), attention_mask=head_mask,
+                        position_ids=steps_p.expand(n, P), use_cache=True,
+                        **{k: v[:n] if k in per_row else v for k, v in others.items()})  # fmt: skip
+        cache = head.past_key_values
+        cache.reorder_cache(pair)  # [pairs; pairs]: the prefix's keys and values for chosen and rejected rows
+        steps_s = torch.arange(S, device=ids.device)
+        tail_mask = (steps_s[None] < (lengths - start)[:, None]).to(mask.dtype)
+        where = (start[:, None] + steps_s[None]).clamp(max=T - 1)
+        tail = original(input_ids=ids.gather(1, where).masked_fill(tail_mask == 0, fill),
+                        attention_mask=torch.cat([head_mask[pair], tail_mask], 1),
+                        position_ids=start[:, None] + steps_s[None], use_cache=True, **{cache_arg: cache},
+                        **{k: v for k, v in others.items() if k not in per_row})  # fmt: skip
+        # The [chosen; rejected] hidden states: row i takes its pair's prefix states, then its own tail's.
+        h_head, h_tail = head.last_hidden_state, tail.last_hidden_state
+        d = h_head.shape[-1]
+        flat = torch.cat([h_head.reshape(-1, d), h_tail.reshape(-1, d), h_head.new_zeros(1, d)])
+        t = torch.arange(T, device=ids.device)[None]
+        src = torch.where(t < start[:, None], pair[:, None] * P + t,
+                          n * P + torch.arange(2 * n, device=ids.device)[:, None] * S + (t - start[:, None]))
+        src = torch.where(t < lengths[:, None], src, flat.shape[0] - 1)
+        return type(tail)(last_hidden_state=flat[src])
+
+    backbone.forward = forward
+    backbone._saev_shared_prompts = True
 
 
 def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = None) -> LoadedModel:
@@ -521,6 +618,10 @@ def finetune(
                 train_dataset=rows,
                 processing_class=policy.processor,
             )
+            if config.shared_prompt:
+                share_prompts(policy.model)
+                if reference is None:
+                    share_prompts(frozen.model)
             if reference is not None:
                 # The state TRL's own precompute_ref_log_probs leaves (reference terms in every batch, no reference
                 # model), which its init refuses to reach for a vision dataset; the collator supplies the terms.

@@ -106,6 +106,10 @@ class AlignConfig:
     model and shared by every cell (TRL's ``precompute_ref_log_probs``, once per pool instead of once per
     fine-tune; a departure from the released trainer, which runs the reference every step: the same terms up
     to float rounding, a quarter less compute). "per_step": a reference forward at every training step."""
+    shared_prompt: bool = True
+    """DPO: run each pair's common prefix (image and question) once per step, not once per row
+    (:func:`saev.paper.finetune.share_prompts`; a departure in computation only: the same loss and gradients
+    up to float rounding). false: TRL's concatenated [chosen; rejected] forward. Needs dropout 0."""
     sft_weight: float = 0.0
     """Weight of a negative log-likelihood loss on the chosen answer added to DPO's (RPO, Pang et al.
     2024; TRL ``loss_type=["sigmoid", "sft"]``), which keeps DPO from lowering the chosen answers'

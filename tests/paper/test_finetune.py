@@ -240,6 +240,79 @@ def test_dpo_on_precomputed_reference_terms_trains_the_per_step_model(
                  out_dir=tmp_path / "sft", progress=False, reference=table)  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["llava-next", "chameleon"])
+def test_shared_prompts_give_the_concatenated_forward_and_its_gradients(
+    world: CIWorld, clean_pairs: datasets.Dataset, tmp_path: Path, name: str
+) -> None:
+    """``align.shared_prompt``: the backbone runs each pair's common prefix (image and question) once and the
+    two tails against its cache; the fused log-probs and every parameter's gradient equal TRL's concatenated
+    forward's up to float rounding, and so do the fine-tuned weights."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from saev.models import load_model
+
+    rows = clean_pairs.select(range(8)).select_columns(list(ft_mod.PREFERENCE_COLUMNS))
+    rows = rows.rename_column("question", "prompt").cast_column("image", datasets.Image(decode=False))
+    results, calls = {}, []
+    for share in (False, True):
+        loaded = load_model("llava_next" if name == "llava-next" else name, world.paths[name])
+        loaded.model.train()
+        add_fused_lm_head(loaded.model)
+        if share:
+            backbone = loaded.model.base_model
+            def spy(*args: object, spied=backbone.forward, **kwargs: torch.Tensor):  # noqa: ANN202
+                calls.append((kwargs["input_ids"].shape, kwargs.get("use_cache")))
+                return spied(*args, **kwargs)
+
+            backbone.forward = spy
+            ft_mod.share_prompts(loaded.model)
+            ft_mod.share_prompts(loaded.model)  # idempotent
+        batch = ft_mod.PairCollator(loaded, CFG.max_length, "dpo")([rows[i] for i in range(len(rows))])
+        mask = batch.pop("completion_mask")
+        out = loaded.model(**batch, use_cache=False, labels=batch["input_ids"].masked_fill(mask == 0, -100),
+                           fused_lm_head=True)  # fmt: skip
+        logps = out.log_probs.sum(1)
+        chosen, rejected = logps.chunk(2)
+        (-torch.nn.functional.logsigmoid(chosen - rejected).mean() - logps.mean()).backward()
+        grads = {k: p.grad for k, p in loaded.model.named_parameters() if p.grad is not None}
+        results[share] = (logps.detach(), grads, batch["input_ids"].shape)
+    (a, grad_a, shape), (b, grad_b, _) = results[False], results[True]
+    # one prefix pass over the 8 pairs, then the 16 tails (shorter than the rows) against its cache
+    assert [c[0][0] for c in calls] == [8, 16] and [c[1] for c in calls] == [True, True]
+    assert calls[0][0][1] + calls[1][0][1] < shape[1] + 4 and calls[1][0][1] < shape[1] // 2
+    assert torch.allclose(a, b, atol=1e-4, rtol=0)
+    assert grad_a.keys() == grad_b.keys() and len(grad_a) > 10
+    largest = max(g.abs().max() for g in grad_a.values())  # a key bias's gradient is 0 up to rounding
+    for k, g in grad_a.items():
+        assert (g - grad_b[k]).abs().max() <= 1e-5 * max(g.abs().max(), largest * 1e-2), k
+
+    runs = {}
+    for share in (False, True):
+        config = dataclasses.replace(CFG, shared_prompt=share)
+        out = finetune(world.paths[name], clean_pairs, config=config, seed=0, out_dir=tmp_path / str(share),
+                       progress=False)  # fmt: skip
+        runs[share] = (load_file(out / "model.safetensors"), json.loads((out / "align.json").read_text()))
+    (w_a, rec_a), (w_b, rec_b) = runs[False], runs[True]
+    assert rec_a["steps"] == rec_b["steps"] and rec_b["config"]["shared_prompt"] is True
+    assert rec_a["train_loss"] == pytest.approx(rec_b["train_loss"], abs=1e-5)
+    on_disk = load_file(world.paths[name] / "model.safetensors")
+    # A key bias shifts every score of a query alike, so softmax cancels it: its gradient is rounding noise,
+    # which Adam scales to full steps in both runs. Every other weight agrees within 1% of the largest update.
+    keys = [k for k in w_a if not k.endswith("k_proj.bias")]
+    worst = max((w_a[k] - w_b[k]).abs().max().item() for k in keys)
+    moved = max((w_a[k] - on_disk[k]).abs().max().item() for k in keys)
+    assert worst <= 0.01 * moved, (worst, moved)
+
+
+def test_shared_prompts_refuse_a_model_with_dropout(world: CIWorld) -> None:
+    from saev.models import load_model
+
+    loaded = load_model("chameleon", world.paths["chameleon"])
+    loaded.model.config.attention_dropout = 0.1
+    with pytest.raises(ValueError, match=r"attention_dropout=0.1.*align.shared_prompt: false"):
+        ft_mod.share_prompts(loaded.model)
+
+
 def test_finetune_is_deterministic_given_the_seed(world: CIWorld, clean_pairs: datasets.Dataset,
                                                   tmp_path: Path) -> None:  # fmt: skip
     cfg = dataclasses.replace(CFG, epochs=1.0)
