@@ -384,14 +384,19 @@ def run_sweep(
                 job["reference"] = {s: _pool_reference(model_dir, family, pools[s], pool_keys[s], common["model"],
                                                        config, out_dir, progress) for s in needed}  # fmt: skip
         rows, todo, job["reference"] = distributed.broadcast_object((rows, todo, job.get("reference")))
-        mine = todo[distributed.rank() :: distributed.world_size()]
+        joint = distributed.is_distributed() and config.parallel != "cells"
+        mine = todo if joint else todo[distributed.rank() :: distributed.world_size()]
         desc = f"sweep {out_dir.name}"
-        if distributed.is_distributed():
-            desc += f" (rank 0's {len(mine)} of {len(todo)} cells to compute)"
-        _compute_cells(rows, mine, job, workers=min(config.workers, len(mine)), n_cells=len(mine) if
-                       distributed.is_distributed() else len(cells), desc=desc, progress=progress,
-                       isolate=distributed.is_distributed())  # fmt: skip
-        if distributed.is_distributed():
+        if joint:  # align.parallel ddp / fsdp: each cell fine-tuned on every rank, one after the other
+            desc += f" (each cell on {distributed.world_size()} ranks, {config.parallel})"
+            _compute_cells_jointly(rows, todo, job, n_cells=len(cells), desc=desc, progress=progress)
+        else:
+            if distributed.is_distributed():
+                desc += f" (rank 0's {len(mine)} of {len(todo)} cells to compute)"
+            _compute_cells(rows, mine, job, workers=min(config.workers, len(mine)), n_cells=len(mine) if
+                           distributed.is_distributed() else len(cells), desc=desc, progress=progress,
+                           isolate=distributed.is_distributed())  # fmt: skip
+        if distributed.is_distributed() and not joint:
             for part in distributed.gather_to_all({i: rows[i] for i, *_ in mine}):
                 for i, row in part.items():
                     rows[i] = row
@@ -408,6 +413,23 @@ def _remove_leftover_models(models_dir: Path, keep_models: bool) -> None:
     for p in models_dir.iterdir():
         if p.is_dir() and (not keep_models or p.name.startswith("tmp")):
             shutil.rmtree(p)
+
+
+def _compute_cells_jointly(rows: list[dict[str, Any] | None], todo: list[tuple[int, SweepCell, str, Path]],
+                           job: dict[str, Any], *, n_cells: int, desc: str, progress: bool) -> None:  # fmt: skip
+    """``align.parallel`` ddp / fsdp under torchrun: every rank runs every unfinished cell, in order, in this
+    process, so that the Trainer joins the job's process group and fine-tunes the cell over all ranks; rank 0
+    saves the model, benchmarks it and writes the cell (the benchmark runs on rank 0 alone), and every rank
+    gets the row."""
+    from saev import distributed
+
+    bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc=desc, disable=not progress or not todo)
+    cache: EncodeCache = {}
+    for i, cell, digest, path in todo:
+        bar.set_postfix_str(cell.name)
+        rows[i] = distributed.broadcast_object(_run_cell(cell, digest, path, cache=cache, joint=True, **job))
+        bar.update()
+    bar.close()
 
 
 def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, SweepCell, str, Path]],
@@ -538,7 +560,14 @@ def _run_cell(
     extra_metrics: Callable[[Path, SweepCell], Mapping[str, float]] | None,
     cache: EncodeCache,
     reference: Mapping[int, ReferenceLogProbs] | None = None,
-) -> dict[str, Any]:
+    joint: bool = False,
+) -> dict[str, Any] | None:
+    """One cell: fine-tune (not for ``base``), benchmark, write ``path``; its row. ``joint``: a rank of a
+    fine-tune over all ranks (:func:`_compute_cells_jointly`): ranks other than 0 only fine-tune, and return None."""
+    from saev import distributed
+
+    if joint and not distributed.is_main() and cell.filter == "base":
+        return None
     start = time.perf_counter()
     row: dict[str, Any] = {"filter": cell.filter, "fraction": cell.fraction, "seed": cell.seed}
     extras: Mapping[str, float] = {}
@@ -559,6 +588,8 @@ def _run_cell(
         tuned = out_dir / "models" / cell.name
         finetune(model_dir, subset, config=config, seed=cell.seed, out_dir=tuned, progress=False, family=family,
                  cache=cache, reference=None if reference is None else reference[cell.seed])  # fmt: skip
+        if joint and not distributed.is_main():
+            return None
         record = json.loads((tuned / "align.json").read_text())
         seconds_train = time.perf_counter() - start
         result = evaluate_benchmark(tuned, benchmark, config=config, family=family)

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 import saev.cache
+from saev import distributed
 from saev.models import (
     IMAGE_PLACEHOLDER,
     NO_TRUNCATION,
@@ -505,15 +506,30 @@ def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = No
 # ----------------------------------------------------------------------------- fine-tuning
 
 
-def _trainer_args(config: AlignConfig, seed: int, output_dir: str, n_rows: int) -> dict[str, Any]:
+def _trainer_args(config: AlignConfig, seed: int, output_dir: str, n_rows: int, ranks: int = 1) -> dict[str, Any]:
     """Table 4 -> transformers/TRL arguments (no evaluation split during training: the sweep
-    scores every model on the benchmark instead)."""
-    return {
+    scores every model on the benchmark instead). ``ranks`` > 1: one fine-tune over that many ranks
+    (``align.parallel`` ddp or fsdp), each taking its share of ``per_device_train_batch_size``."""
+    if config.per_device_train_batch_size % ranks:
+        raise ValueError(f"align.parallel: {config.parallel}: align.per_device_train_batch_size "
+                         f"({config.per_device_train_batch_size}) must divide over the {ranks} ranks (the global "
+                         "batch is kept: the result must not depend on the number of ranks)")  # fmt: skip
+    extra: dict[str, Any] = {}
+    if ranks > 1 and config.parallel == "fsdp":
+        if not torch.cuda.is_available():
+            raise ValueError("align.parallel: fsdp shards the model over GPUs, and accelerate runs FSDP only "
+                             "there; on CPU ranks use align.parallel: ddp")  # fmt: skip
+        # FSDP2 via accelerate: each decoder (and vision encoder) layer its own unit, parameters gathered
+        # for its forward and backward, full state dict gathered on rank 0 to save.
+        extra = {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True,
+                                               "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                               "state_dict_type": "FULL_STATE_DICT"}}  # fmt: skip
+    return extra | {
         "output_dir": output_dir,
         "learning_rate": config.learning_rate,
         "num_train_epochs": config.epochs,
         "max_steps": config.max_steps if config.max_steps is not None else -1,
-        "per_device_train_batch_size": config.per_device_train_batch_size,
+        "per_device_train_batch_size": config.per_device_train_batch_size // ranks,
         "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "lr_scheduler_type": config.lr_scheduler_type,
         "warmup_steps": config.warmup_steps,
@@ -599,7 +615,9 @@ def finetune(
         if family == "chameleon":
             policy.model.model.vqmodel.requires_grad_(False)
         policy.model.train()
-        args = _trainer_args(config, seed, str(Path(work) / "trainer"), len(train_dataset))
+        # align.parallel ddp / fsdp under torchrun: this fine-tune on every rank (the Trainer joins the group)
+        ranks = distributed.world_size() if config.parallel != "cells" else 1
+        args = _trainer_args(config, seed, str(Path(work) / "trainer"), len(train_dataset), ranks)
         rows = train_dataset.select_columns(list(PREFERENCE_COLUMNS)).rename_column("question", "prompt")
         rows = rows.cast_column("image", datasets.Image(decode=False))  # the collator decodes on a cache miss
         # TRL is used through its extension points only, no subclass: an explicit frozen ref_model
@@ -618,7 +636,7 @@ def finetune(
                 train_dataset=rows,
                 processing_class=policy.processor,
             )
-            if config.shared_prompt:
+            if config.shared_prompt and not (ranks > 1 and config.parallel == "fsdp"):  # FSDP2: not verified
                 share_prompts(policy.model)
                 if reference is None:
                     share_prompts(frozen.model)
@@ -642,14 +660,25 @@ def finetune(
         output = trainer.train()
         tmp_dir = Path(work) / "model"
         policy.model.eval()
-        policy.model.save_pretrained(tmp_dir)
+        train_loss = float(output.training_loss)
+        if ranks > 1:
+            # the Trainer's training_loss is this rank's own batches' mean when nothing was logged in between;
+            # the ranks' equal shares average to the global batch's
+            train_loss = float(distributed.sum_(torch.tensor([train_loss], dtype=torch.float64))) / ranks
+            state = trainer.accelerator.get_state_dict(trainer.model)  # every rank: FSDP gathers it on rank 0
+            if not distributed.is_main():  # rank 0 writes the one model; the others wait for it
+                distributed.barrier()
+                return out_dir
+            policy.model.save_pretrained(tmp_dir, state_dict=state)
+        else:
+            policy.model.save_pretrained(tmp_dir)
         policy.processor.save_pretrained(tmp_dir)
         record = {
             "method": config.method,
             "seed": seed,
             "n_train": len(train_dataset),
             "steps": trainer.state.global_step,
-            "train_loss": float(output.training_loss),
+            "train_loss": train_loss,
             "seconds": round(time.perf_counter() - start, 3),
             "base_model": str(model_dir),
             "config": config_dict(config),
@@ -660,6 +689,8 @@ def finetune(
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
         saev.cache.fault_point()
+    if ranks > 1:
+        distributed.barrier()
     return out_dir
 
 

@@ -110,6 +110,13 @@ class AlignConfig:
     """DPO: run each pair's common prefix (image and question) once per step, not once per row
     (:func:`saev.paper.finetune.share_prompts`; a departure in computation only: the same loss and gradients
     up to float rounding). false: TRL's concatenated [chosen; rejected] forward. Needs dropout 0."""
+    parallel: Literal["cells", "ddp", "fsdp"] = "cells"
+    """How a sweep under ``torchrun`` uses its ranks. "cells": the cells are dealt out, each fine-tuned on one
+    device (many small fine-tunes). "ddp" / "fsdp": one cell at a time on every rank, the Trainer (accelerate)
+    joining the job's process group: data-parallel, or the policy sharded with FSDP2 (GPUs only; for a 7B
+    DPO that one device cannot hold with its optimiser state); ``per_device_train_batch_size`` is then split
+    over the ranks so that the global batch, and the result up to float rounding, do not depend on their
+    number. In one process all three are the same plain fine-tune."""
     sft_weight: float = 0.0
     """Weight of a negative log-likelihood loss on the chosen answer added to DPO's (RPO, Pang et al.
     2024; TRL ``loss_type=["sigmoid", "sft"]``), which keeps DPO from lowering the chosen answers'
@@ -191,6 +198,8 @@ class AlignConfig:
             raise ValueError(f"align.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.pool_per_seed and self.pool_size is None:
             raise ValueError("align.pool_per_seed needs align.pool_size (the rows of each seed's pool)")
+        if self.parallel not in ("cells", "ddp", "fsdp"):
+            raise ValueError(f"align.parallel must be 'cells', 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.reference not in ("pool", "per_step"):
             raise ValueError(f"align.reference must be 'pool' or 'per_step', got {self.reference!r}")
         if self.tie_break not in ("random", "index"):

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -654,3 +657,71 @@ def test_a_sweep_killed_at_a_random_time_resumes_to_the_uninterrupted_rows_and_a
     assert proc.exitcode is not None
     _sweep_in_child(*args, str(out))
     _assert_same_sweep(straight, out)
+
+
+# ----------------------------------------------------------------------------- one fine-tune over several ranks
+
+SWEEP_WORKER = Path(__file__).with_name("sweep_worker.py")
+
+
+def _sweep_on(ranks: int, out: Path, world: CIWorld, parallel: str) -> subprocess.CompletedProcess[str]:
+    data = world.profile.artifacts_path / "data"
+    launch = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  f"--nproc_per_node={ranks}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([*launch, str(SWEEP_WORKER), str(out), str(world.paths["llava-next"]),
+                           str(data / "preference_a"), str(data / "benchmark"), parallel],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_a_cell_fine_tuned_over_two_ranks_with_ddp_gives_the_one_process_cell(world: CIWorld, tmp_path: Path) -> None:
+    """``align.parallel: ddp`` under ``torchrun --nproc_per_node 2``: each cell is one fine-tune over both ranks
+    (the Trainer, through accelerate, in the job's gloo group; each rank takes half of the batch), rank 0 saves
+    and benchmarks it. The cells equal one process's with the same global batch: same steps, training loss
+    within 1e-5, weights within 1% of the largest update, the same answers. ``fsdp`` on CPU ranks is refused."""
+    runs = {}
+    for ranks in (1, 2):
+        done = _sweep_on(ranks, tmp_path / f"r{ranks}", world, "ddp")
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[ranks] = {p.name: json.loads(p.read_text()) for p in sorted((tmp_path / f"r{ranks}").glob("*.json"))}
+    assert list(runs[1]) == list(runs[2]) == ["base__f0__snone.json", "random__f0.5__s0.json"]
+    for name, one in runs[1].items():
+        two = runs[2][name]
+        assert one["hash"] == two["hash"] and one["answers"] == two["answers"], name
+        for key, value in one["row"].items():
+            if key == "train_loss" and not np.isnan(value):
+                assert two["row"][key] == pytest.approx(value, abs=1e-5)
+            elif not key.startswith("seconds") and key != "train_loss":
+                assert two["row"][key] == value, (name, key)
+    a, b = (load_file(tmp_path / f"r{r}" / "models" / "random__f0.5__s0" / "model.safetensors") for r in (1, 2))
+    records = [json.loads((tmp_path / f"r{r}" / "models" / "random__f0.5__s0" / "align.json").read_text())
+               for r in (1, 2)]  # fmt: skip
+    assert records[0]["steps"] == records[1]["steps"] == 2  # 8 pairs x 2 epochs, a global batch of 8
+    on_disk = load_file(world.paths["llava-next"] / "model.safetensors")
+    keys = [k for k in a if not k.endswith("k_proj.bias")]  # rounding noise, see the shared-prompt test
+    moved = max((a[k] - on_disk[k]).abs().max().item() for k in keys)
+    assert moved > 0 and max((a[k] - b[k]).abs().max().item() for k in keys) <= 0.01 * moved
+    refused = _sweep_on(2, tmp_path / "fsdp", world, "fsdp")
+    assert refused.returncode != 0 and "accelerate runs FSDP only there" in refused.stderr
+
+
+def test_parallel_fine_tunes_split_the_batch_and_configure_fsdp2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trl import DPOConfig
+
+    args = ft_mod._trainer_args(dataclasses.replace(CFG, parallel="ddp"), 0, "/tmp/x", 16, ranks=2)
+    assert args["per_device_train_batch_size"] == 4 and "fsdp" not in args
+    with pytest.raises(ValueError, match=r"per_device_train_batch_size \(8\) must divide over the 3 ranks"):
+        ft_mod._trainer_args(dataclasses.replace(CFG, parallel="ddp"), 0, "/tmp/x", 16, ranks=3)
+    fsdp = dataclasses.replace(CFG, parallel="fsdp")
+    with pytest.raises(ValueError, match="accelerate runs FSDP only there"):
+        ft_mod._trainer_args(fsdp, 0, "/tmp/x", 16, ranks=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # what a GPU rank builds (not run here)
+    args = ft_mod._trainer_args(fsdp, 0, "/tmp/x", 16, ranks=2)
+    monkeypatch.undo()
+    plugin = DPOConfig(**{**args, "use_cpu": True}).fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert plugin["state_dict_type"] == "FULL_STATE_DICT" and plugin["reshard_after_forward"] is True
+    with pytest.raises(ValueError, match="align.parallel must be"):
+        dataclasses.replace(CFG, parallel="tp")
