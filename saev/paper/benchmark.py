@@ -138,18 +138,31 @@ def evaluate_benchmark(
     config: AlignConfig,
     family: str | None = None,
     progress: bool = False,
-) -> BenchmarkResult:
+    shard: bool = False,
+) -> BenchmarkResult | None:
     """Greedy answers of ``model`` to the benchmark and their scores, per category and overall.
 
     Answers come from ``saev.models.greedy_answers`` (the decoder that evaluated the world
     models too), to ``chat_sample(family, question)`` with the image, for at most
     ``config.benchmark_per_category`` questions per category, stopped at EOS or after the
     category's longest reference + 2 tokens (capped by ``config.benchmark_max_new_tokens``).
-    Scoring: see the module docstring; ``config.judge`` selects the judge.
+    Scoring: see the module docstring; ``config.judge`` selects the judge. A checkpoint folder is loaded
+    on the GPU when there is one (in bf16 with ``config.bf16``), else on the CPU in float32.
+    ``shard`` (every rank of a torchrun job calls it): each rank answers a contiguous run of whole batches
+    of each category (the batches one process runs, so the answers are the same), rank 0 gets them all and
+    scores them (one judge call per answer); the other ranks return None.
     """
+    from saev import distributed
+
     kind = scorer_kind(config, benchmark)
     by_cat = benchmark_rows(benchmark, config)
-    loaded = load_aligned(model, family)
+    import torch
+
+    from saev.evaluate import rank_rows
+
+    cuda = torch.cuda.is_available()
+    loaded = load_aligned(model, family, device="cuda" if cuda else "cpu",
+                          dtype="bfloat16" if cuda and config.bf16 else "float32")  # fmt: skip
     was_training = loaded.model.training
     loaded.model.eval()
     tok = tokenizer_of(loaded.processor)  # a LoadedModel or a stand-in with model, processor and family
@@ -170,8 +183,13 @@ def evaluate_benchmark(
             if config.benchmark_max_new_tokens is not None:
                 max_new = min(max_new, config.benchmark_max_new_tokens)
             samples = [chat_sample(loaded, q, "", (im,)) for q, im in zip(questions, images)]
-            got = greedy_answers(loaded, samples, max_new, batch_size=config.eval_batch_size, progress=progress,
-                                 desc=f"bench {category}")
+            mine = rank_rows(len(samples), config.eval_batch_size) if shard else slice(0, len(samples))
+            got = greedy_answers(loaded, samples[mine], max_new, batch_size=config.eval_batch_size,
+                                 progress=progress, desc=f"bench {category}")  # fmt: skip
+            if shard and distributed.is_distributed():
+                got = [a for part in distributed.gather_to_all(got) for a in part]
+                if not distributed.is_main():
+                    continue
             answers[category] = got
             exact[category] = float(np.mean([normalize_answer(a) == normalize_answer(r) for a, r in zip(got, refs)]))
             if judge is not None:
@@ -186,6 +204,8 @@ def evaluate_benchmark(
                 ref_scores[category] = [p[0] for p in pairs]
                 ans_scores[category] = [p[1] for p in pairs]
     loaded.model.train(was_training)
+    if shard and not distributed.is_main():
+        return None
     all_ref = [s for c in by_cat for s in ref_scores[c]]
     all_ans = [s for c in by_cat for s in ans_scores[c]]
     n = {c: len(idx) for c, idx in by_cat.items()}
@@ -419,8 +439,8 @@ def _compute_cells_jointly(rows: list[dict[str, Any] | None], todo: list[tuple[i
                            job: dict[str, Any], *, n_cells: int, desc: str, progress: bool) -> None:  # fmt: skip
     """``align.parallel`` ddp / fsdp under torchrun: every rank runs every unfinished cell, in order, in this
     process, so that the Trainer joins the job's process group and fine-tunes the cell over all ranks; rank 0
-    saves the model, benchmarks it and writes the cell (the benchmark runs on rank 0 alone), and every rank
-    gets the row."""
+    saves the model, every rank answers its share of the benchmark (``evaluate_benchmark(shard=True)``), rank 0
+    scores the answers and writes the cell, and every rank gets the row."""
     from saev import distributed
 
     bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc=desc, disable=not progress or not todo)
@@ -563,16 +583,17 @@ def _run_cell(
     joint: bool = False,
 ) -> dict[str, Any] | None:
     """One cell: fine-tune (not for ``base``), benchmark, write ``path``; its row. ``joint``: a rank of a
-    fine-tune over all ranks (:func:`_compute_cells_jointly`): ranks other than 0 only fine-tune, and return None."""
+    fine-tune over all ranks (:func:`_compute_cells_jointly`): ranks other than 0 fine-tune and answer their
+    share of the benchmark, and return None."""
     from saev import distributed
 
-    if joint and not distributed.is_main() and cell.filter == "base":
-        return None
     start = time.perf_counter()
     row: dict[str, Any] = {"filter": cell.filter, "fraction": cell.fraction, "seed": cell.seed}
     extras: Mapping[str, float] = {}
     if cell.filter == "base":
-        result = evaluate_benchmark(model_dir, benchmark, config=config, family=family)
+        result = evaluate_benchmark(model_dir, benchmark, config=config, family=family, shard=joint)
+        if result is None:  # joint, not rank 0: this rank answered its share
+            return None
         row.update(n_train=0, train_loss=float("nan"), seconds_train=0.0)
         if extra_metrics is not None:
             extras = extra_metrics(model_dir, cell)
@@ -588,11 +609,11 @@ def _run_cell(
         tuned = out_dir / "models" / cell.name
         finetune(model_dir, subset, config=config, seed=cell.seed, out_dir=tuned, progress=False, family=family,
                  cache=cache, reference=None if reference is None else reference[cell.seed])  # fmt: skip
-        if joint and not distributed.is_main():
+        seconds_train = time.perf_counter() - start
+        result = evaluate_benchmark(tuned, benchmark, config=config, family=family, shard=joint)
+        if result is None:  # joint, not rank 0: this rank trained and answered its share
             return None
         record = json.loads((tuned / "align.json").read_text())
-        seconds_train = time.perf_counter() - start
-        result = evaluate_benchmark(tuned, benchmark, config=config, family=family)
         if extra_metrics is not None:
             extras = extra_metrics(tuned, cell)
         if not keep_models:

@@ -496,11 +496,13 @@ def share_prompts(model: torch.nn.Module) -> None:
     backbone._saev_shared_prompts = True
 
 
-def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = None) -> LoadedModel:
-    """``model`` itself if loaded, else the checkpoint folder loaded in its family (read from ``config.json``)."""
+def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = None, *, device: str = "cpu",
+                 dtype: str = "float32") -> LoadedModel:  # fmt: skip
+    """``model`` itself if loaded, else the checkpoint folder loaded in its family (read from ``config.json``)
+    on ``device`` in ``dtype``."""
     if not isinstance(model, str | os.PathLike):
         return model  # a LoadedModel (or a stand-in with model, processor and family)
-    return load_model(family or model_family(model), model)
+    return load_model(family or model_family(model), model, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- fine-tuning

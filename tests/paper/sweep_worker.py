@@ -16,7 +16,7 @@ from saev.paper.profile import load_profile
 
 CFG = dataclasses.replace(
     load_profile("ci").align, learning_rate=1e-3, epochs=2.0, per_device_train_batch_size=8, warmup_steps=0,
-    benchmark_per_category=2, eval_batch_size=32, workers=1, pool_size=16, pool_per_seed=True,
+    benchmark_per_category=2, eval_batch_size=1, workers=1, pool_size=16, pool_per_seed=True,  # ranks split each category
     fractions=(0.5,), seeds=(0,),
 )  # fmt: skip
 
