@@ -585,8 +585,6 @@ def _run_cell(
     """One cell: fine-tune (not for ``base``), benchmark, write ``path``; its row. ``joint``: a rank of a
     fine-tune over all ranks (:func:`_compute_cells_jointly`): ranks other than 0 fine-tune and answer their
     share of the benchmark, and return None."""
-    from saev import distributed
-
     start = time.perf_counter()
     row: dict[str, Any] = {"filter": cell.filter, "fraction": cell.fraction, "seed": cell.seed}
     extras: Mapping[str, float] = {}
