@@ -61,6 +61,8 @@ from saev.patches import ImageLayout, ViewLayout
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
+    "add_tokens",
+    "tokens_seen",
     "CHAT_STYLES",
     "PROMPT_TEMPLATES",
     "Adapter",
@@ -322,6 +324,31 @@ def load_model(
     return get_adapter(family).load(model_dir, dtype=dtype, device=device)
 
 
+_TOKENS_SEEN = [0]
+
+
+def tokens_seen() -> int:
+    """Tokens that forward passes of models loaded by :func:`load_model` took in this process (and those
+    :func:`add_tokens` reported from worker processes): the real tokens of a fresh forward, every input token
+    of one that extends a cache (a generation step, a first step's padding included). The stages' tokens/s."""
+    return _TOKENS_SEEN[0]
+
+
+def add_tokens(n: int) -> None:
+    """Count ``n`` tokens that a worker process's models took (:func:`tokens_seen`)."""
+    _TOKENS_SEEN[0] += int(n)
+
+
+def _count_tokens(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    mask = kwargs.get("attention_mask")
+    cached = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+    if mask is not None and mask.ndim == 2 and not cached:
+        _TOKENS_SEEN[0] += int(mask.sum())
+    elif ids is not None:
+        _TOKENS_SEEN[0] += ids.numel()
+
+
 def check_sae_matches(model: nn.Module, d_in: int) -> None:
     """Raise if an SAE of input width ``d_in`` cannot read ``model``'s residual stream."""
     hidden = model.config.get_text_config().hidden_size
@@ -394,6 +421,7 @@ class Adapter:
                 "load with randomly initialised or ignored tensors"
             )
         model = model.to(device).eval()
+        model.register_forward_pre_hook(_count_tokens, with_kwargs=True)
         processor = self._load_processor(model_dir)
         return LoadedModel(model=model, processor=processor, adapter=self, model_dir=model_dir)
 

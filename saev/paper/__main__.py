@@ -103,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     todo = ALL_STAGES if args.stage == "all" else (args.stage,)
     start = time.perf_counter()
+    from saev.models import tokens_seen
+
+    tokens_before = tokens_seen()
 
     if "world-data" in todo:
         from saev.paper.world import generate_world_data
@@ -158,8 +161,31 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"{stage}: {skipped}")
                     continue
                 print(f"{stage}:\n{alignment.sweep_table(sweep(profile, progress=progress)).to_string()}")
-    print(f"total {time.perf_counter() - start:.1f} s")
+    print(_stage_report(time.perf_counter() - start, tokens_before))
     return 0
+
+
+def _stage_report(seconds: float, tokens_before: int) -> str:
+    """The stage's last line: its time, the tokens its models took over all ranks and their rate, and its
+    peak memory (GPU: the largest rank's allocated peak; CPU: this process's and its workers' resident peak)."""
+    import resource
+
+    import torch
+
+    from saev import distributed
+    from saev.models import tokens_seen
+
+    tokens = int(distributed.sum_(torch.tensor([tokens_seen() - tokens_before], dtype=torch.float64)).item())
+    if torch.cuda.is_available():
+        peak = max(distributed.gather_to_all(torch.cuda.max_memory_allocated() / 2**30))
+        memory = f"peak GPU memory {peak:.2f} GiB (the largest rank's)"
+    else:  # ru_maxrss is in KiB on Linux; the children's is the largest finished worker's
+        own, workers = (resource.getrusage(who).ru_maxrss / 2**20 for who in (resource.RUSAGE_SELF,
+                                                                              resource.RUSAGE_CHILDREN))  # fmt: skip
+        memory = f"peak RSS {own:.2f} GiB (rank 0), {workers:.2f} GiB (its largest worker process)"
+    rate = f"{tokens / seconds:,.0f} tokens/s" if tokens and seconds > 0 else "no model forward"
+    return (f"total {seconds:.1f} s on {distributed.world_size()} rank(s): {tokens:,} tokens through the models, "
+            f"{rate}; {memory}")
 
 
 if __name__ == "__main__":

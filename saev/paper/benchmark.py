@@ -39,7 +39,15 @@ from saev.cache import (
     waiting_lock,
 )
 from saev.metrics import normalize_answer
-from saev.models import LoadedModel, chat_sample, greedy_answers, model_family, tokenizer_of
+from saev.models import (
+    LoadedModel,
+    add_tokens,
+    chat_sample,
+    greedy_answers,
+    model_family,
+    tokenizer_of,
+    tokens_seen,
+)
 from saev.paper.common import torch_threads
 from saev.paper.finetune import (
     BENCHMARK_COLUMNS,
@@ -486,7 +494,8 @@ def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, Swee
                         for other in pending:
                             other.cancel()
                         raise future.exception()
-                    rows[futures[future]] = future.result()
+                    rows[futures[future]], tokens = future.result()
+                    add_tokens(tokens)
                     bar.update()
     bar.close()
 
@@ -558,9 +567,11 @@ _WORKER_CACHE: EncodeCache = {}
 """A sweep worker's encoding memo, shared by the cells that one process runs."""
 
 
-def _run_cell_in_worker(cell: SweepCell, digest: str, path: Path, **job: Any) -> dict[str, Any]:
+def _run_cell_in_worker(cell: SweepCell, digest: str, path: Path, **job: Any) -> tuple[dict[str, Any], int]:
+    """The cell's row and the tokens its models took (for the stage's tokens/s in the parent)."""
+    before = tokens_seen()
     with torch_threads(job["config"].num_threads):  # a spawned process starts with one thread per core
-        return _run_cell(cell, digest, path, cache=_WORKER_CACHE, **job)
+        return _run_cell(cell, digest, path, cache=_WORKER_CACHE, **job), tokens_seen() - before
 
 
 def _run_cell(

@@ -30,7 +30,8 @@ def test_cli_runs_the_requested_stages(monkeypatch, capsys) -> None:
                         lambda profile, runs, progress: calls.append("reconstruction") or frame)  # fmt: skip
     assert main(["reconstruction", "--profile", "ci", "--quiet"]) == 0
     assert calls == ["saes", "reconstruction"]
-    assert "llava-next SAE-V" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "llava-next SAE-V" in out and "tokens through the models" in out and "peak RSS" in out
     with pytest.raises(SystemExit):
         main(["no-such-stage", "--profile", "ci"])
 
@@ -76,3 +77,25 @@ def test_world_data_writes_the_requested_sets(tmp_path: Path, capsys: pytest.Cap
     printed = capsys.readouterr().out
     assert "captions" in printed and "benchmark" in printed and "vqa" not in printed
     assert len(datasets.load_from_disk(str(tmp_path / "out" / "data" / "benchmark"))) == 3
+
+
+def test_a_stage_reports_the_tokens_its_models_took_and_its_peak_memory(ci_world) -> None:
+    """The last line of every stage: seconds, ranks, tokens through the models (a fresh forward counts its real
+    tokens, a cached step its inputs), tokens/s and peak memory."""
+    import torch
+
+    from saev.models import load_model, tokens_seen
+    from saev.paper.__main__ import _stage_report
+
+    loaded = load_model("causal_lm", ci_world.paths["text-lm"])
+    before = tokens_seen()
+    ids = torch.tensor([[1, 5, 6, 7], [1, 5, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = loaded.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        assert tokens_seen() - before == 6
+        loaded.model(input_ids=ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                     past_key_values=out.past_key_values)  # fmt: skip
+    assert tokens_seen() - before == 8
+    line = _stage_report(2.0, before)
+    assert line.startswith("total 2.0 s on 1 rank(s): 8 tokens through the models, 4 tokens/s; peak RSS "), line
