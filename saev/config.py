@@ -247,9 +247,17 @@ class ActivationConfig:
     """Write activations to safetensors shards under artifacts_dir/activations/<params hash>/ and reuse them."""
     device: str = "cpu"
     """Torch device for the model forward passes."""
+    device_map: str | None = None
+    """None: the whole model on ``device`` (under torchrun: one replica per rank, on the rank's GPU). A
+    transformers ``device_map`` ("auto", "balanced", "sequential"): the model split over this process's GPUs,
+    for a model too large for one; under torchrun each rank splits it over its own contiguous block of the
+    node's GPUs (``cuda.device_count() // LOCAL_WORLD_SIZE`` of them, :func:`saev.models.rank_gpus`)."""
 
     def __post_init__(self) -> None:
         check_positive(self, "n_batches_in_buffer", "store_batch_size_prompts")
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"activations.device_map must be null, 'auto', 'balanced', 'balanced_low_0' or "
+                             f"'sequential', got {self.device_map!r}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- loading

@@ -62,6 +62,7 @@ from saev.patches import ImageLayout, ViewLayout
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "add_tokens",
+    "rank_gpus",
     "tokens_seen",
     "CHAT_STYLES",
     "PROMPT_TEMPLATES",
@@ -318,10 +319,34 @@ def check_safetensors(path: str | Path) -> None:
 
 
 def load_model(
-    family: Family, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu"
-) -> LoadedModel:
+    family: Family, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu",
+    device_map: str | None = None,
+) -> LoadedModel:  # fmt: skip
     """Load a checkpoint of ``family`` from a local folder (see ``Adapter.load``)."""
-    return get_adapter(family).load(model_dir, dtype=dtype, device=device)
+    return get_adapter(family).load(model_dir, dtype=dtype, device=device, device_map=device_map)
+
+
+def rank_gpus(n_gpus: int, local_rank: int, local_world_size: int) -> list[int]:
+    """The GPUs a rank splits its model over (``activations.device_map`` under torchrun): the ``local_rank``-th
+    of ``local_world_size`` contiguous, equal blocks of the node's ``n_gpus``."""
+    per = n_gpus // local_world_size
+    if per < 1:
+        raise ValueError(f"activations.device_map: {local_world_size} ranks per node share {n_gpus} GPU(s); each "
+                         "rank needs at least one (launch fewer ranks per node, e.g. --nproc_per_node 1)")  # fmt: skip
+    return list(range(local_rank * per, (local_rank + 1) * per))
+
+
+def _placement(device: str, device_map: str | None) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments for ``device_map`` (none without it)."""
+    if device_map is None:
+        return {}
+    if not torch.cuda.is_available():
+        return {"device_map": device_map}  # no GPUs: transformers places every module on the CPU
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = rank_gpus(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0")), local_world)
+    # only the rank's GPUs are given (accelerate places on the keys of max_memory), 10% of each left for activations
+    return {"device_map": device_map, "max_memory": {g: int(0.9 * torch.cuda.get_device_properties(g).total_memory)
+                                                     for g in gpus}}  # fmt: skip
 
 
 _TOKENS_SEEN = [0]
@@ -384,14 +409,17 @@ class Adapter:
     # -- loading
 
     def load(
-        self, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu"
-    ) -> LoadedModel:
+        self, model_dir: str | Path, *, dtype: DTypeName = "float32", device: str = "cpu",
+        device_map: str | None = None,
+    ) -> LoadedModel:  # fmt: skip
         """Load model and processor from the local folder ``model_dir`` (never from the network).
 
         Requires a ``save_pretrained`` folder with config.json, safetensors weights (pickle-only
         ``*.bin`` checkpoints are refused: unpickling can run code) and tokenizer files, plus
         the processor config for multimodal families. Image processors are always the
         ``*ImageProcessorPil`` classes, so preprocessing is the same with or without torchvision.
+        ``device_map`` (``activations.device_map``): the model split over the process's GPUs by transformers
+        (accelerate's dispatch), ``device`` then unused; see :func:`rank_gpus` under torchrun.
         """
         # local_files_only below is what keeps this call offline; the variable covers code imported later.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -410,7 +438,7 @@ class Adapter:
             )
         model, info = self._model_class().from_pretrained(
             model_dir, local_files_only=True, use_safetensors=True, dtype=getattr(torch, dtype),
-            trust_remote_code=False, output_loading_info=True,
+            trust_remote_code=False, output_loading_info=True, **_placement(device, device_map),
         )  # fmt: skip
         wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if any(wrong.values()):  # transformers would initialise a missing weight at random and go on
@@ -420,7 +448,7 @@ class Adapter:
                 f"{model_dir}: the weights do not match config.json ({told}); refusing a checkpoint that would "
                 "load with randomly initialised or ignored tensors"
             )
-        model = model.to(device).eval()
+        model = (model if device_map is not None else model.to(device)).eval()  # device_map: placed already
         model.register_forward_pre_hook(_count_tokens, with_kwargs=True)
         processor = self._load_processor(model_dir)
         return LoadedModel(model=model, processor=processor, adapter=self, model_dir=model_dir)

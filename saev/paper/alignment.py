@@ -685,7 +685,8 @@ class _CosineMetric:
         from saev.models import load_model
         from saev.sae import SparseAutoencoder
 
-        loaded = load_model(self.family, model_dir, dtype=self.dtype, device=self.device)
+        loaded = load_model(self.family, model_dir, dtype=self.dtype, device=self.device,
+                            device_map=self.profile.activations.device_map)  # fmt: skip
         if "_loaded" not in self.__dict__:  # a fine-tune keeps its base's processor, so its prompt template
             data = preference_data(self.profile, self.pref_set).select(range(self.n_rows))
             self._loaded = (SparseAutoencoder.from_pretrained(self.sae_path),

@@ -60,7 +60,8 @@ def load_profile_model(profile: Profile, model: str) -> LoadedModel:
     from saev.models import load_model
 
     spec = profile.models[model]
-    return load_model(spec.family, profile.model_path(model), dtype=spec.dtype, device=profile.activations.device)
+    return load_model(spec.family, profile.model_path(model), dtype=spec.dtype, device=profile.activations.device,
+                      device_map=profile.activations.device_map)  # fmt: skip
 
 
 @contextlib.contextmanager

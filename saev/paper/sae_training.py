@@ -182,7 +182,7 @@ def train_one_sae(
               + (f", vision encoder {size['vision_encoder_gib']}" if "vision_encoder_gib" in size else ""), flush=True)  # fmt: skip
     # Under torchrun (saev.distributed): every rank extracts its share of the store batches into the shared
     # activation cache, then trains its slice of each batch with DDP; rank 0 writes the SAE.
-    loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device)
+    loaded = load_model(family, model_dir, dtype=dtype, device=act_cfg.device, device_map=act_cfg.device_map)
     store = make_store(
         loaded, data, hook_layer=hook_layer, context_size=context_size,
         act_cfg=dataclasses.replace(act_cfg, cache_activations=True),

@@ -451,3 +451,44 @@ def test_every_transformers_loader_passes_trust_remote_code_false():
             call = text[m.end() : text.index(")", text.index("\n", m.end()) + 1) + 200]
             assert "trust_remote_code=False" in call, f"{path}: {text[m.start() : m.start() + 80]}"
     assert calls >= 4
+
+
+@pytest.mark.parametrize("family", ["llava_next", "chameleon"])
+def test_a_model_placed_by_device_map_extracts_what_the_whole_model_does(family, tiny_model_dir, make_image):
+    """``activations.device_map``: transformers places the modules (here, with no GPU, all on the CPU) and the
+    hook layer's hidden states equal the model loaded whole on one device."""
+    from saev.activations import _forward_to_layer
+
+    whole = load_model(family, tiny_model_dir(family))
+    placed = load_model(family, tiny_model_dir(family), device_map="auto")
+    assert {p.device.type for p in placed.model.parameters()} == {"cpu"}
+    samples = [chat_sample(whole, "What is it?", "A cube.", (make_image(24, 24),)), Sample("Just text here")]
+    inputs = whole.build_inputs(samples, context_size=256)
+    for layer in (0, whole.num_layers - 1):
+        torch.testing.assert_close(_forward_to_layer(placed, inputs, layer), _forward_to_layer(whole, inputs, layer),
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+def test_each_rank_splits_its_model_over_its_own_block_of_gpus(monkeypatch):
+    from saev import models
+    from saev.config import ActivationConfig
+    from saev.models import rank_gpus
+
+    # what from_pretrained is given on a node of 8 GPUs, rank 1 of 2 (not run here: no GPU)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda g: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert models._placement("cuda", "balanced") == {"device_map": "balanced",
+                                                     "max_memory": {g: int(0.9 * 80 * 2**30) for g in (4, 5, 6, 7)}}  # fmt: skip
+    assert models._placement("cuda", None) == {}
+    monkeypatch.undo()
+
+    assert rank_gpus(8, 0, 1) == list(range(8))
+    assert rank_gpus(8, 1, 2) == [4, 5, 6, 7] and rank_gpus(8, 3, 4) == [6, 7]
+    assert rank_gpus(6, 3, 4) == [3]  # 6 GPUs over 4 ranks: one each, two idle
+    with pytest.raises(ValueError, match="4 ranks per node share 2 GPU"):
+        rank_gpus(2, 0, 4)
+    with pytest.raises(ValueError, match="activations.device_map must be null"):
+        ActivationConfig(device_map="everywhere")
