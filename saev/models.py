@@ -344,6 +344,7 @@ def _placement(device: str, device_map: str | None) -> dict[str, Any]:
         return {"device_map": device_map}  # no GPUs: transformers places every module on the CPU
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     gpus = rank_gpus(torch.cuda.device_count(), int(os.environ.get("LOCAL_RANK", "0")), local_world)
+    torch.cuda.set_device(gpus[0])  # "cuda" (the SAE, the statistics) is then on the rank's own block too
     # only the rank's GPUs are given (accelerate places on the keys of max_memory), 10% of each left for activations
     return {"device_map": device_map, "max_memory": {g: int(0.9 * torch.cuda.get_device_properties(g).total_memory)
                                                      for g in gpus}}  # fmt: skip

@@ -478,10 +478,13 @@ def test_each_rank_splits_its_model_over_its_own_block_of_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda g: SimpleNamespace(total_memory=80 * 2**30))
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert models._placement("cuda", "balanced") == {"device_map": "balanced",
                                                      "max_memory": {g: int(0.9 * 80 * 2**30) for g in (4, 5, 6, 7)}}  # fmt: skip
+    assert current == [4]  # the rank's "cuda" is its first GPU
     assert models._placement("cuda", None) == {}
     monkeypatch.undo()
 
