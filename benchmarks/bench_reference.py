@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from safetensors.torch import load_file
 
@@ -29,24 +30,39 @@ from saev.shapesworld.datasets import generate_world
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def cell_arguments(doc: str, pairs: int, repeats: int) -> argparse.Namespace:
+    """The command line of a one-cell fine-tune benchmark (this one and ``bench_shared_prompt.py``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--profile", default="mini", help="profile whose align: section and models are measured")
     parser.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default artifacts/<profile>)")
     parser.add_argument("--models", nargs="+", default=["llava-next", "chameleon"])
-    parser.add_argument("--pairs", type=int, default=500, help="pairs of the fine-tuned cell (mini's 50%% cell)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=pairs, help="pairs of the fine-tuned cell")
+    parser.add_argument("--repeats", type=int, default=repeats)
     args = parser.parse_args()
+    args.artifacts = args.artifacts or ROOT / "artifacts" / args.profile
     torch.set_num_threads(1)
-    cfg = load_profile(args.profile).align
-    artifacts = args.artifacts or ROOT / "artifacts" / args.profile
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_world(world_config_for(args.profile), tmp, names=["preference_a"])
-        pref = load_preference(Path(tmp) / "data" / "preference_a")
-        pool = pref.select(range(min(len(pref), cfg.pool_size or len(pref))))
-        cell = pool.select(range(0, min(len(pool), 2 * args.pairs), 2)) if args.pairs * 2 <= len(pool) else pool
-        import trl  # noqa: F401  (imported once per process; not part of a cell's cost)
+    return args
 
+
+def pool_and_cell(profile: str, tmp: str, pairs: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A sweep's pool of the profile's preference set A (generated under ``tmp``) and one cell of ``pairs``
+    of its pairs (every other row); imports TRL once, so that no cell pays for it."""
+    cfg = load_profile(profile).align
+    generate_world(world_config_for(profile), tmp, names=["preference_a"])
+    pref = load_preference(Path(tmp) / "data" / "preference_a")
+    pool = pref.select(range(min(len(pref), cfg.pool_size or len(pref))))
+    cell = pool.select(range(0, min(len(pool), 2 * pairs), 2)) if pairs * 2 <= len(pool) else pool
+    import trl  # noqa: F401
+
+    return pool, cell
+
+
+def main() -> None:
+    args = cell_arguments(__doc__, pairs=500, repeats=3)  # mini's 50% cell
+    cfg = load_profile(args.profile).align
+    artifacts = args.artifacts
+    with tempfile.TemporaryDirectory() as tmp:
+        pool, cell = pool_and_cell(args.profile, tmp, args.pairs)
         for name in args.models:
             model_dir = artifacts / "models" / name
             cache: dict = {}

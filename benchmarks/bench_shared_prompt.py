@@ -12,7 +12,6 @@ scales to full steps, apart). Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import tempfile
@@ -20,17 +19,15 @@ import time
 from pathlib import Path
 
 import datasets
-import torch
+from bench_reference import (  # the same one-cell setup (benchmarks/ is on the path)
+    cell_arguments,
+    pool_and_cell,
+)
 from safetensors.torch import load_file
 
 from saev.models import load_model
-from saev.paper.data import load_preference
 from saev.paper.finetune import PREFERENCE_COLUMNS, PairCollator, finetune, model_family, reference_logprobs
 from saev.paper.profile import load_profile
-from saev.shapesworld.config import world_config_for
-from saev.shapesworld.datasets import generate_world
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def prompt_share(model_dir: Path, cell: datasets.Dataset, max_length: int) -> float:
@@ -45,23 +42,11 @@ def prompt_share(model_dir: Path, cell: datasets.Dataset, max_length: int) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--profile", default="mini", help="profile whose align: section and models are measured")
-    parser.add_argument("--artifacts", type=Path, default=None, help="artifacts folder (default artifacts/<profile>)")
-    parser.add_argument("--models", nargs="+", default=["llava-next", "chameleon"])
-    parser.add_argument("--pairs", type=int, default=160, help="pairs of the fine-tuned cell")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args = cell_arguments(__doc__, pairs=160, repeats=2)
     cfg = load_profile(args.profile).align
-    artifacts = args.artifacts or ROOT / "artifacts" / args.profile
+    artifacts = args.artifacts
     with tempfile.TemporaryDirectory() as tmp:
-        generate_world(world_config_for(args.profile), tmp, names=["preference_a"])
-        pref = load_preference(Path(tmp) / "data" / "preference_a")
-        pool = pref.select(range(min(len(pref), cfg.pool_size or len(pref))))
-        cell = pool.select(range(0, min(len(pool), 2 * args.pairs), 2)) if args.pairs * 2 <= len(pool) else pool
-        import trl  # noqa: F401  (imported once per process; not part of a cell's cost)
-
+        _, cell = pool_and_cell(args.profile, tmp, args.pairs)
         for name in args.models:
             model_dir = artifacts / "models" / name
             share = prompt_share(model_dir, cell, cfg.max_length)

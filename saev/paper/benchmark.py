@@ -63,6 +63,7 @@ from saev.paper.finetune import (
     reference_logprobs,
     require_columns,
     select_subset,
+    training_device,
 )
 from saev.paper.profile import AlignConfig
 
@@ -161,16 +162,13 @@ def evaluate_benchmark(
     scores them (one judge call per answer); the other ranks return None.
     """
     from saev import distributed
+    from saev.evaluate import rank_rows
 
     kind = scorer_kind(config, benchmark)
     by_cat = benchmark_rows(benchmark, config)
-    import torch
-
-    from saev.evaluate import rank_rows
-
-    cuda = torch.cuda.is_available()
-    loaded = load_aligned(model, family, device="cuda" if cuda else "cpu",
-                          dtype="bfloat16" if cuda and config.bf16 else "float32")  # fmt: skip
+    device = training_device()
+    loaded = load_aligned(model, family, device=device,
+                          dtype="bfloat16" if device == "cuda" and config.bf16 else "float32")  # fmt: skip
     was_training = loaded.model.training
     loaded.model.eval()
     tok = tokenizer_of(loaded.processor)  # a LoadedModel or a stand-in with model, processor and family

@@ -68,6 +68,7 @@ __all__ = [
     "reward_margins",
     "select_subset",
     "share_prompts",
+    "training_device",
 ]
 
 PREFERENCE_COLUMNS = ("image", "question", "chosen", "rejected")
@@ -376,7 +377,7 @@ def reference_logprobs(
 
     check_preference(dataset, where="reference_logprobs: dataset")
     family = family or model_family(model_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the Trainer puts its reference model
+    device = training_device()  # where the Trainer puts its reference model
     loaded = load_model(family, model_dir, device=device)
     loaded.model.requires_grad_(False)
     loaded.model.eval()
@@ -494,6 +495,12 @@ def share_prompts(model: torch.nn.Module) -> None:
 
     backbone.forward = forward
     backbone._saev_shared_prompts = True
+
+
+def training_device() -> str:
+    """Where the Trainer puts its models ("cuda" when there is a GPU), and so where the reference terms and the
+    benchmark of a fine-tuned checkpoint are computed."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_aligned(model: LoadedModel | str | os.PathLike, family: str | None = None, *, device: str = "cpu",
