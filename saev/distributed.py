@@ -36,11 +36,13 @@ __all__ = [
     "barrier",
     "batch_slice",
     "broadcast_object",
+    "broadcast_tensors",
     "gather_to_all",
     "gather_to_main",
     "init",
     "is_distributed",
     "is_main",
+    "merge_in_rank_order",
     "rank",
     "sum_",
     "world_size",
@@ -128,6 +130,67 @@ def gather_to_all(obj: T) -> list[T]:
     out: list[T] = [None] * world_size()  # type: ignore[list-item]
     dist.all_gather_object(out, obj)
     return out
+
+
+def _wire_device() -> torch.device:
+    """Where tensors travel: the rank's current GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _to_wire(t: Tensor, device: torch.device) -> Tensor:
+    # bool travels as its bytes (not every backend reduces or sends bool); the caller views it back.
+    t = t.contiguous()
+    return (t.view(torch.uint8) if t.dtype == torch.bool else t).to(device)
+
+
+def _from_wire(t: Tensor, like: Tensor) -> Tensor:
+    return (t.view(torch.bool) if like.dtype == torch.bool else t).to(like.device)
+
+
+def broadcast_tensors(tensors: dict[str, Tensor], src: int = 0) -> dict[str, Tensor]:
+    """Rank ``src``'s ``tensors`` on every rank, as raw tensor collectives (no pickling): every rank
+    passes a dict with the same keys, shapes and dtypes (its own values, or empty buffers), and gets
+    ``src``'s values on the devices of its own. The identity in one process."""
+    if not is_distributed():
+        return tensors
+    wire, out = _wire_device(), {}
+    for key in sorted(tensors):
+        buf = _to_wire(tensors[key], wire)
+        dist.broadcast(buf, src=src)
+        out[key] = _from_wire(buf, tensors[key])
+    return out
+
+
+def merge_in_rank_order(state: dict[str, Tensor], merge: Any) -> dict[str, Tensor] | None:
+    """Every rank's ``state`` merged in rank order, on rank 0 (None on the others): ``merge(a, b)`` returns
+    the state of ``a``'s rows followed by ``b``'s and must be associative, and every rank's state must have
+    the same keys, shapes and dtypes (e.g. ``FeatureStats.state_dict`` of one configuration).
+
+    A pairwise tree over tensor send/recv: in round s (s = 1, 2, 4, ...) rank r with r % 2s == s sends
+    its state to rank r - s, which merges it after its own. So ceil(log2 N) rounds, and each rank holds at
+    most its own state, one received and their merge at once, where gathering every state on rank 0 holds
+    N of them there (pickled, twice over). One process: ``state``."""
+    if not is_distributed():
+        return state
+    r, n, wire = rank(), world_size(), _wire_device()
+    step = 1
+    while step < n:
+        if r % (2 * step) == step:  # this rank's rows go to the left neighbour of this round; done
+            for key in sorted(state):
+                dist.send(_to_wire(state[key], wire), dst=r - step)
+            return None
+        if r % (2 * step) == 0 and r + step < n:
+            theirs = {}
+            for key in sorted(state):
+                buf = torch.empty(state[key].shape, dtype=torch.uint8 if state[key].dtype == torch.bool
+                                  else state[key].dtype, device=wire)  # fmt: skip
+                dist.recv(buf, src=r + step)
+                theirs[key] = _from_wire(buf, state[key])
+            state = merge(state, theirs)
+        step *= 2
+    return state
 
 
 def batch_slice(batch_BD: Tensor) -> Tensor:

@@ -173,7 +173,7 @@ def _compute_cross_modal_stats(profile: Profile, cfg: PipelineConfig, model: str
             positions.append(record.position_N)
         positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         if distributed.is_distributed():  # exact: FeatureStats.merge appends the next rank's rows
-            stats = merge_stats_over_ranks(stats, stats.device)
+            stats = merge_stats_over_ranks(stats, stats.device, to_all=False)  # only rank 0 writes
             gathered = distributed.gather_to_main(positions)
             positions = torch.cat(gathered) if gathered is not None else positions
         if distributed.is_main():

@@ -134,24 +134,27 @@ def test_sharded_extraction_fills_the_cache_of_one_process_and_trains_the_same_s
         torch.testing.assert_close(w1[k], w2[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("variant", ["paper", "released"])
+@pytest.mark.parametrize(("variant", "rank_counts"), [("paper", (2, 4)), ("released", (3,))])
 def test_sharded_algorithm_1_statistics_merge_to_the_single_process_result(tiny_model_dir, tmp_path: Path,
-                                                                           variant: str) -> None:  # fmt: skip
+                                                                           variant: str, rank_counts) -> None:  # fmt: skip
     """Each rank feeds a contiguous run of D_s's store batches; the accumulators merged in rank order equal
-    one process's exactly (every buffer, so omega and the kept tokens too), on every rank."""
+    one process's exactly (every buffer, so omega and the kept tokens too), on every rank. The merge is a
+    pairwise tree (``distributed.merge_in_rank_order``): 2 ranks one round, 3 an odd rank that waits a
+    round, 4 two levels (rank 2 merges rank 3's rows before it sends)."""
     from saev.scoring import FeatureStats
 
     model_dir = tiny_model_dir("llava_next")
-    for ranks in (1, 2):
+    for ranks in (1, *rank_counts):
         done = _launch(tmp_path / f"r{ranks}", "--stats", "llava_next", str(model_dir), variant, ranks=ranks)
         assert done.returncode == 0, done.stderr
     one = load_file(tmp_path / "r1" / "stats_0.safetensors")
     assert FeatureStats.from_state_dict(one).weights().abs().sum() > 0  # some feature is scored
-    for rank in (0, 1):
-        two = load_file(tmp_path / "r2" / f"stats_{rank}.safetensors")
-        assert one.keys() == two.keys()
-        for key in one:
-            assert torch.equal(one[key], two[key]), (rank, key)
+    for ranks in rank_counts:
+        for rank in range(ranks):
+            other = load_file(tmp_path / f"r{ranks}" / f"stats_{rank}.safetensors")
+            assert one.keys() == other.keys()
+            for key in one:
+                assert torch.equal(one[key], other[key]), (ranks, rank, key)
 
 
 def _run_stage(stage: str, yaml: Path, ranks: int) -> None:
