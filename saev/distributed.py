@@ -152,7 +152,8 @@ def _from_wire(t: Tensor, like: Tensor) -> Tensor:
 def broadcast_tensors(tensors: dict[str, Tensor], src: int = 0) -> dict[str, Tensor]:
     """Rank ``src``'s ``tensors`` on every rank, as raw tensor collectives (no pickling): every rank
     passes a dict with the same keys, shapes and dtypes (its own values, or empty buffers), and gets
-    ``src``'s values on the devices of its own. The identity in one process."""
+    ``src``'s values on the devices of its own; a tensor that already lives where the backend sends from
+    (the CPU under gloo, the GPU under nccl) is written in place. The identity in one process."""
     if not is_distributed():
         return tensors
     wire, out = _wire_device(), {}
