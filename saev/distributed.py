@@ -170,9 +170,8 @@ def merge_in_rank_order(state: dict[str, Tensor], merge: Any) -> dict[str, Tenso
     the same keys, shapes and dtypes (e.g. ``FeatureStats.state_dict`` of one configuration).
 
     A pairwise tree over tensor send/recv: in round s (s = 1, 2, 4, ...) rank r with r % 2s == s sends
-    its state to rank r - s, which merges it after its own. So ceil(log2 N) rounds, and each rank holds at
-    most its own state, one received and their merge at once, where gathering every state on rank 0 holds
-    N of them there (pickled, twice over). One process: ``state``."""
+    its state to rank r - s, which merges it after its own. So ceil(log2 N) rounds, and a rank holds its own state, one received
+    and what ``merge`` makes of them, never N states as gathering them on rank 0 does (pickled, twice over). One process: ``state``."""
     if not is_distributed():
         return state
     r, n, wire = rank(), world_size(), _wire_device()

@@ -456,9 +456,9 @@ def rank_rows(n_rows: int, batch_size: int) -> slice:
 def merge_stats_over_ranks(stats: FeatureStats, device: torch.device, *, to_all: bool = True) -> FeatureStats | None:
     """Every rank's accumulator merged in rank order (``FeatureStats.merge`` appends rows, and the ranks
     hold consecutive rows): one process's result, exactly, on rank 0, and with ``to_all`` on every rank
-    (else None on the others). A pairwise tree of tensor sends (``distributed.merge_in_rank_order``): no
-    rank holds more than three tables at once (its own, one received, their merge), where gathering
-    every table on rank 0 held n_ranks of them there, pickled (n_ranks x 5.4 GB in bf16 at the paper's
+    (else None on the others). A pairwise tree of tensor sends (``distributed.merge_in_rank_order``): what a
+    rank holds does not grow with the ranks (its own table, one received, the merge's working copies),
+    where gathering every table on rank 0 held n_ranks of them there, pickled (n_ranks x 5.4 GB in bf16 at the paper's
     65,536 x 4096); the merged table then goes to every rank by tensor broadcast."""
     if not distributed.is_distributed():
         return stats
