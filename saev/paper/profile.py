@@ -305,6 +305,11 @@ class PipelineConfig:
     """Top text contexts and top image patches shown per gallery feature."""
     num_threads: int = 1
     """Torch intra-op threads in every stage (fixed, so that CPU results are bit-reproducible)."""
+    sae_workers: int = 1
+    """Notebook 01 (``sae_training.train_saes``, in one process, no launcher): SAEs trained at once, each in
+    its own spawned process with ``num_threads`` threads, and each started as soon as its world model is
+    trained and a core is free of world training (the world's chains count as busy cores). A trained SAE
+    does not depend on it (each trains alone from its own seed); 1 trains them one after another."""
     tokens: Literal["paper", "released"] = "paper"
     """Token set of SAE-V training and of every scoring stage (Alg. 1-7; ``saev.models.TokenSet``):
     "paper" (real tokens) or "released" (the released scripts' ranges: BOS and markers are text, the
@@ -327,7 +332,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         check_positive(self, "train_docs", "eval_docs", "eval_batch_size", "weight_samples",
                         "classification_samples", "n_subsets", "random_seeds", "top_k", "max_new_tokens",
-                        "n_cases", "gallery_features", "gallery_examples", "num_threads")  # fmt: skip
+                        "n_cases", "gallery_features", "gallery_examples", "num_threads", "sae_workers")  # fmt: skip
         check_non_negative(self, "delta")
         if self.classification_image_size is not None and self.classification_image_size <= 0:
             raise ConfigError(f"PipelineConfig.classification_image_size must be > 0 or null, got {self.classification_image_size}")

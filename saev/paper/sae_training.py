@@ -280,24 +280,121 @@ def train_saes(profile: str | Path | Profile, *, progress: bool = False) -> dict
     train_cfg = dataclasses.replace(profile.train, seed=profile.seed)
     if launches(profile) and _finished_runs(profile, cfg, train_cfg) is None:
         run_stage_with_launcher(profile, "saes", progress=progress)  # then every SAE below is read back
+    if (cfg.sae_workers > 1 and not distributed.is_distributed()
+            and _finished_runs(profile, cfg, train_cfg) is None):  # all trained: read back below, no workers
+        return _train_saes_in_workers(profile, cfg, train_cfg, progress=progress)
     if distributed.is_main():  # the world (ci/mini) is built once; the other ranks then read it
         prepare_world(profile, progress=progress)
     distributed.barrier()
     if not distributed.is_main():
         prepare_world(profile, progress=False)
     runs: dict[str, SAERun] = {}
-    with torch_threads(cfg.num_threads):
-        for model, kind in _sae_plan(profile):
-            spec = profile.models[model]
-            data = data_slice(profile, SAE_KINDS[kind], "train", cfg)
-            run = train_one_sae(
-                profile.model_path(model), data, family=spec.family, model=model, kind=kind,
-                hook_layer=spec.hook_layer, context_size=spec.context_size,
-                train_cfg=train_cfg, act_cfg=profile.activations, saes_dir=profile.artifacts_path / "saes",
-                seed=profile.seed, dtype=spec.dtype, progress=progress, tokens=cfg.tokens,
-            )  # fmt: skip
-            runs[run.name] = run
+    for model, kind in _sae_plan(profile):
+        run = _train_planned_sae(profile, cfg, train_cfg, model, kind, progress=progress)
+        runs[run.name] = run
     return runs
+
+
+def _train_planned_sae(profile: Profile, cfg: PipelineConfig, train_cfg: TrainConfig, model: str, kind: str, *,
+                       progress: bool) -> SAERun:  # fmt: skip
+    """One SAE of notebook 01's plan (in the notebook's process, or in a worker of :func:`_train_saes_in_workers`)."""
+    spec = profile.models[model]
+    with torch_threads(cfg.num_threads):
+        return train_one_sae(
+            profile.model_path(model), data_slice(profile, SAE_KINDS[kind], "train", cfg), family=spec.family,
+            model=model, kind=kind, hook_layer=spec.hook_layer, context_size=spec.context_size,
+            train_cfg=train_cfg, act_cfg=profile.activations, saes_dir=profile.artifacts_path / "saes",
+            seed=profile.seed, dtype=spec.dtype, progress=progress, tokens=cfg.tokens,
+        )  # fmt: skip
+
+
+def _train_planned_sae_in_worker(*args: Any, **kwargs: Any) -> tuple[SAERun, int, str]:
+    """:func:`_train_planned_sae` in a worker process: the run, the tokens its model took (the stage's tokens/s)
+    and what it printed (its predicted memory), for the caller to print where the notebook shows it."""
+    import contextlib
+    import io
+
+    from saev.models import tokens_seen
+
+    before, out = tokens_seen(), io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run = _train_planned_sae(*args, **kwargs)
+    return run, tokens_seen() - before, out.getvalue()
+
+
+def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: TrainConfig, *,
+                           progress: bool) -> dict[str, SAERun]:  # fmt: skip
+    """:func:`train_saes` with ``pipeline.sae_workers`` spawned processes, started beside the world's training.
+
+    The world is prepared in a thread of this process (its models train in their own worker processes) and
+    reports each training chain's models when that chain's worker is done (``prepare_world(on_ready=)``).
+    An SAE starts once its model is ready and a core is free: ``sae_workers`` minus one per world model not
+    ready yet (a chain trains its models one after another, so this never counts fewer busy cores than there
+    are) minus the SAEs running. On mini the text-lm, chameleon and anole SAEs thus train while llava-next,
+    the longest chain, finishes on the other core. Each SAE trains alone in its process, from its own seed,
+    so the result is the serial one (``tests/paper/test_sae_training.py``).
+    """
+    import multiprocessing
+    import queue
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
+
+    from saev.models import add_tokens
+
+    plan = _sae_plan(profile)
+    events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def world() -> None:
+        try:
+            prepare_world(profile, progress=progress, on_ready=lambda names: events.put(("ready", list(names))))
+            events.put(("world done", None))
+        except BaseException as error:  # raised below, in the caller's thread
+            events.put(("world failed", error))
+
+    waiting_for = set(profile.models)  # world models not ready yet
+    thread = threading.Thread(target=world, name="prepare_world", daemon=True)
+    thread.start()
+    pending, running, runs = list(plan), {}, {}
+    world_done, error = False, None
+    bar = tqdm(total=len(plan), desc="SAEs", disable=not progress)
+    with ProcessPoolExecutor(cfg.sae_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while (pending and error is None) or running or not world_done:
+            free = cfg.sae_workers - len(waiting_for) - len(running)
+            for job in [j for j in pending if j[0] not in waiting_for][: max(free, 0)] if error is None else []:
+                pending.remove(job)
+                running[pool.submit(_train_planned_sae_in_worker, profile, cfg, train_cfg, *job, progress=False)] = job
+            # Wait for a world event; while SAEs run (or once the world is done), for at most half a second,
+            # then look at the SAEs.
+            idle = not running and not world_done
+            try:
+                kind, value = events.get(timeout=None if idle else 0.5)
+            except queue.Empty:
+                kind, value = None, None
+            if kind == "ready":
+                waiting_for -= set(value)
+            elif kind == "world done":
+                world_done, waiting_for = True, set()
+            elif kind == "world failed":
+                world_done, error = True, error or value
+            if running:
+                finished, _ = wait(list(running), timeout=0, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.pop(future)
+                    if future.exception() is not None:
+                        error = error or future.exception()
+                    else:
+                        run, tokens, printed = future.result()
+                        runs[run.name] = run
+                        add_tokens(tokens)
+                        print(printed, end="", flush=True)
+                        bar.update()
+    bar.close()
+    thread.join()
+    if error is not None:
+        raise error
+    return {name: runs[name] for name in (f"{m}-{k}" for m, k in plan)}
 
 
 def _finished_runs(profile: Profile, cfg: PipelineConfig, train_cfg: TrainConfig) -> dict[str, SAERun] | None:

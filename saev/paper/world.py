@@ -16,7 +16,7 @@ only for a profile with a ``world:`` section: a paper profile never loads the wo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +71,12 @@ def train_world_models(
     names: Iterable[str] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    on_ready: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Path]:
     """Train (or reuse) the profile's world models ``names`` (default: all four) and their parents
-    (``saev.shapesworld.models.train_world_models``), after checking that its SAE width and hook
-    layers fit them; ``config`` replaces the profile's ``world_models:`` section."""
+    (``saev.shapesworld.models.train_world_models``, which calls ``on_ready`` with the models ready to use),
+    after checking that its SAE width and hook layers fit them; ``config`` replaces the profile's
+    ``world_models:`` section."""
     from saev.shapesworld.models import check_world_models
     from saev.shapesworld.models import train_world_models as train
 
@@ -90,20 +92,26 @@ def train_world_models(
     check_world_models(cfg, d_in=profile.train.sae.d_in, where=f"profile {profile.name!r}",
                        hook_layers={name: spec.hook_layer for name, spec in profile.models.items()})  # fmt: skip
     return train(_world(profile), cfg, profile.artifacts_path, seed=profile.seed, names=names,
-                 stop_after=stop_after, progress=progress)  # fmt: skip
+                 stop_after=stop_after, progress=progress, on_ready=on_ready)  # fmt: skip
 
 
-def prepare_world(profile: str | Path | Profile, *, progress: bool = False) -> dict[str, Path]:
+def prepare_world(
+    profile: str | Path | Profile, *, progress: bool = False, on_ready: Callable[[list[str]], None] | None = None,
+) -> dict[str, Path]:
     """Generate the world's data sets used by notebooks 01-03 and train (or reuse) its models;
     for a profile without a world, check its local inputs and stop at once if one is missing.
 
     Only the world models the profile lists are trained (with the models they start from).
     Returns ``{model name: checkpoint folder}``. Both steps are cached by their own hashes
     (``saev.shapesworld.generate_world``, ``saev.shapesworld.models.train_world_models``).
+    ``on_ready(names)``: called as models become usable (the trained ones at once, then each training
+    chain's models when its worker is done; every model at once for a profile without a world).
     """
     profile = as_profile(profile)
     if profile.world is None:
         profile.check_inputs(data=SAE_DATA_SETS)
+        if on_ready is not None:
+            on_ready(list(profile.models))
         return {name: profile.model_path(name) for name in profile.models}
 
     from saev.shapesworld.datasets import generate_world
@@ -111,7 +119,7 @@ def prepare_world(profile: str | Path | Profile, *, progress: bool = False) -> d
 
     generate_world(profile.world, profile.artifacts_path, names=SAE_DATA_SETS, progress=progress)
     models = [name for name in MODEL_NAMES if name in profile.models]  # a profile may list fewer models
-    return train_world_models(profile, names=models, progress=progress)
+    return train_world_models(profile, names=models, progress=progress, on_ready=on_ready)
 
 
 def world_dataset_key(profile: Profile, name: str) -> str:

@@ -175,6 +175,7 @@ def train_world_models(
     names: Iterable[str] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    on_ready: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Path]:
     """Generate the world's data if missing, then train (or reuse) models ``names`` and their parents.
 
@@ -184,6 +185,9 @@ def train_world_models(
     ``train_config.json`` with the current hash is skipped; otherwise training resumes from
     ``<name>.partial/`` when it holds a checkpoint of the same hash. ``stop_after`` (tests)
     interrupts every stage after that many steps with :class:`TrainingInterrupted`.
+    ``on_ready(names)`` is called in this process as models become usable: the ones already trained at
+    once, then each training chain's models when its worker has finished them all (so that a caller can
+    start work on them on the core that worker frees, e.g. their SAEs).
     Returns ``{name: model folder}`` for the requested models.
     """
     from saev.shapesworld.datasets import dataset_hash, generate_world
@@ -206,6 +210,9 @@ def train_world_models(
         specs[name] = _train_spec(name, cfg, train_seed(seed, cfg), data_hashes, parent)
         hashes[name] = _hash(specs[name])
     todo = [n for n in MODEL_NAMES if n in needed and not _is_complete(models_dir / n, hashes[n])]
+    ready = on_ready or (lambda names: None)
+    if done := [n for n in MODEL_NAMES if n in needed and n not in todo]:
+        ready(done)
     if todo:
         generate_world(world, artifacts, names=_DATA_SETS, progress=progress)
         for name in todo:  # failures of an earlier call
@@ -216,14 +223,19 @@ def train_world_models(
         if min(cfg.workers, len(jobs)) <= 1:
             for job in jobs:
                 _train_chain(*job[:-1], row=0)
+                ready(job[4])
         else:
             import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
             # Spawned (not forked) workers: no torch thread pools or locks inherited mid-use.
             with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(_train_chain, *job[:-1], row=job[-1]) for job in jobs]
-                errors = [f.exception() for f in futures]
+                futures = {pool.submit(_train_chain, *job[:-1], row=job[-1]): job[4] for job in jobs}
+                errors = []
+                for future in as_completed(futures):
+                    if future.exception() is None:
+                        ready(futures[future])
+                    errors.append(future.exception())
             for error in errors:
                 if error is not None:
                     raise error

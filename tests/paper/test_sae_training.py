@@ -139,3 +139,49 @@ def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp
     (next(iter(runs.values())).path / "pipeline.json").unlink()  # one SAE unfinished: the stage is launched
     with pytest.raises(RuntimeError, match="exited with 5"):
         sae_training.train_saes(load_profile(yaml))
+
+
+def test_sae_workers_start_each_sae_when_its_model_is_ready_and_train_the_serial_saes(ci_world, tmp_path,
+                                                                                     monkeypatch) -> None:  # fmt: skip
+    """``pipeline.sae_workers`` 2: the SAEs train in spawned processes, each as soon as the world reports its model
+    ready (here text-lm's SAE finishes before the world reports llava-next, as on mini while llava-next's chain
+    still trains), and every SAE is byte for byte the one the serial loop trains."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from saev.paper import sae_training
+
+    def copy(name: str, workers: int):
+        root = tmp_path / name / "artifacts"
+        for sub in ("data", "models"):
+            shutil.copytree(ci_world.profile.artifacts_path / sub, root / sub, symlinks=True)
+        profile = dataclasses.replace(ci_world.profile, artifacts_dir=str(root))
+        return dataclasses.replace(profile, pipeline=dataclasses.replace(profile.pipeline, sae_workers=workers))
+
+    serial = sae_training.train_saes(copy("serial", 1))
+    profile = copy("workers", 2)
+    seen: dict[str, bool] = {}
+
+    def world_in_two_chains(p, *, progress=False, on_ready=None):
+        on_ready(["text-lm", "chameleon", "anole"])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not seen.get("text-lm SAE before llava-next"):
+            seen["text-lm SAE before llava-next"] = any((p.artifacts_path / "saes").glob("text-lm-sae-*/pipeline.json"))
+            time.sleep(0.2)
+        on_ready(["llava-next"])
+        return {name: p.model_path(name) for name in p.models}
+
+    monkeypatch.setattr(sae_training, "prepare_world", world_in_two_chains)
+    parallel = sae_training.train_saes(profile)
+    assert seen["text-lm SAE before llava-next"]
+    assert list(parallel) == list(serial) and len(serial) == 7
+    for name, run in serial.items():
+        assert parallel[name].path.name == run.path.name
+        mine, theirs = load_file(parallel[name].path / "sae_weights.safetensors"), load_file(run.path / "sae_weights.safetensors")
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
+        assert (parallel[name].path / "history.csv").read_bytes() == (run.path / "history.csv").read_bytes(), name
+    assert Path(parallel["llava-next-saev"].path / "pipeline.json").is_file()
