@@ -13,7 +13,7 @@ model's adapter (``LoadedModel.image_layout``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -527,7 +527,8 @@ def patch_filter_experiment(
     images, references, rows = task.images, task.references, task.rows
     params = {
         "sae": run.path.name, "model": model_fingerprint(profile.model_path(model)),
-        "weights": params_hash(stats.weights.tolist()), "rows": rows, "cfg": cfg, "seed": profile.seed,
+        "weights": params_hash(stats.weights.tolist()), "rows": rows, "seed": profile.seed,
+        "cfg": replace(cfg, sae_workers=1),  # how notebook 01 scheduled its SAEs changes nothing here
         "question": task.question, "candidates": task.candidates, "hook_layer": spec.hook_layer, "context": spec.context_size,
         "code": code_fingerprint(*EVAL_CODE, "saev.paper.patch_filtering"),
     }  # fmt: skip
