@@ -389,6 +389,43 @@ def test_real_benchmark_answers_match_their_scores(world: CIWorld, benchmark: da
         assert 0 <= result.relative[category] <= 100
 
 
+@pytest.mark.parametrize("family", ["llava-next", "chameleon"])
+def test_a_process_builds_each_benchmark_batch_once_and_answers_as_without_the_memo(
+        world: CIWorld, benchmark: datasets.Dataset, monkeypatch, tmp_path, family: str) -> None:  # fmt: skip
+    """The cells of a sweep share one processor: a second checkpoint with the same processor files (a fine-tune
+    saves its base's) reuses the first one's batches, and the answers are those built afresh; another processor
+    (a changed tokenizer file) builds its own."""
+    import shutil
+
+    from saev.models import load_model
+
+    cfg = dataclasses.replace(CFG, benchmark_per_category=3)
+    adapter = type(load_model(family.replace("-", "_"), world.paths[family]).adapter)
+    real, built = adapter.build_inputs, []
+
+    def counting(self, processor, samples, **kwargs):
+        built.append(len(samples))
+        return real(self, processor, samples, **kwargs)
+
+    monkeypatch.setattr(adapter, "build_inputs", counting)
+    monkeypatch.setattr(bench_mod, "_BENCHMARK_INPUTS", {})
+    first = evaluate_benchmark(world.paths[family], benchmark, config=cfg)
+    n_batches = len(built)
+    copy = tmp_path / "fine-tuned"
+    shutil.copytree(world.paths[family], copy)
+    again = evaluate_benchmark(copy, benchmark, config=cfg)
+    assert len(built) == n_batches > 0 and again.answers == first.answers
+    monkeypatch.setattr(bench_mod, "_MemoizedInputs", lambda loaded: loaded)  # no memo: every batch built
+    fresh = evaluate_benchmark(copy, benchmark, config=cfg)
+    assert len(built) == 2 * n_batches and fresh.answers == first.answers
+    monkeypatch.undo()
+    monkeypatch.setattr(adapter, "build_inputs", counting)
+    tokenizer_config = copy / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text() + "\n")
+    evaluate_benchmark(copy, benchmark, config=cfg)
+    assert len(built) == 3 * n_batches  # other processor files, other key
+
+
 def test_benchmark_without_ground_truth_needs_a_judge(world: CIWorld, benchmark: datasets.Dataset) -> None:
     real_style = benchmark.remove_columns("scene")  # a LLaVA-Bench-like set: no world behind it
     with pytest.raises(ValueError, match=r"set align\.judge\.base_url"):
