@@ -299,12 +299,14 @@ def test_shared_prompts_give_the_concatenated_forward_and_its_gradients(
     assert rec_a["steps"] == rec_b["steps"] and rec_b["config"]["shared_prompt"] is True
     assert rec_a["train_loss"] == pytest.approx(rec_b["train_loss"], abs=1e-5)
     on_disk = load_file(world.paths[name] / "model.safetensors")
-    # A key bias shifts every score of a query alike, so softmax cancels it: its gradient is rounding noise,
-    # which Adam scales to full steps in both runs. Every other weight agrees within 1% of the largest update.
+    # Adam turns rounding noise in a near-zero gradient into a full step (lr x sign) in either run: a key bias,
+    # whose gradient softmax cancels, and on some CPUs single elements elsewhere (on an Intel Xeon with AVX512
+    # one element of chameleon's layer-0 o_proj, 4% of the largest update). So the runs are compared in norm
+    # over all weights but the key biases: the difference within 1% of the update.
     keys = [k for k in w_a if not k.endswith("k_proj.bias")]
-    worst = max((w_a[k] - w_b[k]).abs().max().item() for k in keys)
-    moved = max((w_a[k] - on_disk[k]).abs().max().item() for k in keys)
-    assert worst <= 0.01 * moved, (worst, moved)
+    apart = sum(float((w_a[k] - w_b[k]).double().pow(2).sum()) for k in keys) ** 0.5
+    moved = sum(float((w_a[k] - on_disk[k]).double().pow(2).sum()) for k in keys) ** 0.5
+    assert moved > 0 and apart <= 0.01 * moved, (apart, moved)
 
 
 def test_shared_prompts_refuse_a_model_with_dropout(world: CIWorld) -> None:
