@@ -173,7 +173,8 @@ def evaluate_benchmark(
     loaded.model.eval()
     # the cells of a sweep share one processor: their batches are built once per process (a stand-in model
     # without a checkpoint folder builds its own)
-    memo = _MemoizedInputs(loaded) if Path(getattr(loaded, "model_dir", None) or "").is_dir() else loaded
+    model_dir = getattr(loaded, "model_dir", None)
+    memo = _MemoizedInputs(loaded) if model_dir is not None and Path(model_dir).is_dir() else loaded
     tok = tokenizer_of(loaded.processor)  # a LoadedModel or a stand-in with model, processor and family
     ref_scores: dict[str, list[float]] = {}
     ans_scores: dict[str, list[float]] = {}
