@@ -466,7 +466,6 @@ def merge_stats_over_ranks(stats: FeatureStats, device: torch.device, *, to_all:
     def merge(mine: dict[str, Tensor], theirs: dict[str, Tensor]) -> dict[str, Tensor]:
         a = FeatureStats.from_state_dict(mine, device=device)
         b = FeatureStats.from_state_dict(theirs, device=device)
-        del mine, theirs
         return a.merge(b).state_dict()
 
     own = stats.state_dict()
