@@ -98,6 +98,17 @@ fi
 declare -A needs=([02]=01 [03]=01 [04]=01 [05]="01 04" [06]=01)
 [[ "$jobs" =~ ^[1-9][0-9]*$ ]] || { echo "run_all.sh: --jobs must be a positive number, got '$jobs'" >&2; exit 2; }
 
+# Which ready notebook starts first when a core frees: the longest (06, the ablation sweeps) before 02-04, so
+# that 02 -> 03 -> 04 -> 05 run on one core beside it instead of 06 starting last and ending alone
+# (mini, 2026-12-07: 04 -> 05 then ended 6 min before 06, one core idle meanwhile).
+first=(06)
+ordered=()
+for f in "${first[@]}"; do for nb in "${notebooks[@]}"; do [[ "$(basename "$nb")" == "${f}_"* ]] && ordered+=("$nb"); done; done
+for nb in "${notebooks[@]}"; do
+  b=$(basename "$nb"); [[ " ${first[*]} " == *" ${b%%_*} "* ]] || ordered+=("$nb")
+done
+notebooks=("${ordered[@]}")
+
 todo=()
 for nb in "${notebooks[@]}"; do
   base=$(basename "$nb"); num=${base%%_*}

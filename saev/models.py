@@ -252,9 +252,15 @@ class LoadedModel:
         self, samples: list[Sample], *, context_size: int, sample_ids: list[int] | None = None
     ) -> BatchFeature:
         """``adapter.build_inputs`` moved to the model's device, pixels cast to the model's dtype."""
-        inputs = self.adapter.build_inputs(
-            self.processor, samples, context_size=context_size, sample_ids=sample_ids
-        )
+        return self.collate(self.encode(samples, context_size=context_size, sample_ids=sample_ids))
+
+    def encode(self, samples: list[Sample], *, context_size: int, sample_ids: list[int] | None = None) -> list[Any]:
+        """``adapter.encode``: the samples processed, not yet batched (for :meth:`collate`)."""
+        return self.adapter.encode(self.processor, samples, context_size=context_size, sample_ids=sample_ids)
+
+    def collate(self, encoded: list[Any]) -> BatchFeature:
+        """:meth:`build_inputs` of the samples :meth:`encode` returned (same result, built from them)."""
+        inputs = self.adapter.collate(self.processor, encoded)
         device = next(self.model.parameters()).device
         dtype = next(self.model.parameters()).dtype
         return BatchFeature(
@@ -541,6 +547,14 @@ class Adapter:
         only name samples in errors. Returns input_ids, attention_mask and, when any image
         survives, the family's pixel tensors (CPU).
         """
+        encoded = self.encode(processor, samples, context_size=context_size, sample_ids=sample_ids)
+        return self.collate(processor, encoded)
+
+    def encode(
+        self, processor: Any, samples: list[Sample], *, context_size: int, sample_ids: list[int] | None = None
+    ) -> list[_Encoded]:
+        """The first half of :meth:`build_inputs`: each sample processed and truncated, not yet padded (a caller
+        that batches the same samples again and again keeps these and :meth:`collate` s them)."""
         if context_size <= 0:
             raise ValueError(f"context_size must be > 0, got {context_size}")
         sample_ids = list(range(len(samples))) if sample_ids is None else list(sample_ids)
@@ -555,6 +569,10 @@ class Adapter:
                     f"but it has {len(sample.images)} images"
                 )
             encoded.append(_truncate(self._encode(processor, sample, sid), context_size))
+        return encoded
+
+    def collate(self, processor: Any, encoded: list[_Encoded]) -> BatchFeature:
+        """The second half of :meth:`build_inputs`: :meth:`encode` d samples as one right-padded batch."""
         return self._collate(encoded, pad_id=pad_token_id(processor))
 
     def _encode(self, processor: Any, sample: Sample, sample_id: int) -> _Encoded:

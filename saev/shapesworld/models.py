@@ -713,15 +713,22 @@ def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int) -> Callable[[
     def hook_states(inputs: Any) -> torch.Tensor:
         return loaded.model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states[layer + 1]
 
+    memo: dict[int, tuple[Any, torch.Tensor]] = {}  # row -> (its encoded prompt, its token labels), built once
+
+    def row(i: int) -> tuple[Any, torch.Tensor]:
+        if i not in memo:
+            sample = chat_sample(loaded, "What is in the image?", "", (rows[i]["image"],))
+            memo[i] = loaded.encode([sample], context_size=NO_TRUNCATION)[0], token_labels(rows[i]["scene"])
+        return memo[i]
+
     def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(rows), (batch_size,), generator=step_generator(ctx.seed, "llava-next/hook-anchor", step))
-        batch = [rows[int(i)] for i in idx]
-        inputs = loaded.build_inputs([chat_sample(loaded, "What is in the image?", "", (r["image"],)) for r in batch],
-                                     context_size=NO_TRUNCATION)  # fmt: skip
+        encoded, labels = zip(*(row(int(i)) for i in idx))
+        inputs = loaded.collate(list(encoded))  # = build_inputs of the batch's prompts
         h_BTD = hook_states(inputs)
         is_image = loaded.token_modality(inputs) == Modality.IMAGE
         h_ND = h_BTD[is_image]
-        labels_N2 = torch.cat([token_labels(r["scene"]) for r in batch])
+        labels_N2 = torch.cat(labels)
         w_BTD = hook_states(word_inputs)
         words = [w_BTD[torch.arange(len(texts)), word_pos[:, k]] for k in range(2)]  # colour, shape word states
         loss = (h_ND.norm(dim=-1).log() - torch.cat(words).norm(dim=-1).mean().log()).pow(2).mean()

@@ -313,6 +313,29 @@ def test_truncation_drops_later_images_of_a_batch(tiny_loaded, make_image):
     lm.model(**inputs)
 
 
+@pytest.mark.parametrize("family", ["causal_lm", *MULTIMODAL])
+def test_collated_encodings_equal_build_inputs(family, tiny_loaded, make_image):
+    """Samples encoded one by one and collated later (the hook anchor's memo) give build_inputs' batch, bit for bit."""
+    lm = tiny_loaded(family)
+    if family == "causal_lm":
+        samples = [Sample("a red circle on the left"), Sample("hi"), Sample("a blue square")]
+    else:
+        samples = [chat_sample(family, "what is it?", "a red shape", images=(make_image(32, 32, 1),)),
+                   chat_sample(family, "x", "", images=(make_image(32, 32, 2), make_image(32, 32, 3))),
+                   chat_sample(family, "no image here")]  # fmt: skip
+    whole = lm.build_inputs(samples, context_size=40)
+    one_by_one = [lm.encode([s], context_size=40)[0] for s in samples]
+    collated = lm.collate([one_by_one[i] for i in (0, 1, 2)])
+    assert sorted(whole) == sorted(collated)
+    for key in whole:
+        assert torch.equal(whole[key], collated[key]), key
+    # a different order and repeats: the rows follow the encodings given
+    again = lm.collate([one_by_one[2], one_by_one[0], one_by_one[0]])
+    assert torch.equal(again["input_ids"][1], again["input_ids"][2])
+    n = len(one_by_one[0].input_ids)
+    assert torch.equal(again["input_ids"][1, :n], whole["input_ids"][0, :n])
+
+
 def test_placeholder_mismatch_names_sample(tiny_loaded, make_image):
     lm = tiny_loaded("llava")
     bad = Sample("no placeholder here", images=(make_image(32, 32),))
