@@ -683,6 +683,7 @@ class _CosineMetric:
     def __call__(self, model_dir: Path, cell: Any) -> dict[str, float]:
         from saev.evaluate import model_average_cosine_score
         from saev.models import load_model
+        from saev.paper.benchmark import memoized_inputs
         from saev.sae import SparseAutoencoder
 
         loaded = load_model(self.family, model_dir, dtype=self.dtype, device=self.device,
@@ -693,7 +694,8 @@ class _CosineMetric:
                             [preference_sample(loaded, data[i]) for i in range(len(data))])  # fmt: skip
         sae, d_s = self._loaded
         value = model_average_cosine_score(
-            loaded, sae, d_s, hook_layer=self.hook_layer, context_size=self.context_size,
+            # the pool's batches are processed once per process, as the benchmark's are
+            memoized_inputs(loaded), sae, d_s, hook_layer=self.hook_layer, context_size=self.context_size,
             batch_size=self.batch_size, weight_samples=self.weight_samples, top_k=self.top_k,
             delta=self.delta, seed=self.seed, progress=False,
         )  # fmt: skip

@@ -173,8 +173,7 @@ def evaluate_benchmark(
     loaded.model.eval()
     # the cells of a sweep share one processor: their batches are built once per process (a stand-in model
     # without a checkpoint folder builds its own)
-    model_dir = getattr(loaded, "model_dir", None)
-    memo = _MemoizedInputs(loaded) if model_dir is not None and Path(model_dir).is_dir() else loaded
+    memo = memoized_inputs(loaded)
     tok = tokenizer_of(loaded.processor)  # a LoadedModel or a stand-in with model, processor and family
     ref_scores: dict[str, list[float]] = {}
     ans_scores: dict[str, list[float]] = {}
@@ -569,10 +568,12 @@ _BENCHMARK_INPUTS: dict[tuple, Any] = {}
 """A process's processed benchmark batches (CPU tensors), keyed by the files that build them and the batch's
 prompts and images: a sweep's checkpoints carry one processor (a fine-tune saves its base's), so every cell
 that one process evaluates reuses the batches of the first (the processor was a third of an evaluation on
-the mini LLaVA-NeXT: 3.3 of 9.1 s for 600 questions)."""
+the mini LLaVA-NeXT: 3.3 of 9.1 s for 600 questions). Fig. 8's average cosine score keeps its batches of the
+pool here too (``alignment._CosineMetric``)."""
 
 _BENCHMARK_INPUTS_MAX = 256
-"""Batches kept at most (then the memo starts over): a benchmark of 600 questions in batches of 50 is 12-16."""
+"""Batches kept at most (then the memo starts over): a benchmark of 600 questions in batches of 50 is 12-16,
+Fig. 8's 500 pool samples in batches of 32 another 16."""
 
 _PROCESSOR_FILES = ("token", "processor", "chat_template", "special_tokens")
 """Name parts of the checkpoint files that turn a sample into inputs (``adapter.build_inputs`` reads only the
@@ -615,6 +616,13 @@ class _MemoizedInputs:
         param = next(self._loaded.model.parameters())  # as LoadedModel.build_inputs, on a copy
         return BatchFeature({k: v.to(param.device, param.dtype, copy=True) if k == "pixel_values"
                              else v.to(param.device, copy=True) for k, v in cpu.items()})  # fmt: skip
+
+
+def memoized_inputs(loaded: Any) -> Any:
+    """``loaded`` whose ``build_inputs`` reuses the batches this process built before from the same processor
+    files and samples (:class:`_MemoizedInputs`); a stand-in model without a checkpoint folder is returned as is."""
+    model_dir = getattr(loaded, "model_dir", None)
+    return _MemoizedInputs(loaded) if model_dir is not None and Path(model_dir).is_dir() else loaded
 
 
 _WORKER_CACHE: EncodeCache = {}

@@ -403,13 +403,13 @@ def test_a_process_builds_each_benchmark_batch_once_and_answers_as_without_the_m
 
     cfg = dataclasses.replace(CFG, benchmark_per_category=3)
     adapter = type(load_model(family.replace("-", "_"), world.paths[family]).adapter)
-    real, built = adapter.build_inputs, []
+    real, built = adapter.encode, []  # every build_inputs goes through encode
 
     def counting(self, processor, samples, **kwargs):
         built.append(len(samples))
         return real(self, processor, samples, **kwargs)
 
-    monkeypatch.setattr(adapter, "build_inputs", counting)
+    monkeypatch.setattr(adapter, "encode", counting)
     monkeypatch.setattr(bench_mod, "_BENCHMARK_INPUTS", {})
     first = evaluate_benchmark(world.paths[family], benchmark, config=cfg)
     n_batches = len(built)
@@ -421,11 +421,45 @@ def test_a_process_builds_each_benchmark_batch_once_and_answers_as_without_the_m
     fresh = evaluate_benchmark(copy, benchmark, config=cfg)
     assert len(built) == 2 * n_batches and fresh.answers == first.answers
     monkeypatch.undo()
-    monkeypatch.setattr(adapter, "build_inputs", counting)
+    monkeypatch.setattr(adapter, "encode", counting)
     tokenizer_config = copy / "tokenizer_config.json"
     tokenizer_config.write_text(tokenizer_config.read_text() + "\n")
     evaluate_benchmark(copy, benchmark, config=cfg)
     assert len(built) == 3 * n_batches  # other processor files, other key
+
+
+def test_the_average_cosine_metric_builds_the_pool_batches_once_and_scores_as_without_the_memo(
+        world: CIWorld, benchmark: datasets.Dataset, monkeypatch) -> None:  # fmt: skip
+    """Fig. 8's metric (``alignment._CosineMetric``) runs through ``memoized_inputs``: a second fine-tune of the
+    sweep (same processor files) reuses the first's batches, and the score equals the unmemoised one exactly."""
+    from saev.evaluate import model_average_cosine_score
+    from saev.models import chat_sample, load_model
+    from saev.sae import SAEConfig, SparseAutoencoder
+
+    path = world.paths["llava-next"]
+    loaded = load_model("llava_next", path)
+    adapter = type(loaded.adapter)
+    real, built = adapter.encode, []  # every build_inputs goes through encode
+
+    def counting(self, processor, samples, **kwargs):
+        built.append(len(samples))
+        return real(self, processor, samples, **kwargs)
+
+    monkeypatch.setattr(adapter, "encode", counting)
+    monkeypatch.setattr(bench_mod, "_BENCHMARK_INPUTS", {})
+    samples = [chat_sample(loaded, row["question"], "", (row["image"],)) for row in benchmark.select(range(10))]
+    sae = SparseAutoencoder(SAEConfig(d_in=loaded.hidden_size, expansion_factor=4),
+                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    with torch.no_grad():
+        sae.W_enc.mul_(30.0)  # some features above delta
+    kw = dict(hook_layer=1, context_size=512, batch_size=4, weight_samples=10, top_k=3, delta=1.0, progress=False)
+    plain = model_average_cosine_score(loaded, sae, samples, **kw)
+    assert len(built) == 3
+    first = model_average_cosine_score(bench_mod.memoized_inputs(loaded), sae, samples, **kw)
+    again = model_average_cosine_score(bench_mod.memoized_inputs(load_model("llava_next", path)), sae, samples, **kw)
+    assert len(built) == 6  # the memo built its 3 batches once
+    assert first == again == plain or (np.isnan(plain) and np.isnan(first) and np.isnan(again))
+    assert not np.isnan(plain)
 
 
 def test_benchmark_without_ground_truth_needs_a_judge(world: CIWorld, benchmark: datasets.Dataset) -> None:
