@@ -294,15 +294,36 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
 def auc_interval(scores: np.ndarray, positive: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:  # fmt: skip
     """Percentile bootstrap interval of :func:`roc_auc`, positives and negatives resampled separately
-    (their counts fixed), seeded; (nan, nan) without positives or negatives."""
+    (their counts fixed), seeded; (nan, nan) without positives or negatives.
+
+    Each resample is held as counts of the original values, and its Mann-Whitney U is counted against the
+    positives sorted once (a cumulative count per resample), all resamples in one array: the same U, hence
+    the same AUCs bit for bit, as ranking every resample (``tests/paper/test_alignment.py``), without a sort
+    per resample (x4 on 1,000 pairs; mini's defect detection draws ~200 intervals).
+    """
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     pos, neg = scores[positive], scores[~positive]
     if not len(pos) or not len(neg):
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    y = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
-    boots = [roc_auc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], y) for _ in range(n_boot)]
+    n_pos, n_neg = len(pos), len(neg)
     tail = 100 * (1 - level) / 2
+    if np.isnan(pos).any() or np.isnan(neg).any():  # a NaN ranks as NaN: per resample, as roc_auc does
+        y = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+        boots = [roc_auc(np.r_[rng.choice(pos, n_pos), rng.choice(neg, n_neg)], y) for _ in range(n_boot)]
+        return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+    pos_counts = np.empty((n_boot, n_pos), dtype=np.int64)
+    neg_counts = np.empty((n_boot, n_neg), dtype=np.int64)
+    for b in range(n_boot):  # the draws of rng.choice(pos, n_pos), rng.choice(neg, n_neg), in that order
+        pos_counts[b] = np.bincount(rng.choice(n_pos, n_pos), minlength=n_pos)
+        neg_counts[b] = np.bincount(rng.choice(n_neg, n_neg), minlength=n_neg)
+    order = np.argsort(pos, kind="stable")
+    below = np.zeros((n_boot, n_pos + 1), dtype=np.int64)  # below[:, i]: resampled positives among the i lowest
+    np.cumsum(pos_counts[:, order], axis=1, out=below[:, 1:])
+    lo, hi = np.searchsorted(pos[order], neg, "left"), np.searchsorted(pos[order], neg, "right")
+    # 2U = sum over resampled negatives of 2 * (positives above) + (positives tied): exact in integers
+    twice_u = ((2 * n_pos - below[:, hi] - below[:, lo]) * neg_counts).sum(axis=1)
+    boots = twice_u / 2 / (n_pos * n_neg)
     return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
 
 

@@ -92,6 +92,34 @@ def test_defect_auc_intervals_and_the_length_confound() -> None:
     assert "within answer-length bins" in lines[2] and "300 clean pairs" in lines[2]
 
 
+def _ranked_auc_interval(scores: np.ndarray, positive: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """The bootstrap interval by definition: rank every resample (roc_auc), as auc_interval did before its
+    counting form."""
+    pos, neg = scores[positive], scores[~positive]
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.ones(len(pos), bool), np.zeros(len(neg), bool)]
+    boots = [pa.roc_auc(np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))], y) for _ in range(n_boot)]
+    tail = 100 * (1 - 0.95) / 2  # as auc_interval computes it (2.5000000000000022)
+    return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
+
+
+@pytest.mark.parametrize("n, share, decimals", [(400, 0.1, None), (300, 0.5, 1), (40, 0.05, 0), (7, 0.3, None)])
+def test_auc_interval_counts_the_same_resamples_as_ranking_them(n: int, share: float, decimals: int | None) -> None:
+    # ties (rounded scores, decimals=0 leaves a handful of values) count one half in both forms
+    rng = np.random.default_rng(n)
+    for seed in range(3):
+        scores = rng.normal(size=n)
+        scores = scores if decimals is None else np.round(scores, decimals)
+        positive = rng.random(n) < share
+        positive[:2] = [True, False]  # both classes present
+        assert pa.auc_interval(scores, positive, n_boot=200, seed=seed) == _ranked_auc_interval(
+            scores, positive, 200, seed)  # exactly: the same U for every resample
+    scores[0] = np.nan  # a NaN ranks as NaN in any resample that draws it, in both forms
+    got = pa.auc_interval(scores, positive, n_boot=200, seed=0)
+    assert np.allclose(got, _ranked_auc_interval(scores, positive, 200, 0), equal_nan=True)
+    assert pa.auc_interval(scores, np.zeros(n, bool)) == pytest.approx((np.nan, np.nan), nan_ok=True)
+
+
 def test_defects_of_some_categories_are_compared_within_their_category() -> None:
     # The world's ignores_question defects exist only for exact questions (short answers), while most clean
     # pairs are descriptions: a score that reads the category finds them, and equal lengths do not hide it.
