@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from saev.models import LoadedModel, Sample
+    from saev.paper.sae_training import SAERun
 
 __all__ = [
     "DEFECT_RUNS",
@@ -76,6 +77,7 @@ __all__ = [
     "preference_data",
     "preference_sample",
     "preference_scores",
+    "prefetch_sweeps",
     "random_scores",
     "roc_auc",
     "sweep_table",
@@ -180,7 +182,7 @@ def ifd_selection_score(ifd: np.ndarray) -> np.ndarray:
 
 
 def preference_scores(
-    profile: str | Path | Profile, model: str, pref_set: str, *, progress: bool = False
+    profile: str | Path | Profile, model: str, pref_set: str, *, progress: bool = False, sae_run: SAERun | None = None
 ) -> pd.DataFrame:
     """Per-pair ranking scores of preference set ``pref_set`` under ``model`` and its SAE-V (Section 4.1).
 
@@ -192,7 +194,8 @@ def preference_scores(
     ``ifd`` (:func:`ifd_selection_score` of ``saev.evaluate.ifd_scores``, also kept raw in
     ``ifd_raw``; scored by ``model`` itself: departs from Li et al., who train a separate "cherry"
     model first) and ``random`` (seeded by the profile). Cached in
-    ``artifacts/<profile>/align/scores/<model>--<set>--<hash>.json``.
+    ``artifacts/<profile>/align/scores/<model>--<set>--<hash>.json``. ``sae_run``: ``model``'s trained SAE-V,
+    when the caller has it before notebook 01 is done (:func:`prefetch_sweeps`); else from ``train_saes``.
     """
     import pandas as pd
 
@@ -204,8 +207,7 @@ def preference_scores(
     spec = profile.models[model]
     if spec.family == "causal_lm":
         raise ValueError(f"model {model!r} is a text-only LLM; preference pairs hold images")
-    runs = train_saes(profile, progress=progress)
-    run = runs[f"{model}-saev"]
+    run = sae_run if sae_run is not None else train_saes(profile, progress=progress)[f"{model}-saev"]
     from saev.paper.benchmark import sweep_pools
 
     data = preference_data(profile, pref_set)
@@ -602,6 +604,9 @@ def filter_sweep(
     cosine_metric: bool = False,
     progress: bool = False,
     stage: str | None = None,
+    sae_run: SAERun | None = None,
+    stop: Callable[[], bool] | None = None,
+    workers: int | None = None,
 ) -> SweepResult:
     """Fine-tune ``model`` on the top x% of preference set ``pref_set`` ranked by each of ``filters``
     (:func:`preference_scores`; "random" is a fresh permutation per seed) and score every model on
@@ -614,7 +619,9 @@ def filter_sweep(
     average cosine score (Fig. 8; :func:`model_cosine_scores`), column ``average_cosine``. ``stage``: the
     ``python -m saev.paper`` stage of this sweep (``fig07`` ...): with a profile ``launcher`` its unfinished
     cells are computed by that stage through the launcher (torchrun: cells dealt out over the ranks), and
-    this process reads them back.
+    this process reads them back. ``sae_run``: as :func:`preference_scores`'; ``stop``: ``run_sweep``'s (cells
+    one at a time, ``benchmark.SweepStopped`` when it answers True); ``workers``: instead of ``align.workers``
+    (not part of any cell's key).
     """
     from saev.paper.benchmark import run_sweep
 
@@ -629,9 +636,9 @@ def filter_sweep(
         raise ConfigError(f"{profile.source or profile.name}: this sweep fine-tunes the model {model!r}, which the "
                           f"profile does not have (it has {', '.join(profile.models)}); see alignment.SWEEPS")  # fmt: skip
     spec = profile.models[model]
-    scores = preference_scores(profile, model, pref_set, progress=progress)
+    scores = preference_scores(profile, model, pref_set, progress=progress, sae_run=sae_run)
     data = preference_data(profile, pref_set).select(range(len(scores)))
-    run = train_saes(profile, progress=progress)[f"{model}-saev"]
+    run = sae_run if sae_run is not None else train_saes(profile, progress=progress)[f"{model}-saev"]
     params = {
         "model": model_fingerprint(profile.model_path(model)), "set": pref_set,
         "data": _data_fingerprint(profile, pref_set, scores["row"].tolist()), "sae": run.path.name,
@@ -660,10 +667,11 @@ def filter_sweep(
         def launch() -> None:
             run_stage_with_launcher(profile, stage, progress=progress)
 
+    config = acfg if workers is None else dataclasses.replace(acfg, workers=workers)
     with torch_threads(acfg.num_threads):
         frame = run_sweep(
-            profile.model_path(model), data, rankings, config=acfg, benchmark=_benchmark(profile),
-            out_dir=out_dir, extra_metrics=extra, family=spec.family, progress=progress, launch=launch,
+            profile.model_path(model), data, rankings, config=config, benchmark=_benchmark(profile),
+            out_dir=out_dir, extra_metrics=extra, family=spec.family, progress=progress, launch=launch, stop=stop,
         )  # fmt: skip
     frame = frame.assign(score=frame["overall"], fraction=frame["fraction"].astype(float))
     lead = ["filter", "fraction", "seed", "n_train", "score"]  # resumed cells come back with sorted keys
@@ -765,32 +773,74 @@ def sweep_if_it_applies(profile: str | Path | Profile, figure: str, *, progress:
     if reason is not None:
         print(reason)
         return None
-    sweeps = {"fig07": fig07_sweep, "fig09": fig09_sweep, "fig10": fig10_sweep, "fig11": fig11_sweep}
-    return sweeps[figure](profile, progress=progress)
+    return _SWEEP_FUNCTIONS[figure](profile, progress=progress)
 
 
-def fig07_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
+def fig07_sweep(profile: str | Path | Profile, *, progress: bool = False, **kwargs: Any) -> SweepResult:
     """Fig. 7: LLaVA-NeXT's role on Align-Anything's role (set "a"), with every fine-tuned model's
-    average cosine score for Fig. 8."""
+    average cosine score for Fig. 8. ``kwargs``: :func:`filter_sweep`'s ``sae_run``, ``stop``, ``workers``."""
     return filter_sweep(profile, "llava-next", "a", SWEEP_FILTERS, cosine_metric=True, progress=progress,
-                        stage="fig07")
+                        stage="fig07", **kwargs)
 
 
-def fig09_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
+def fig09_sweep(profile: str | Path | Profile, *, progress: bool = False, **kwargs: Any) -> SweepResult:
     """Fig. 9: the same sweep on Chameleon's role."""
-    return filter_sweep(profile, "chameleon", "a", SWEEP_FILTERS, progress=progress, stage="fig09")
+    return filter_sweep(profile, "chameleon", "a", SWEEP_FILTERS, progress=progress, stage="fig09", **kwargs)
 
 
-def fig10_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
+def fig10_sweep(profile: str | Path | Profile, *, progress: bool = False, **kwargs: Any) -> SweepResult:
     """Fig. 10: Chameleon's role on RLAIF-V's role (set "b"), as in the paper's dataset ablation."""
-    return filter_sweep(profile, "chameleon", "b", SWEEP_FILTERS, progress=progress, stage="fig10")
+    return filter_sweep(profile, "chameleon", "b", SWEEP_FILTERS, progress=progress, stage="fig10", **kwargs)
 
 
-def fig11_sweep(profile: str | Path | Profile, *, progress: bool = False) -> SweepResult:
+def fig11_sweep(profile: str | Path | Profile, *, progress: bool = False, **kwargs: Any) -> SweepResult:
     """Fig. 11: the cosine filter against IFD (and random) on Fig. 7's model and set; shares Fig. 7's
     cosine, random, full and base cells."""
     return filter_sweep(profile, "llava-next", "a", ("cosine", "ifd", "random"), cosine_metric=True,
-                        progress=progress, stage="fig11")  # fmt: skip
+                        progress=progress, stage="fig11", **kwargs)  # fmt: skip
+
+
+_SWEEP_FUNCTIONS: dict[str, Callable[..., SweepResult]] = {
+    "fig07": fig07_sweep, "fig09": fig09_sweep, "fig10": fig10_sweep, "fig11": fig11_sweep,
+}  # fmt: skip
+
+
+def prefetch_sweeps(profile: str | Path | Profile, runs: dict[str, SAERun], *, stop: Callable[[], bool],
+                    figures: Sequence[str] | None = None) -> list[str]:  # fmt: skip
+    """Notebook 01's idle core (``pipeline.prefetch_sweeps``): while the world's last model still trains, compute
+    what notebooks 04-06 will ask of the models already done: first each sweep's preference scores, then its
+    cells, one at a time, asking ``stop`` before each step and returning at the first True.
+
+    ``runs``: the SAEs trained so far (``"<model>-saev"``); a sweep whose model has none is left for its notebook.
+    Every step is cached under the key its notebook computes (the same function with the same arguments; only
+    the worker count differs, which no key holds), so the notebook reads it back and no result changes.
+    Returns what was completed ("fig09 scores", "fig09 cells", ...); a sweep stopped part way has its finished
+    cells on disk.
+    """
+    from saev.paper.benchmark import SweepStopped
+
+    profile = as_profile(profile)
+    figures = [f for f in (pipeline_config_for(profile).prefetch_sweeps if figures is None else figures)
+               if sweep_skipped(profile, f) is None and f"{SWEEPS[f][0]}-saev" in runs]  # fmt: skip
+    done: list[str] = []
+    scored: set[tuple[str, str]] = set()
+    for figure in figures:
+        model, pref_set = SWEEPS[figure]
+        if (model, pref_set) in scored:
+            continue
+        if stop():
+            return done
+        preference_scores(profile, model, pref_set, sae_run=runs[f"{model}-saev"])
+        scored.add((model, pref_set))
+        done.append(f"{figure} scores")
+    for figure in figures:
+        model, _ = SWEEPS[figure]
+        try:
+            _SWEEP_FUNCTIONS[figure](profile, sae_run=runs[f"{model}-saev"], stop=stop, workers=1)
+        except SweepStopped:
+            return done
+        done.append(f"{figure} cells")
+    return done
 
 
 def _fraction_label(fraction: float) -> str:

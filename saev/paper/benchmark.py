@@ -304,6 +304,7 @@ def run_sweep(
     family: str | None = None,
     progress: bool = True,
     launch: Callable[[], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> pd.DataFrame:
     """Fine-tune and benchmark every (filter, fraction, seed) cell; resumable, one JSON per cell.
 
@@ -331,9 +332,14 @@ def run_sweep(
     returns the same table. Cells are deterministic given their seed, so the table equals one
     process's. ``launch``: called once, before anything is computed here, when some cell is unfinished
     (a notebook's ``launcher``, which runs the sweep's stage under torchrun); the cells it finished are
-    then read back.
+    then read back. ``stop``: asked before the pool references and before each cell, which are then computed
+    one after another in this process; when it answers True the sweep raises :class:`SweepStopped`, the cells
+    finished so far kept on disk (notebook 01's idle core hands the core back this way,
+    ``alignment.prefetch_sweeps``).
     """
     from saev import distributed
+    if stop is not None and distributed.is_distributed():
+        raise ValueError("run_sweep: stop= is for one process; under torchrun every rank must run its share")
     model_dir = Path(model_dir)
     family = family or model_family(model_dir)
     check_preference(dataset, where="run_sweep: dataset")
@@ -408,6 +414,8 @@ def run_sweep(
             remove_stale_temporaries(out_dir)
             _remove_leftover_models(out_dir / "models", keep_models)
             rows, todo = plan()  # read inside the lock: a writer that held it may have finished cells meanwhile
+            if todo and stop is not None and stop():
+                raise SweepStopped(f"{out_dir.name}: stopped before {len(todo)} of {len(cells)} cells")
             if config.method == "dpo" and config.reference == "pool":
                 needed = sorted({cell.seed for _, cell, _, _ in todo if cell.seed is not None})
                 job["reference"] = {s: _pool_reference(model_dir, family, pools[s], pool_keys[s], common["model"],
@@ -422,9 +430,9 @@ def run_sweep(
         else:
             if distributed.is_distributed():
                 desc += f" (rank 0's {len(mine)} of {len(todo)} cells to compute)"
-            _compute_cells(rows, mine, job, workers=min(config.workers, len(mine)), n_cells=len(mine) if
-                           distributed.is_distributed() else len(cells), desc=desc, progress=progress,
-                           isolate=distributed.is_distributed())  # fmt: skip
+            _compute_cells(rows, mine, job, workers=1 if stop is not None else min(config.workers, len(mine)),
+                           n_cells=len(mine) if distributed.is_distributed() else len(cells), desc=desc,
+                           progress=progress, isolate=distributed.is_distributed(), stop=stop)  # fmt: skip
         if distributed.is_distributed() and not joint:
             for part in distributed.gather_to_all({i: rows[i] for i, *_ in mine}):
                 for i, row in part.items():
@@ -432,6 +440,10 @@ def run_sweep(
     df = pd.DataFrame(rows)
     df["seed"] = df["seed"].astype("Int64")
     return df
+
+
+class SweepStopped(Exception):
+    """:func:`run_sweep` stopped by its ``stop`` callable; the cells it finished are on disk."""
 
 
 def _remove_leftover_models(models_dir: Path, keep_models: bool) -> None:
@@ -463,16 +475,20 @@ def _compute_cells_jointly(rows: list[dict[str, Any] | None], todo: list[tuple[i
 
 def _compute_cells(rows: list[dict[str, Any] | None], todo: list[tuple[int, SweepCell, str, Path]],
                    job: dict[str, Any], *, workers: int, n_cells: int, desc: str, progress: bool,
-                   isolate: bool = False) -> None:  # fmt: skip
+                   isolate: bool = False, stop: Callable[[], bool] | None = None) -> None:  # fmt: skip
     """Run the unfinished cells ``todo`` (serially, or in ``workers`` spawned processes) into ``rows``.
     ``isolate``: always in spawned processes (at least one), which see a single-process environment
-    (:func:`_single_process_env`): a rank of a torchrun job."""
+    (:func:`_single_process_env`): a rank of a torchrun job. ``stop`` (serial only): asked before each cell;
+    True raises :class:`SweepStopped`."""
     if not todo:
         return
     bar = tqdm(total=n_cells, initial=n_cells - len(todo), desc=desc, disable=not progress)
     if workers <= 1 and not isolate:
         cache: EncodeCache = {}
-        for i, cell, digest, path in todo:
+        for done, (i, cell, digest, path) in enumerate(todo):
+            if stop is not None and stop():
+                bar.close()
+                raise SweepStopped(f"{Path(path).parent.name}: stopped after {done} of {len(todo)} cells to compute")
             bar.set_postfix_str(cell.name)
             rows[i] = _run_cell(cell, digest, path, cache=cache, **job)
             bar.update()

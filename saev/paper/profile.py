@@ -310,6 +310,12 @@ class PipelineConfig:
     its own spawned process with ``num_threads`` threads, and each started as soon as its world model is
     trained and a core is free of world training (the world's chains count as busy cores). A trained SAE
     does not depend on it (each trains alone from its own seed); 1 trains them one after another."""
+    prefetch_sweeps: tuple[str, ...] = ("fig07", "fig09", "fig10", "fig11")
+    """With ``sae_workers`` > 1: the sweeps (keys of ``alignment.SWEEPS``) whose preference scores and cells
+    notebook 01 computes on a core the world's training leaves idle, once the sweep's model and SAE-V are done
+    and while another world model still trains (on mini, Figs. 9 and 10's chameleon while llava-next trains),
+    handing the core back at the next cell (``alignment.prefetch_sweeps``). Each result is cached under the key
+    notebooks 04-06 compute, so no result depends on it; empty: none."""
     tokens: Literal["paper", "released"] = "paper"
     """Token set of SAE-V training and of every scoring stage (Alg. 1-7; ``saev.models.TokenSet``):
     "paper" (real tokens) or "released" (the released scripts' ranges: BOS and markers are text, the
@@ -336,6 +342,9 @@ class PipelineConfig:
         check_non_negative(self, "delta")
         if self.classification_image_size is not None and self.classification_image_size <= 0:
             raise ConfigError(f"PipelineConfig.classification_image_size must be > 0 or null, got {self.classification_image_size}")
+        unknown = [f for f in self.prefetch_sweeps if f not in ("fig07", "fig09", "fig10", "fig11")]
+        if unknown:
+            raise ConfigError(f"PipelineConfig.prefetch_sweeps: unknown sweep(s) {unknown}; known: fig07, fig09, fig10, fig11")
         if not all(0 < f < 1 for f in self.keep_fractions):
             raise ConfigError(f"PipelineConfig.keep_fractions must lie in (0, 1), got {self.keep_fractions}")
         if self.answer_mode not in ("rank", "generate"):

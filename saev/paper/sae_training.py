@@ -333,9 +333,16 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
     are) minus the SAEs running. On mini the text-lm, chameleon and anole SAEs thus train while llava-next,
     the longest chain, finishes on the other core. Each SAE trains alone in its process, from its own seed,
     so the result is the serial one (``tests/paper/test_sae_training.py``).
+
+    A core still free after that (no SAE of a ready model left, a world model still training) computes what
+    notebooks 04-06 will ask of the models done (``pipeline.prefetch_sweeps``, :func:`_prefetch_in_worker`):
+    on mini, Figs. 9-10's chameleon scores and cells while llava-next trains. It is told to stop (a flag file)
+    as soon as a ready SAE waits for its core or nothing else is left to run, and stops at its next cell.
     """
     import multiprocessing
     import queue
+    import shutil
+    import tempfile
     import threading
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
@@ -358,16 +365,33 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
     thread.start()
     pending, running, runs = list(plan), {}, {}
     world_done, error = False, None
+    prefetch, prefetched, flag = None, None, Path(tempfile.mkdtemp(prefix="saev-prefetch-")) / "stop"
     bar = tqdm(total=len(plan), desc="SAEs", disable=not progress)
     with ProcessPoolExecutor(cfg.sae_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while (pending and error is None) or running or not world_done:
-            free = cfg.sae_workers - len(waiting_for) - len(running)
-            for job in [j for j in pending if j[0] not in waiting_for][: max(free, 0)] if error is None else []:
+        while (pending and error is None) or running or prefetch is not None or not world_done:
+            free = cfg.sae_workers - len(waiting_for) - len(running) - (prefetch is not None)
+            ready = [j for j in pending if j[0] not in waiting_for] if error is None else []
+            started = ready[: max(free, 0)]
+            for job in started:
                 pending.remove(job)
                 running[pool.submit(_train_planned_sae_in_worker, profile, cfg, train_cfg, *job, progress=False)] = job
+            free -= len(started)
+            if (prefetch is None and prefetched is None and error is None and free > 0 and not ready
+                    and waiting_for and _prefetchable(profile, cfg, runs)):  # fmt: skip
+                prefetch = pool.submit(_prefetch_in_worker, profile, dict(runs), str(flag))
+            elif prefetch is not None and not flag.exists() and (
+                    error is not None or len(ready) > len(started) or (world_done and not running and not pending)):  # fmt: skip
+                flag.touch()  # a ready SAE waits for the core, or nothing else is left: stop at the next cell
+            if prefetch is not None and prefetch.done():
+                if prefetch.exception() is not None:
+                    prefetch.exception().add_note("in notebook 01's idle-core work for the sweeps (pipeline.prefetch_sweeps)")
+                    error = error or prefetch.exception()
+                else:
+                    prefetched = prefetch.result()
+                prefetch = None
             # Wait for a world event; while SAEs run (or once the world is done), for at most half a second,
             # then look at the SAEs.
-            idle = not running and not world_done
+            idle = not running and not world_done and prefetch is None
             try:
                 kind, value = events.get(timeout=None if idle else 0.5)
             except queue.Empty:
@@ -392,9 +416,33 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
                         bar.update()
     bar.close()
     thread.join()
+    shutil.rmtree(flag.parent, ignore_errors=True)
     if error is not None:
         raise error
+    if prefetched:
+        print(f"computed on a core idle during world training, for notebooks 04-06: {', '.join(prefetched)}")
     return {name: runs[name] for name in (f"{m}-{k}" for m, k in plan)}
+
+
+def _prefetchable(profile: Profile, cfg: PipelineConfig, runs: dict[str, SAERun]) -> bool:
+    """Whether some sweep of ``pipeline.prefetch_sweeps`` applies to ``profile`` and has its model's SAE-V
+    trained (``runs``), so that :func:`_prefetch_in_worker` has work."""
+    from saev.paper.alignment import SWEEPS
+
+    return any(f in SWEEPS and SWEEPS[f][0] in profile.models and f"{SWEEPS[f][0]}-saev" in runs
+               for f in cfg.prefetch_sweeps)  # fmt: skip
+
+
+def _prefetch_in_worker(profile: Profile, runs: dict[str, SAERun], flag: str) -> list[str]:
+    """``alignment.prefetch_sweeps`` in a worker of :func:`_train_saes_in_workers`, stopping when ``flag`` exists;
+    what it prints stays out of notebook 01's output."""
+    import contextlib
+    import io
+
+    from saev.paper.alignment import prefetch_sweeps
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return prefetch_sweeps(profile, runs, stop=Path(flag).exists)
 
 
 def _finished_runs(profile: Profile, cfg: PipelineConfig, train_cfg: TrainConfig) -> dict[str, SAERun] | None:

@@ -591,6 +591,46 @@ def test_parallel_sweep_workers_give_the_serial_sweep(world: CIWorld, benchmark:
         assert serial["hash"] == parallel["hash"] and serial["answers"] == parallel["answers"]
 
 
+def test_a_stopped_sweep_keeps_its_finished_cells_and_the_rerun_computes_only_the_rest(
+    world: CIWorld, benchmark: datasets.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop`` (notebook 01's idle core, ``alignment.prefetch_sweeps``): asked before the references and each
+    cell, True raises SweepStopped with the cells finished so far on disk; the sweep run later without it reads
+    them back and computes only the others."""
+    from saev.paper import benchmark as bench
+
+    pref = load_preference(world.profile.artifacts_path / "data" / "preference_a")
+    cfg = dataclasses.replace(CFG, pool_size=8, fractions=(0.5,), seeds=(0,), epochs=1.0, benchmark_per_category=1,
+                              workers=2)  # fmt: skip
+    rankings = {"cosine": np.arange(len(pref), dtype=float), "random": None}
+    sweep = dict(config=cfg, benchmark=benchmark, out_dir=tmp_path, progress=False, include_base=False,
+                 include_full=False)  # fmt: skip
+    asked: list[int] = []
+
+    def stop_after_one() -> bool:
+        asked.append(len(list(tmp_path.glob("*.json"))))
+        return asked[-1] >= 1
+
+    with pytest.raises(bench.SweepStopped, match="stopped before 2 of 2 cells"):
+        run_sweep(world.paths["llava-next"], pref, rankings, **sweep, stop=lambda: True)
+    assert not list(tmp_path.glob("*.json")) and not (tmp_path / "reference").exists()
+    with pytest.raises(bench.SweepStopped, match="stopped after 1 of 2 cells"):
+        run_sweep(world.paths["llava-next"], pref, rankings, **sweep, stop=stop_after_one)  # workers 2: one at a time
+    assert asked == [0, 0, 1]  # before the references, then before each cell
+    (finished,) = [p.name for p in tmp_path.glob("*.json")]
+    computed: list[str] = []
+    run_cell = bench._run_cell
+
+    def counting(cell, *args, **kwargs):
+        computed.append(f"{cell.name}.json")
+        return run_cell(cell, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_run_cell", counting)
+    frame = run_sweep(world.paths["llava-next"], pref, rankings, **{**sweep, "config": dataclasses.replace(cfg, workers=1)})
+    assert len(computed) == 1 and computed[0] != finished and len(frame) == 2
+    assert sorted([finished, *computed]) == sorted(p.name for p in tmp_path.glob("*.json"))
+
+
 def _failing_metric(model_dir: Path, cell: object) -> dict[str, float]:
     raise RuntimeError(f"metric failed on {cell.name}")
 

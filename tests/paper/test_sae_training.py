@@ -142,10 +142,12 @@ def test_a_profile_launcher_runs_the_saes_stage_in_its_own_process(ci_world, tmp
 
 
 def test_sae_workers_start_each_sae_when_its_model_is_ready_and_train_the_serial_saes(ci_world, tmp_path,
-                                                                                     monkeypatch) -> None:  # fmt: skip
+                                                                                     monkeypatch, capsys) -> None:  # fmt: skip
     """``pipeline.sae_workers`` 2: the SAEs train in spawned processes, each as soon as the world reports its model
-    ready (here text-lm's SAE finishes before the world reports llava-next, as on mini while llava-next's chain
-    still trains), and every SAE is byte for byte the one the serial loop trains."""
+    ready (here the other models' SAEs finish before the world reports llava-next, as on mini while llava-next's
+    chain still trains), and every SAE is byte for byte the one the serial loop trains. The core left free meanwhile
+    computes Fig. 9's scores and cells (``pipeline.prefetch_sweeps``) until llava-next's SAEs need it: Fig. 9's
+    sweep then reads them back and computes only the cells the idle core did not."""
     import shutil
     import time
     from pathlib import Path
@@ -153,31 +155,40 @@ def test_sae_workers_start_each_sae_when_its_model_is_ready_and_train_the_serial
     import torch
     from safetensors.torch import load_file
 
-    from saev.paper import sae_training
+    from saev.paper import alignment, sae_training
+    from saev.paper import benchmark as bench
 
     def copy(name: str, workers: int):
         root = tmp_path / name / "artifacts"
         for sub in ("data", "models"):
             shutil.copytree(ci_world.profile.artifacts_path / sub, root / sub, symlinks=True)
         profile = dataclasses.replace(ci_world.profile, artifacts_dir=str(root))
-        return dataclasses.replace(profile, pipeline=dataclasses.replace(profile.pipeline, sae_workers=workers))
+        align = dataclasses.replace(profile.align, pool_size=8, fractions=(0.5,), seeds=(0,), epochs=1.0,
+                                    benchmark_per_category=1, workers=1)  # fmt: skip
+        return dataclasses.replace(profile, align=align, pipeline=dataclasses.replace(
+            profile.pipeline, sae_workers=workers, prefetch_sweeps=("fig09",)))  # fmt: skip
 
     serial = sae_training.train_saes(copy("serial", 1))
     profile = copy("workers", 2)
     seen: dict[str, bool] = {}
+    cells = profile.artifacts_path / "align" / "sweeps"
 
     def world_in_two_chains(p, *, progress=False, on_ready=None):
         on_ready(["text-lm", "chameleon", "anole"])
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not seen.get("text-lm SAE before llava-next"):
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not seen.get("a fig09 cell before llava-next"):
             seen["text-lm SAE before llava-next"] = any((p.artifacts_path / "saes").glob("text-lm-sae-*/pipeline.json"))
+            seen["a fig09 cell before llava-next"] = any(cells.glob("chameleon--a--*/*.json"))
             time.sleep(0.2)
         on_ready(["llava-next"])
         return {name: p.model_path(name) for name in p.models}
 
+    prepare_world = sae_training.prepare_world
     monkeypatch.setattr(sae_training, "prepare_world", world_in_two_chains)
     parallel = sae_training.train_saes(profile)
-    assert seen["text-lm SAE before llava-next"]
+    monkeypatch.setattr(sae_training, "prepare_world", prepare_world)  # the world is all there now
+    assert seen["text-lm SAE before llava-next"] and seen["a fig09 cell before llava-next"]
+    assert "computed on a core idle during world training, for notebooks 04-06: fig09 scores" in capsys.readouterr().out
     assert list(parallel) == list(serial) and len(serial) == 7
     for name, run in serial.items():
         assert parallel[name].path.name == run.path.name
@@ -185,3 +196,12 @@ def test_sae_workers_start_each_sae_when_its_model_is_ready_and_train_the_serial
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), name
         assert (parallel[name].path / "history.csv").read_bytes() == (run.path / "history.csv").read_bytes(), name
     assert Path(parallel["llava-next-saev"].path / "pipeline.json").is_file()
+
+    prefetched = {p.name for p in cells.glob("chameleon--a--*/*.json")}
+    computed: list[str] = []
+    run_cell = bench._run_cell
+    monkeypatch.setattr(bench, "_run_cell", lambda cell, *a, **k: computed.append(f"{cell.name}.json") or run_cell(cell, *a, **k))
+    monkeypatch.setattr("saev.evaluate.score_dataset", lambda *a, **k: pytest.fail("Fig. 9's scores were not cached"))
+    result = alignment.fig09_sweep(profile)
+    assert prefetched and not prefetched & set(computed)  # the idle core's cells are read back, not recomputed
+    assert len(result.cells) + 2 == len(prefetched) + len(computed)  # with base and full: every cell once
