@@ -368,52 +368,57 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
     prefetch, prefetched, flag = None, None, Path(tempfile.mkdtemp(prefix="saev-prefetch-")) / "stop"
     bar = tqdm(total=len(plan), desc="SAEs", disable=not progress)
     with ProcessPoolExecutor(cfg.sae_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        while (pending and error is None) or running or prefetch is not None or not world_done:
-            free = cfg.sae_workers - len(waiting_for) - len(running) - (prefetch is not None)
-            ready = [j for j in pending if j[0] not in waiting_for] if error is None else []
-            started = ready[: max(free, 0)]
-            for job in started:
-                pending.remove(job)
-                running[pool.submit(_train_planned_sae_in_worker, profile, cfg, train_cfg, *job, progress=False)] = job
-            free -= len(started)
-            if (prefetch is None and prefetched is None and error is None and free > 0 and not ready
-                    and waiting_for and _prefetchable(profile, cfg, runs)):  # fmt: skip
-                prefetch = pool.submit(_prefetch_in_worker, profile, dict(runs), str(flag))
-            elif prefetch is not None and not flag.exists() and (
-                    error is not None or len(ready) > len(started) or (world_done and not running and not pending)):  # fmt: skip
-                flag.touch()  # a ready SAE waits for the core, or nothing else is left: stop at the next cell
-            if prefetch is not None and prefetch.done():
-                if prefetch.exception() is not None:
-                    prefetch.exception().add_note("in notebook 01's idle-core work for the sweeps (pipeline.prefetch_sweeps)")
-                    error = error or prefetch.exception()
-                else:
-                    prefetched = prefetch.result()
-                prefetch = None
-            # Wait for a world event; while SAEs run (or once the world is done), for at most half a second,
-            # then look at the SAEs.
-            idle = not running and not world_done and prefetch is None
-            try:
-                kind, value = events.get(timeout=None if idle else 0.5)
-            except queue.Empty:
-                kind, value = None, None
-            if kind == "ready":
-                waiting_for -= set(value)
-            elif kind == "world done":
-                world_done, waiting_for = True, set()
-            elif kind == "world failed":
-                world_done, error = True, error or value
-            if running:
-                finished, _ = wait(list(running), timeout=0, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    running.pop(future)
-                    if future.exception() is not None:
-                        error = error or future.exception()
+        try:
+            while (pending and error is None) or running or prefetch is not None or not world_done:
+                free = cfg.sae_workers - len(waiting_for) - len(running) - (prefetch is not None)
+                ready = [j for j in pending if j[0] not in waiting_for] if error is None else []
+                started = ready[: max(free, 0)]
+                for job in started:
+                    pending.remove(job)
+                    future = pool.submit(_train_planned_sae_in_worker, profile, cfg, train_cfg, *job, progress=False)
+                    running[future] = job
+                free -= len(started)
+                if (prefetch is None and prefetched is None and error is None and free > 0 and not ready
+                        and waiting_for and _prefetchable(profile, cfg, runs)):  # fmt: skip
+                    prefetch = pool.submit(_prefetch_in_worker, profile, dict(runs), str(flag))
+                elif prefetch is not None and not flag.exists() and (error is not None or len(ready) > len(started)
+                                                                     or (world_done and not running and not pending)):
+                    flag.touch()  # a ready SAE waits for the core, or nothing else is left: stop at the next cell
+                if prefetch is not None and prefetch.done():
+                    if prefetch.exception() is not None:
+                        prefetch.exception().add_note(
+                            "in notebook 01's idle-core work for the sweeps (pipeline.prefetch_sweeps)")
+                        error = error or prefetch.exception()
                     else:
-                        run, tokens, printed = future.result()
-                        runs[run.name] = run
-                        add_tokens(tokens)
-                        print(printed, end="", flush=True)
-                        bar.update()
+                        prefetched = prefetch.result()
+                    prefetch = None
+                # Wait for a world event; while SAEs run (or once the world is done), for at most half a second,
+                # then look at the SAEs.
+                idle = not running and not world_done and prefetch is None
+                try:
+                    kind, value = events.get(timeout=None if idle else 0.5)
+                except queue.Empty:
+                    kind, value = None, None
+                if kind == "ready":
+                    waiting_for -= set(value)
+                elif kind == "world done":
+                    world_done, waiting_for = True, set()
+                elif kind == "world failed":
+                    world_done, error = True, error or value
+                if running:
+                    finished, _ = wait(list(running), timeout=0, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        running.pop(future)
+                        if future.exception() is not None:
+                            error = error or future.exception()
+                        else:
+                            run, tokens, printed = future.result()
+                            runs[run.name] = run
+                            add_tokens(tokens)
+                            print(printed, end="", flush=True)
+                            bar.update()
+        finally:  # also when interrupted: the pool's exit waits for its jobs, the idle-core one only to its next cell
+            flag.touch()
     bar.close()
     thread.join()
     shutil.rmtree(flag.parent, ignore_errors=True)
