@@ -259,3 +259,13 @@ def test_the_command_line_prints_a_bad_profile_in_one_line_and_exits_2(tmp_path)
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr
         assert done.stderr.strip().count("\n") == 0 and "key 'seed' must be an int" in done.stderr
+
+
+def test_an_unknown_prefetch_sweep_is_named_at_load_time(tmp_path):
+    text = (PARAMS_DIR / "ci.yaml").read_text()
+    assert "  sae_workers: 2" in text
+    path = _write(tmp_path, text.replace("  sae_workers: 2", "  prefetch_sweeps: [fig09, fig8]\n  sae_workers: 2", 1))
+    with pytest.raises(ConfigError, match=r"pipeline.*prefetch_sweeps: unknown sweep\(s\) \['fig8'\]") as e:
+        load_profile(path)
+    assert str(path) in str(e.value)
+    assert load_profile("ci").pipeline.prefetch_sweeps == ("fig07", "fig09", "fig10", "fig11")  # the default
