@@ -795,7 +795,7 @@ def test_a_cell_fine_tuned_over_two_ranks_with_ddp_gives_the_one_process_cell(wo
     """``align.parallel: ddp`` under ``torchrun --nproc_per_node 2``: each cell is one fine-tune over both ranks
     (the Trainer, through accelerate, in the job's gloo group; each rank takes half of the batch), rank 0 saves
     and benchmarks it. The cells equal one process's with the same global batch: same steps, training loss
-    within 1e-5, weights within 1% of the largest update, the same answers. ``fsdp`` on CPU ranks is refused."""
+    within 1e-5, weights within 5% of the largest update, the same answers. ``fsdp`` on CPU ranks is refused."""
     runs = {}
     for ranks in (1, 2):
         done = _sweep_on(ranks, tmp_path / f"r{ranks}", world, "ddp")
@@ -817,7 +817,11 @@ def test_a_cell_fine_tuned_over_two_ranks_with_ddp_gives_the_one_process_cell(wo
     on_disk = load_file(world.paths["llava-next"] / "model.safetensors")
     keys = [k for k in a if not k.endswith("k_proj.bias")]  # rounding noise, see the shared-prompt test
     moved = max((a[k] - on_disk[k]).abs().max().item() for k in keys)
-    assert moved > 0 and max((a[k] - b[k]).abs().max().item() for k in keys) <= 0.01 * moved
+    # Adam turns the all-reduce's rounding of near-zero gradients into visible steps (as in the shared-prompt
+    # test): 2.0% of the largest update on an AMD EPYC (layers.0.mlp.down_proj, 3.1e-5 of 1.5e-3), under 1% on an
+    # Intel Xeon; a rank that trained on its half-batch alone would move entries by the order of the update itself
+    apart = max((a[k] - b[k]).abs().max().item() for k in keys)
+    assert moved > 0 and apart <= 0.05 * moved, (apart, moved)
     refused = _sweep_on(2, tmp_path / "fsdp", world, "fsdp")
     assert refused.returncode != 0 and "accelerate runs FSDP only there" in refused.stderr
 
