@@ -306,7 +306,8 @@ class WorldModelsConfig:
     ``batch_size`` views); None: stage 2 has the language-model loss alone, as LLaVA's."""
     hook_anchor_layer: int | None = None
     """Issue 17's shared-representation lever at the hook layer (a departure from LLaVA, off by default):
-    stage 2 of ``llava_next`` also learns that the output of decoder block ``hook_anchor_layer`` (the
+    stage 2 of ``llava_next`` (and the training of each other model of ``hook_anchor_models``) also learns that
+    the output of decoder block ``hook_anchor_layer`` (the
     profile's hook layer) at each object patch token points where it points at that object's colour and
     shape words in text-only sentences (centred cosine logits over the colour words and over the shape
     words, temperature 0.1), at the words' norm (squared log-ratio, every image token). Sentences other
@@ -315,6 +316,11 @@ class WorldModelsConfig:
     survive the residual stream (params/TUNING.md, stop 27); None: no such term."""
     hook_anchor_weight: float = 1.0
     """Weight of the ``hook_anchor_layer`` term."""
+    hook_anchor_models: tuple[str, ...] = ("llava-next",)
+    """The world models whose training takes the ``hook_anchor_layer`` term: llava-next (in its stage 2) and/or
+    chameleon (in its one stage, on its VQ image tokens; a departure from Chameleon, as the term is from LLaVA).
+    Trial D (params/TUNING.md, stop 40): without it chameleon's words and image tokens share nothing at the hook
+    layer (retrieval at chance); a model's cache key holds the term only when it is listed."""
     vision_hidden_size: int = 32
     """Width of LLaVA-NeXT's CLIP vision tower (16-wide attention heads)."""
     vision_num_layers: int = 2
@@ -451,6 +457,8 @@ class WorldModelsConfig:
                                  f"got {self.hook_anchor_layer}")  # fmt: skip
             if not self.hook_anchor_weight > 0:
                 raise ValueError(f"world_models.hook_anchor_weight must be > 0, got {self.hook_anchor_weight}")
+        if not set(self.hook_anchor_models) <= {"llava-next", "chameleon"}:
+            raise ValueError(f"world_models.hook_anchor_models: llava-next and/or chameleon, got {self.hook_anchor_models}")
         if self.vision_tower_lr_ratio < 0:
             raise ValueError(f"world_models.vision_tower_lr_ratio must be >= 0, got {self.vision_tower_lr_ratio}")
         if not 0 <= self.interleaved_fraction < 1:

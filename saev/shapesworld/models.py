@@ -328,7 +328,7 @@ def _train_spec(
         for key in ("projector_anchor_norm", "projector_anchor_stage2"):  # only when set
             if getattr(cfg, key) is not None:
                 values[key] = getattr(cfg, key)
-    if name == "llava-next" and cfg.hook_anchor_layer is not None:  # only when set: earlier models stay cached
+    if name in cfg.hook_anchor_models and cfg.hook_anchor_layer is not None:  # only when set: other models stay cached
         values["hook_anchor"] = [cfg.hook_anchor_layer, cfg.hook_anchor_weight]
     used = {"text-lm": ("text",)}.get(name, ("captions", "vqa"))
     for key in ("sft_hallucination", "interleaved_fraction"):  # only when set: the models of before stay cached
@@ -430,8 +430,8 @@ def _train_stage(ctx: _Context, name: str, spec: dict[str, Any], digest: str) ->
     data = _stage_data(ctx, name, loaded)
     loss_at = _make_loss_at(loaded, data, stage, seed=ctx.seed, stream=name)
     extra = ctx.extra_loss.pop(name, None)
-    if name == "llava-next" and ctx.cfg.hook_anchor_layer is not None:
-        hook_term, input_term = _hook_anchor_loss(ctx, loaded, stage.batch_size), extra
+    if name in ctx.cfg.hook_anchor_models and ctx.cfg.hook_anchor_layer is not None:
+        hook_term, input_term = _hook_anchor_loss(ctx, loaded, stage.batch_size, name), extra
         extra = hook_term if input_term is None else (lambda step: input_term(step) + hook_term(step))
     if extra is not None:  # projector_anchor_stage2 / hook_anchor_layer: terms added to stage 2's loss
         lm_loss_at = loss_at
@@ -671,9 +671,11 @@ HOOK_ANCHOR_SENTENCES = ("Look at the {colour} {shape}.", "One {colour} {shape} 
 """Text-only sentences of ``WorldModelsConfig.hook_anchor_layer`` (not the precondition check's templates)."""
 
 
-def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int) -> Callable[[int], torch.Tensor]:
+def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int,
+                      name: str = "llava-next") -> Callable[[int], torch.Tensor]:  # fmt: skip
     """``step -> hook_anchor_weight x`` the hook-layer anchor (``WorldModelsConfig.hook_anchor_layer``) on
-    ``batch_size`` training images drawn by ``step_generator(seed, "llava-next/hook-anchor", step)``."""
+    ``batch_size`` training images drawn by ``step_generator(seed, f"{name}/hook-anchor", step)``; ``name``: the
+    world model it trains (``hook_anchor_models``), whose adapter gives the image tokens and their layout."""
     from saev.models import Modality, Sample, chat_sample
     from saev.patches import token_cell_overlap
     from saev.shapesworld.world import COLORS, SHAPES
@@ -722,7 +724,7 @@ def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int) -> Callable[[
         return memo[i]
 
     def loss_at(step: int) -> torch.Tensor:
-        idx = torch.randint(len(rows), (batch_size,), generator=step_generator(ctx.seed, "llava-next/hook-anchor", step))
+        idx = torch.randint(len(rows), (batch_size,), generator=step_generator(ctx.seed, f"{name}/hook-anchor", step))
         encoded, labels = zip(*(row(int(i)) for i in idx))
         inputs = loaded.collate(list(encoded))  # = build_inputs of the batch's prompts
         h_BTD = hook_states(inputs)

@@ -8,6 +8,7 @@ they clear the ci quality bars, and that training resumes bit-exactly and skips 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -296,11 +297,13 @@ def test_the_word_anchor_maps_object_patches_onto_their_words(ci_world: CIWorld,
         dataclasses.replace(cfg, projector_word_anchor=StageConfig(50, 1, 1e-3), projector_anchor_norm=float("nan"))
 
 
-def test_the_hook_anchor_pulls_object_patches_to_their_words_at_the_hook_layer(ci_world: CIWorld, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["llava-next", "chameleon"])
+def test_the_hook_anchor_pulls_object_patches_to_their_words_at_the_hook_layer(ci_world: CIWorld, tmp_path: Path,
+                                                                              name: str) -> None:  # fmt: skip
     """``hook_anchor_layer`` (issue 17): minimising the term alone, over the language model and projector of
-    the ci llava-next, brings the hook layer's object patch states to their colour words (centred cosine
-    retrieval over the colours, in the precondition check's own sentences, which the term never sees) and
-    the image tokens' norm to the words'; the trained model without it does neither."""
+    the ci llava-next (or the ci chameleon, ``hook_anchor_models``: its VQ image tokens), brings the hook layer's
+    object patch states to their colour words (centred cosine retrieval over the colours, in the precondition
+    check's own sentences, which the term never sees) and the image tokens' norm to the words'."""
     from saev.models import Modality, Sample, chat_sample
     from saev.paper.preconditions import TEMPLATES
     from saev.patches import token_cell_overlap
@@ -310,8 +313,8 @@ def test_the_hook_anchor_pulls_object_patches_to_their_words_at_the_hook_layer(c
     world, cfg = ci_world.profile.world, dataclasses.replace(load_profile("ci").world_models, hook_anchor_layer=layer)
     ctx = world_models._Context(profile_seed=ci_world.profile.seed, cfg=cfg, world=world, stop_after=None,
                                 data_dir=ci_world.profile.artifacts_path / "data", models_dir=tmp_path, progress=False)  # fmt: skip
-    loaded = load_model("llava_next", ci_world.paths["llava-next"])
-    loss_at = world_models._hook_anchor_loss(ctx, loaded, batch_size=8)
+    loaded = load_model(world_models.FAMILIES[name], ci_world.paths[name])
+    loss_at = world_models._hook_anchor_loss(ctx, loaded, batch_size=8, name=name)
     rows = world_models._training_rows(ctx, ("captions",))[-40:]
     texts = [TEMPLATES[0].format(colour=c, shape=s) for c in COLORS for s in SHAPES]
 
@@ -357,6 +360,15 @@ def test_the_hook_anchor_pulls_object_patches_to_their_words_at_the_hook_layer(c
     assert abs(math.log(after[1])) < 0.2  # at the words' scale (the ci model's image tokens already are)
     with pytest.raises(ValueError, match="hook_anchor_layer must be a decoder block"):
         dataclasses.replace(cfg, hook_anchor_layer=cfg.num_layers)
+    with pytest.raises(ValueError, match="hook_anchor_models: llava-next and/or chameleon"):
+        dataclasses.replace(cfg, hook_anchor_models=("llava-next", "anole"))
+    # a model's cache key holds the term only when the model is listed: the other models stay cached
+    hashes = collections.defaultdict(lambda: "h")  # any data set hash: only the keys are compared
+    keys = {models: {m: world_models._train_spec(m, dataclasses.replace(cfg, hook_anchor_models=models), 0, hashes, None)
+                     for m in ("llava-next", "chameleon")} for models in (("llava-next",), ("llava-next", "chameleon"))}
+    assert keys[("llava-next",)]["llava-next"] == keys[("llava-next", "chameleon")]["llava-next"]
+    assert keys[("llava-next",)]["chameleon"] != keys[("llava-next", "chameleon")]["chameleon"]
+    assert "hook_anchor" not in str(keys[("llava-next",)]["chameleon"])
 
 
 def test_chameleon_code_ids_equal_the_pixel_path(ci_world: CIWorld) -> None:
