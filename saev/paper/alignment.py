@@ -293,6 +293,10 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+_AUC_BLOCK = 1 << 22
+"""Counts held at once by :func:`auc_interval` (resamples x pairs)."""
+
+
 def auc_interval(scores: np.ndarray, positive: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> tuple[float, float]:  # fmt: skip
     """Percentile bootstrap interval of :func:`roc_auc`, positives and negatives resampled separately
@@ -314,17 +318,21 @@ def auc_interval(scores: np.ndarray, positive: np.ndarray, *, n_boot: int = 1000
         y = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
         boots = [roc_auc(np.r_[rng.choice(pos, n_pos), rng.choice(neg, n_neg)], y) for _ in range(n_boot)]
         return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
-    pos_counts = np.empty((n_boot, n_pos), dtype=np.int64)
-    neg_counts = np.empty((n_boot, n_neg), dtype=np.int64)
-    for b in range(n_boot):  # the draws of rng.choice(pos, n_pos), rng.choice(neg, n_neg), in that order
-        pos_counts[b] = np.bincount(rng.choice(n_pos, n_pos), minlength=n_pos)
-        neg_counts[b] = np.bincount(rng.choice(n_neg, n_neg), minlength=n_neg)
     order = np.argsort(pos, kind="stable")
-    below = np.zeros((n_boot, n_pos + 1), dtype=np.int64)  # below[:, i]: resampled positives among the i lowest
-    np.cumsum(pos_counts[:, order], axis=1, out=below[:, 1:])
     lo, hi = np.searchsorted(pos[order], neg, "left"), np.searchsorted(pos[order], neg, "right")
-    # 2U = sum over resampled negatives of 2 * (positives above) + (positives tied): exact in integers
-    twice_u = ((2 * n_pos - below[:, hi] - below[:, lo]) * neg_counts).sum(axis=1)
+    twice_u = np.empty(n_boot, dtype=np.int64)
+    block = max(1, _AUC_BLOCK // (n_pos + n_neg))  # resamples per block: ~32 MB per array however large the set
+    for b0 in range(0, n_boot, block):
+        rows = range(b0, min(b0 + block, n_boot))
+        pos_counts = np.empty((len(rows), n_pos), dtype=np.int64)
+        neg_counts = np.empty((len(rows), n_neg), dtype=np.int64)
+        for i in range(len(rows)):  # the draws of rng.choice(pos, n_pos), rng.choice(neg, n_neg), in that order
+            pos_counts[i] = np.bincount(rng.choice(n_pos, n_pos), minlength=n_pos)
+            neg_counts[i] = np.bincount(rng.choice(n_neg, n_neg), minlength=n_neg)
+        below = np.zeros((len(rows), n_pos + 1), dtype=np.int64)  # [:, i]: resampled positives among the i lowest
+        np.cumsum(pos_counts[:, order], axis=1, out=below[:, 1:])
+        # 2U = sum over resampled negatives of 2 * (positives above) + (positives tied): exact in integers
+        twice_u[b0 : b0 + len(rows)] = ((2 * n_pos - below[:, hi] - below[:, lo]) * neg_counts).sum(axis=1)
     boots = twice_u / 2 / (n_pos * n_neg)
     return float(np.percentile(boots, tail)), float(np.percentile(boots, 100 - tail))
 

@@ -104,8 +104,10 @@ def _ranked_auc_interval(scores: np.ndarray, positive: np.ndarray, n_boot: int, 
 
 
 @pytest.mark.parametrize("n, share, decimals", [(400, 0.1, None), (300, 0.5, 1), (40, 0.05, 0), (7, 0.3, None)])
-def test_auc_interval_counts_the_same_resamples_as_ranking_them(n: int, share: float, decimals: int | None) -> None:
+def test_auc_interval_counts_the_same_resamples_as_ranking_them(n: int, share: float, decimals: int | None,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     # ties (rounded scores, decimals=0 leaves a handful of values) count one half in both forms
+    monkeypatch.setattr(pa, "_AUC_BLOCK", 37 * n)  # the resamples in blocks of 37 (and a shorter last one)
     rng = np.random.default_rng(n)
     for seed in range(3):
         scores = rng.normal(size=n)
