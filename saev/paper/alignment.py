@@ -77,6 +77,7 @@ __all__ = [
     "preference_data",
     "preference_sample",
     "preference_scores",
+    "prefetch_figures",
     "prefetch_sweeps",
     "random_scores",
     "roc_auc",
@@ -813,6 +814,13 @@ _SWEEP_FUNCTIONS: dict[str, Callable[..., SweepResult]] = {
 }  # fmt: skip
 
 
+def prefetch_figures(profile: Profile, runs: dict[str, SAERun], figures: Sequence[str] | None = None) -> list[str]:
+    """The sweeps of ``figures`` (default ``pipeline.prefetch_sweeps``) that :func:`prefetch_sweeps` can work on:
+    those that apply to ``profile`` and whose model's SAE-V is among ``runs``."""
+    figures = pipeline_config_for(profile).prefetch_sweeps if figures is None else figures
+    return [f for f in figures if sweep_skipped(profile, f) is None and f"{SWEEPS[f][0]}-saev" in runs]
+
+
 def prefetch_sweeps(profile: str | Path | Profile, runs: dict[str, SAERun], *, stop: Callable[[], bool],
                     figures: Sequence[str] | None = None) -> list[str]:  # fmt: skip
     """Notebook 01's idle core (``pipeline.prefetch_sweeps``): while the world's last model still trains, compute
@@ -828,8 +836,7 @@ def prefetch_sweeps(profile: str | Path | Profile, runs: dict[str, SAERun], *, s
     from saev.paper.benchmark import SweepStopped
 
     profile = as_profile(profile)
-    figures = [f for f in (pipeline_config_for(profile).prefetch_sweeps if figures is None else figures)
-               if sweep_skipped(profile, f) is None and f"{SWEEPS[f][0]}-saev" in runs]  # fmt: skip
+    figures = prefetch_figures(profile, runs, figures)
     done: list[str] = []
     scored: set[tuple[str, str]] = set()
     for figure in figures:

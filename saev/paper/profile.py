@@ -251,6 +251,10 @@ class DataPaths:
     """LLaVA-Bench's role (the alignment benchmark)."""
 
 
+SWEEP_FIGURES: tuple[str, ...] = ("fig07", "fig09", "fig10", "fig11")
+"""The figures with a fine-tuning sweep (the keys of ``alignment.SWEEPS``)."""
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Settings of the notebooks' experiments (the ``pipeline:`` profile section)."""
@@ -310,7 +314,7 @@ class PipelineConfig:
     its own spawned process with ``num_threads`` threads, and each started as soon as its world model is
     trained and a core is free of world training (the world's chains count as busy cores). A trained SAE
     does not depend on it (each trains alone from its own seed); 1 trains them one after another."""
-    prefetch_sweeps: tuple[str, ...] = ("fig07", "fig09", "fig10", "fig11")
+    prefetch_sweeps: tuple[str, ...] = SWEEP_FIGURES
     """With ``sae_workers`` > 1: the sweeps (keys of ``alignment.SWEEPS``) whose preference scores and cells
     notebook 01 computes on a core the world's training leaves idle, once the sweep's model and SAE-V are done
     and while another world model still trains (on mini, Figs. 9 and 10's chameleon while llava-next trains),
@@ -342,9 +346,9 @@ class PipelineConfig:
         check_non_negative(self, "delta")
         if self.classification_image_size is not None and self.classification_image_size <= 0:
             raise ConfigError(f"PipelineConfig.classification_image_size must be > 0 or null, got {self.classification_image_size}")
-        unknown = [f for f in self.prefetch_sweeps if f not in ("fig07", "fig09", "fig10", "fig11")]
+        unknown = [f for f in self.prefetch_sweeps if f not in SWEEP_FIGURES]
         if unknown:
-            raise ConfigError(f"PipelineConfig.prefetch_sweeps: unknown sweep(s) {unknown}; known: fig07, fig09, fig10, fig11")
+            raise ConfigError(f"PipelineConfig.prefetch_sweeps: unknown sweep(s) {unknown}; known: {', '.join(SWEEP_FIGURES)}")
         if not all(0 < f < 1 for f in self.keep_fractions):
             raise ConfigError(f"PipelineConfig.keep_fractions must lie in (0, 1), got {self.keep_fractions}")
         if self.answer_mode not in ("rank", "generate"):

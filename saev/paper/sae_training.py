@@ -349,6 +349,7 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
     from tqdm.auto import tqdm
 
     from saev.models import add_tokens
+    from saev.paper.alignment import prefetch_figures  # the stage of notebooks 04-06 (it imports this module)
 
     plan = _sae_plan(profile)
     events: queue.SimpleQueue = queue.SimpleQueue()
@@ -379,7 +380,7 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
                     running[future] = job
                 free -= len(started)
                 if (prefetch is None and prefetched is None and error is None and free > 0 and not ready
-                        and waiting_for and _prefetchable(profile, cfg, runs)):  # fmt: skip
+                        and waiting_for and prefetch_figures(profile, runs)):  # fmt: skip
                     prefetch = pool.submit(_prefetch_in_worker, profile, dict(runs), str(flag))
                 elif prefetch is not None and not flag.exists() and (error is not None or len(ready) > len(started)
                                                                      or (world_done and not running and not pending)):
@@ -427,15 +428,6 @@ def _train_saes_in_workers(profile: Profile, cfg: PipelineConfig, train_cfg: Tra
     if prefetched:
         print(f"computed on a core idle during world training, for notebooks 04-06: {', '.join(prefetched)}")
     return {name: runs[name] for name in (f"{m}-{k}" for m, k in plan)}
-
-
-def _prefetchable(profile: Profile, cfg: PipelineConfig, runs: dict[str, SAERun]) -> bool:
-    """Whether some sweep of ``pipeline.prefetch_sweeps`` applies to ``profile`` and has its model's SAE-V
-    trained (``runs``), so that :func:`_prefetch_in_worker` has work."""
-    from saev.paper.alignment import SWEEPS
-
-    return any(f in SWEEPS and SWEEPS[f][0] in profile.models and f"{SWEEPS[f][0]}-saev" in runs
-               for f in cfg.prefetch_sweeps)  # fmt: skip
 
 
 def _prefetch_in_worker(profile: Profile, runs: dict[str, SAERun], flag: str) -> list[str]:

@@ -671,8 +671,7 @@ HOOK_ANCHOR_SENTENCES = ("Look at the {colour} {shape}.", "One {colour} {shape} 
 """Text-only sentences of ``WorldModelsConfig.hook_anchor_layer`` (not the precondition check's templates)."""
 
 
-def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int,
-                      name: str = "llava-next") -> Callable[[int], torch.Tensor]:  # fmt: skip
+def _hook_anchor_loss(ctx: _Context, loaded: Any, batch_size: int, name: str) -> Callable[[int], torch.Tensor]:
     """``step -> hook_anchor_weight x`` the hook-layer anchor (``WorldModelsConfig.hook_anchor_layer``) on
     ``batch_size`` training images drawn by ``step_generator(seed, f"{name}/hook-anchor", step)``; ``name``: the
     world model it trains (``hook_anchor_models``), whose adapter gives the image tokens and their layout."""

@@ -269,3 +269,7 @@ def test_an_unknown_prefetch_sweep_is_named_at_load_time(tmp_path):
         load_profile(path)
     assert str(path) in str(e.value)
     assert load_profile("ci").pipeline.prefetch_sweeps == ("fig07", "fig09", "fig10", "fig11")  # the default
+    from saev.paper.alignment import SWEEPS
+    from saev.paper.profile import SWEEP_FIGURES
+
+    assert set(SWEEPS) == set(SWEEP_FIGURES)  # the profile's list of sweeps is alignment's
